@@ -1,0 +1,62 @@
+//! The running service's state: every part, built once from the configuration and shared
+//! by reference with each request. No globals, so a test process can run several.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::codes::Codes;
+use crate::config::Config;
+use crate::keys;
+use crate::phone::PhoneParser;
+use crate::sms::Sms;
+use crate::store::{SledStore, Store};
+use crate::token::Tokens;
+
+pub struct App {
+    pub cfg: Config,
+    pub store: Arc<dyn Store>,
+    pub phones: PhoneParser,
+    pub codes: Codes,
+    pub tokens: Tokens,
+    pub sms: Sms,
+}
+
+impl App {
+    /// Opens the data dir (creating it and its keys on first start) and builds every part.
+    pub async fn open(cfg: Config) -> anyhow::Result<Arc<App>> {
+        let dir = &cfg.storage.data_dir;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir, cfg.storage.cache_capacity_mb)?);
+        let token_secret = if cfg.token.secret.is_empty() {
+            keys::load_or_create(dir, "token.key")?
+        } else {
+            cfg.token.secret.expose().as_bytes().to_vec()
+        };
+        let code_key = keys::load_or_create(dir, "code.key")?;
+        let fixed = Some(cfg.sms.fixed_code.clone()).filter(|c| !c.is_empty());
+        let codes = Codes::open(cfg.code.clone(), fixed, code_key, store.clone()).await?;
+        let tokens = Tokens::new(&token_secret, &cfg.token, store.clone())?;
+        let phones = PhoneParser::new(&cfg.phone)?;
+        let sms = Sms::from_config(&cfg.sms)?;
+        Ok(Arc::new(App {
+            store,
+            phones,
+            codes,
+            tokens,
+            sms,
+            cfg,
+        }))
+    }
+
+    /// Periodic clean-up: revocations of expired tokens, expired code records.
+    pub async fn housekeeping(&self) {
+        self.codes.housekeeping().await;
+        match self.tokens.prune() {
+            Ok(n) if n > 0 => tracing::debug!(pruned = n, "expired revocations pruned"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning revocations failed"),
+        }
+    }
+}

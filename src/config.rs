@@ -1,0 +1,513 @@
+//! Configuration: embedded defaults, then the TOML file, then `SMSAUTH_SECTION__KEY`
+//! environment variables, then validation. Anything wrong stops start-up with a message
+//! that names the key, variable or file (the binary exits with status 2).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "SMSAUTH_";
+/// The one `SMSAUTH_` variable that is not a key: the config file's path.
+pub const ENV_CONFIG_FILE: &str = "SMSAUTH_CONFIG";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub token: TokenConfig,
+    pub code: CodeConfig,
+    pub phone: PhoneConfig,
+    pub sms: SmsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port (tests use it).
+    pub listen: String,
+    /// Take the client address from X-Real-IP / X-Forwarded-For. Only behind a proxy
+    /// that sets them, or any client could pick its own address.
+    pub trust_proxy: bool,
+    /// Largest request body accepted; larger ones get 413 before they are read.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            trust_proxy: false,
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    /// sled's page cache. sled's own default is 1 GiB, far more than a small site needs.
+    pub cache_capacity_mb: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            cache_capacity_mb: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenConfig {
+    /// HS256 key. Empty: a random one is made on first start and kept in data_dir.
+    pub secret: Secret,
+    pub ttl_secs: u64,
+    pub issuer: String,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            secret: Secret::default(),
+            ttl_secs: 86_400,
+            issuer: "smsauth".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CodeConfig {
+    pub length: u32,
+    pub ttl_secs: u64,
+    pub resend_interval_secs: u64,
+    pub max_attempts: u32,
+}
+
+impl Default for CodeConfig {
+    fn default() -> Self {
+        Self {
+            length: 6,
+            ttl_secs: 300,
+            resend_interval_secs: 60,
+            max_attempts: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PhoneConfig {
+    /// Regular expression a national number must match (ASCII digits only are ever accepted).
+    pub pattern: String,
+    /// Country calling code, without "+"; numbers are stored as "+<country_code><national>".
+    pub country_code: String,
+}
+
+impl Default for PhoneConfig {
+    fn default() -> Self {
+        Self {
+            pattern: r"^1[3-9]\d{9}$".into(),
+            country_code: "86".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Log,
+    Webhook,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Log => "log",
+            Provider::Webhook => "webhook",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmsConfig {
+    pub provider: Provider,
+    /// Every code is this value instead of a random one. Only with the `log` provider:
+    /// it exists for load tests, and would be a master key anywhere else.
+    pub fixed_code: String,
+    /// Budget for one send, retries included.
+    pub timeout_secs: u64,
+    pub webhook: WebhookConfig,
+}
+
+impl Default for SmsConfig {
+    fn default() -> Self {
+        Self {
+            provider: Provider::Log,
+            fixed_code: String::new(),
+            timeout_secs: 5,
+            webhook: WebhookConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// Key of the `X-Smsauth-Signature` HMAC, so the receiver can tell our requests apart.
+    pub secret: Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as "info" or "smsauth=debug"; RUST_LOG wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration string that must never reach a log: `Debug` prints only whether it is set.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "<set>" })
+    }
+}
+
+/// Why the configuration was refused; the text names the key, variable or file.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl Config {
+    /// Defaults, overlaid by `file` (if any) and by `SMSAUTH_*` variables from `env`, then validated.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            None => toml::Table::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| err(format!("config file {}: {e}", path.display())))?
+            }
+        };
+        apply_env(&mut table, env)?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                if path == "." {
+                    err(format!("configuration: {}", e.inner()))
+                } else {
+                    err(format!("configuration key `{path}`: {}", e.inner()))
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        // validate() has parsed it already.
+        self.server
+            .listen
+            .parse()
+            .expect("validated listen address")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key = |k: &str, why: &str| err(format!("configuration key `{k}`: {why}"));
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            return Err(key(
+                "server.listen",
+                "expected an address like 127.0.0.1:8080",
+            ));
+        }
+        if self.server.max_body_bytes < 256 {
+            return Err(key("server.max_body_bytes", "must be at least 256"));
+        }
+        if self.storage.cache_capacity_mb == 0 {
+            return Err(key("storage.cache_capacity_mb", "must be at least 1"));
+        }
+        let secret_len = self.token.secret.expose().len();
+        if secret_len != 0 && secret_len < 32 {
+            return Err(key(
+                "token.secret",
+                "must be empty (generated) or at least 32 characters",
+            ));
+        }
+        if self.token.ttl_secs == 0 {
+            return Err(key("token.ttl_secs", "must be at least 1"));
+        }
+        if self.token.issuer.is_empty() {
+            return Err(key("token.issuer", "must not be empty"));
+        }
+        if !(4..=10).contains(&self.code.length) {
+            return Err(key("code.length", "must be between 4 and 10"));
+        }
+        if self.code.ttl_secs == 0 {
+            return Err(key("code.ttl_secs", "must be at least 1"));
+        }
+        if self.code.max_attempts == 0 {
+            return Err(key("code.max_attempts", "must be at least 1"));
+        }
+        if let Err(e) = regex::Regex::new(&self.phone.pattern) {
+            return Err(key(
+                "phone.pattern",
+                &format!("not a valid regular expression: {e}"),
+            ));
+        }
+        let cc = &self.phone.country_code;
+        if cc.is_empty()
+            || cc.len() > 3
+            || !cc.bytes().all(|b| b.is_ascii_digit())
+            || cc.starts_with('0')
+        {
+            return Err(key(
+                "phone.country_code",
+                "expected 1 to 3 digits without \"+\", like \"86\"",
+            ));
+        }
+        if !self.sms.fixed_code.is_empty() {
+            if self.sms.provider != Provider::Log {
+                return Err(key(
+                    "sms.fixed_code",
+                    "only allowed with sms.provider = \"log\" (it is for load tests)",
+                ));
+            }
+            let code = &self.sms.fixed_code;
+            if code.len() != self.code.length as usize || !code.bytes().all(|b| b.is_ascii_digit())
+            {
+                return Err(key("sms.fixed_code", "must be code.length ASCII digits"));
+            }
+        }
+        if self.sms.timeout_secs == 0 {
+            return Err(key("sms.timeout_secs", "must be at least 1"));
+        }
+        if self.sms.provider == Provider::Webhook {
+            let url = &self.sms.webhook.url;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(key(
+                    "sms.webhook.url",
+                    "an http:// or https:// URL is required with the webhook provider",
+                ));
+            }
+            if self.sms.webhook.secret.is_empty() {
+                return Err(key(
+                    "sms.webhook.secret",
+                    "required with the webhook provider",
+                ));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(key(
+                "log.level",
+                "not a valid filter such as \"info\" or \"smsauth=debug\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Overlays `SMSAUTH_SECTION__KEY=value` variables onto the parsed file. A value is typed
+/// by the key's default (so `SMSAUTH_SMS__FIXED_CODE=123456` stays a string); keys with no
+/// default are parsed as a TOML value, or kept as a string.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Value::try_from(Config::default()).expect("defaults serialize");
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_CONFIG_FILE)
+        .collect();
+    vars.sort(); // deterministic when two variables name the same key
+    for (name, raw) in vars {
+        let rest = &name[ENV_PREFIX.len()..];
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+            return Err(err(format!(
+                "environment variable {name}: not a configuration key (expected {ENV_PREFIX}SECTION__KEY, e.g. SMSAUTH_SERVER__LISTEN)"
+            )));
+        }
+        let mut default = Some(&defaults);
+        for p in &path {
+            default = default.and_then(|d| d.get(p));
+        }
+        let value = match default {
+            Some(toml::Value::String(_)) => toml::Value::String(raw),
+            Some(_) | None => parse_toml_value(&raw).unwrap_or(toml::Value::String(raw)),
+        };
+        let (last, sections) = path.split_last().expect("at least two parts");
+        let mut node = &mut *table;
+        for section in sections {
+            let entry = node
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = entry.as_table_mut().ok_or_else(|| {
+                err(format!(
+                    "environment variable {name}: `{section}` is not a section"
+                ))
+            })?;
+        }
+        node.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+fn parse_toml_value(raw: &str) -> Option<toml::Value> {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()?
+        .remove("v")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, []).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.code.length, 6);
+        assert_eq!(c.sms.provider, Provider::Log);
+    }
+
+    #[test]
+    fn env_overrides_file_and_is_typed_by_default() {
+        let c = load_str(
+            "[server]\nlisten = \"127.0.0.1:9000\"\n",
+            &[
+                ("SMSAUTH_SERVER__LISTEN", "127.0.0.1:9001"),
+                ("SMSAUTH_SERVER__TRUST_PROXY", "true"),
+                ("SMSAUTH_SMS__FIXED_CODE", "000123"),
+                ("SMSAUTH_CODE__TTL_SECS", "42"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:9001");
+        assert!(c.server.trust_proxy);
+        assert_eq!(c.sms.fixed_code, "000123");
+        assert_eq!(c.code.ttl_secs, 42);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load_str("[server]\nlisten_addr = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_addr"), "{e}");
+        let e = load_str("", &[("SMSAUTH_CODE__LENGHT", "6")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lenght"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let e = load_str("[code]\nttl_secs = \"soon\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("code.ttl_secs"), "{e}");
+        let e = load_str("[server]\nlisten = \"nowhere\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.listen"), "{e}");
+        let e = load_str("[phone]\npattern = \"(\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("phone.pattern"), "{e}");
+    }
+
+    #[test]
+    fn fixed_code_only_with_log_provider() {
+        let e = load_str(
+            "[sms]\nprovider = \"webhook\"\nfixed_code = \"123456\"\n[sms.webhook]\nurl = \"http://x\"\nsecret = \"s\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sms.fixed_code"), "{e}");
+        assert!(load_str("[sms]\nfixed_code = \"123456\"\n", &[]).is_ok());
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let c = load_str(
+            "",
+            &[(
+                "SMSAUTH_TOKEN__SECRET",
+                "0123456789abcdef0123456789abcdef-hush",
+            )],
+        )
+        .unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hush"), "{dbg}");
+    }
+
+    #[test]
+    fn unreadable_file_is_named() {
+        let e = Config::load(Some(Path::new("/nonexistent/smsauth.toml")), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/smsauth.toml"), "{e}");
+    }
+}

@@ -1,0 +1,110 @@
+//! The API's errors. Each variant is one `error` code of the JSON API; `status()` and
+//! `code()` are the only place where an error becomes HTTP. Internal detail (storage, I/O)
+//! is logged once here and never sent to a client.
+
+use http::StatusCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON, a wrong type, a missing or bad field.
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the phone number is not valid")]
+    InvalidPhone,
+    /// Wrong, expired, used or for another purpose: one answer, so nothing leaks.
+    #[error("the code is wrong or has expired")]
+    InvalidCode,
+    #[error("{message}")]
+    TooManyAttempts {
+        message: String,
+        retry_after: Option<u64>,
+    },
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("the SMS could not be sent; try again later")]
+    SmsFailed,
+    #[error("no such resource")]
+    NotFound,
+    #[error("this method is not allowed here")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("the request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    /// Detail for the log only.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) | ApiError::InvalidPhone | ApiError::InvalidCode => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::TooManyAttempts { .. } | ApiError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::SmsFailed => StatusCode::BAD_GATEWAY,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::InvalidPhone => "invalid_phone",
+            ApiError::InvalidCode => "invalid_code",
+            ApiError::TooManyAttempts { .. } => "too_many_attempts",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::SmsFailed => "sms_failed",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// Seconds a client should wait, for 429 answers.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            ApiError::TooManyAttempts { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn rate_limited(retry_after: u64) -> Self {
+        ApiError::RateLimited {
+            message: format!("too many requests; retry in {retry_after} s"),
+            retry_after,
+        }
+    }
+
+    /// The JSON body: `{"error", "message"}`, plus `retry_after` on 429s.
+    pub fn body(&self) -> serde_json::Value {
+        if let ApiError::Internal(detail) = self {
+            tracing::error!(detail = %detail, "internal error");
+        }
+        let mut body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        if let Some(secs) = self.retry_after() {
+            body["retry_after"] = secs.into();
+        }
+        body
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::Internal(format!("store: {e}"))
+    }
+}

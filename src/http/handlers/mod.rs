@@ -1,0 +1,104 @@
+//! Handlers, one file per endpoint family. Each reads like the API description: parse,
+//! act, flush what must be durable, answer.
+
+pub mod account;
+pub mod codes;
+pub mod ops;
+pub mod session;
+
+use http::HeaderMap;
+use http::header::AUTHORIZATION;
+use serde::Serialize;
+
+use crate::app::App;
+use crate::clock::rfc3339;
+use crate::codes::CodeError;
+use crate::error::ApiError;
+use crate::model::User;
+use crate::phone::Phone;
+use crate::token::Session;
+
+/// A user as the API shows it.
+#[derive(Serialize)]
+pub struct UserView {
+    pub id: u64,
+    pub phone: String,
+    pub nickname: String,
+    pub created_at: String,
+    pub last_login_at: Option<String>,
+    pub login_methods: Vec<&'static str>,
+}
+
+impl UserView {
+    pub fn load(app: &App, user: &User) -> Result<Self, ApiError> {
+        let mut methods: Vec<&'static str> = app
+            .store
+            .login_methods(user.id)?
+            .iter()
+            .map(|m| m.method.as_str())
+            .collect();
+        methods.sort_unstable_by_key(|m| (*m != "sms", *m));
+        Ok(UserView {
+            id: user.id,
+            phone: user.phone.clone(),
+            nickname: user.nickname.clone(),
+            created_at: rfc3339(user.created_at),
+            last_login_at: user.last_login_at.map(rfc3339),
+            login_methods: methods,
+        })
+    }
+}
+
+pub fn parse_phone(app: &App, input: &str) -> Result<Phone, ApiError> {
+    app.phones.parse(input).ok_or(ApiError::InvalidPhone)
+}
+
+/// Uses up `code` for phone+purpose, mapping the codes module's answer to the API's.
+pub async fn consume_code(
+    app: &App,
+    phone: &Phone,
+    purpose: crate::model::Purpose,
+    code: &str,
+) -> Result<(), ApiError> {
+    // A code of the wrong shape cannot be right; refuse it without spending an attempt.
+    if code.len() != app.cfg.code.length as usize || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::InvalidCode);
+    }
+    app.codes
+        .consume(phone, purpose, code)
+        .await
+        .map_err(|e| match e {
+            CodeError::Invalid => ApiError::InvalidCode,
+            CodeError::Dead { retry_after } => ApiError::TooManyAttempts {
+                message: "too many wrong codes; request a new code".into(),
+                retry_after: Some(retry_after),
+            },
+            CodeError::Store(e) => e.into(),
+        })
+}
+
+const SESSION_REFUSED: &str = "the session token is missing, invalid, expired or ended";
+
+/// The user behind the request's bearer token, if the token is valid and the session
+/// current: not logged out, not ended by a session-generation bump, user not disabled.
+pub fn authenticate(app: &App, headers: &HeaderMap) -> Result<(User, Session), ApiError> {
+    let token = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
+    let session = app
+        .tokens
+        .verify_session(token)
+        .ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
+    let user = app
+        .store
+        .user(session.user_id)?
+        .filter(|u| !u.disabled && u.session_gen == session.session_gen)
+        .ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
+    Ok((user, session))
+}

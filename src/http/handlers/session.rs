@@ -1,0 +1,102 @@
+//! POST /auth/sms-login and POST /auth/logout.
+
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::{UserView, authenticate, consume_code, parse_phone};
+use crate::app::App;
+use crate::clock::now;
+use crate::error::ApiError;
+use crate::http::body::{Resp, json_response, no_content};
+use crate::http::router::Req;
+use crate::model::{LoginMethod, Method, Purpose, User};
+use crate::phone::{Phone, mask};
+use crate::store::NewUser;
+
+/// The answer to every successful login or registration.
+#[derive(Serialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub user: UserView,
+    pub created: bool,
+}
+
+pub fn token_response(
+    app: &App,
+    user: &User,
+    created: bool,
+    status: StatusCode,
+) -> Result<Resp, ApiError> {
+    let issued = app.tokens.issue_session(user);
+    let body = TokenResponse {
+        access_token: issued.token,
+        token_type: "Bearer",
+        expires_in: issued.expires_in,
+        user: UserView::load(app, user)?,
+        created,
+    };
+    Ok(json_response(status, &body))
+}
+
+/// The nickname a new account starts with: its national number with the middle masked.
+pub fn default_nickname(phone: &Phone, country_code: &str) -> String {
+    let national = phone
+        .as_str()
+        .strip_prefix('+')
+        .and_then(|p| p.strip_prefix(country_code));
+    mask(national.unwrap_or(phone.as_str()))
+}
+
+pub fn sms_method(phone: &Phone) -> LoginMethod {
+    LoginMethod {
+        method: Method::Sms,
+        identification: phone.as_str().to_owned(),
+        access_code: None,
+    }
+}
+
+#[derive(Deserialize)]
+struct SmsLoginRequest {
+    phone: String,
+    code: String,
+}
+
+/// Logs in with a `login` code, creating the account first if the phone has none.
+pub async fn sms_login(app: &App, req: Req) -> Result<Resp, ApiError> {
+    let body: SmsLoginRequest = req.json(app).await?;
+    let phone = parse_phone(app, &body.phone)?;
+    consume_code(app, &phone, Purpose::Login, &body.code).await?;
+    let now = now();
+    let new = NewUser {
+        phone: phone.as_str(),
+        nickname: default_nickname(&phone, &app.cfg.phone.country_code),
+        created_at: now,
+        last_login_at: Some(now),
+    };
+    let (mut user, created) = app
+        .store
+        .create_user_if_absent(new, &[sms_method(&phone)])?;
+    if user.disabled {
+        app.store.flush().await?; // the code is used up all the same
+        return Err(ApiError::Unauthorized("this account is disabled"));
+    }
+    if !created {
+        user = app
+            .store
+            .update_user(user.id, &mut |u| u.last_login_at = Some(now))?
+            .ok_or_else(|| ApiError::Internal("user vanished during login".into()))?;
+    }
+    app.store.flush().await?;
+    tracing::info!(user_id = user.id, phone = %phone.masked(), created, "sms login");
+    token_response(app, &user, created, StatusCode::OK)
+}
+
+/// Ends the presented session; the token is refused from then on, restarts included.
+pub async fn logout(app: &App, req: Req) -> Result<Resp, ApiError> {
+    let (_, session) = authenticate(app, &req.parts.headers)?;
+    app.tokens.revoke(&session.jti, session.exp)?;
+    app.store.flush().await?;
+    Ok(no_content())
+}

@@ -1,0 +1,143 @@
+//! The HTTP server: hyper's HTTP/1.1 connection loop with timeouts, per-request logging,
+//! the client address, and graceful shutdown.
+
+pub mod body;
+mod handlers;
+pub mod router;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Request};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use body::{Resp, error_response};
+use router::Req;
+
+/// How long requests in flight may take to finish once shutdown starts.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight
+/// finish (up to [`SHUTDOWN_GRACE`]).
+pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024)
+        .keep_alive(true);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let service = service_fn(move |req| handle(app.clone(), peer, req));
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; closing them");
+    }
+}
+
+async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Resp, Infallible> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let ip = client_ip(app.cfg.server.trust_proxy, peer, &parts.headers);
+    let method = parts.method.clone();
+    let path: String = parts.uri.path().chars().take(128).collect();
+    let response = match router::dispatch(&app, Req { parts, body, ip }).await {
+        Ok(resp) => resp,
+        Err(err) => error_response(&err),
+    };
+    tracing::info!(
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        ip = %ip,
+        "request"
+    );
+    Ok(response)
+}
+
+/// The socket peer; behind a trusted proxy, the address it passes: X-Real-IP, else the
+/// right-most X-Forwarded-For entry (the one our proxy added; those left of it are the
+/// client's own claims).
+fn client_ip(trust_proxy: bool, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    if trust_proxy {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        if let Some(ip) = header("x-real-ip").and_then(|v| v.trim().parse().ok()) {
+            return ip;
+        }
+        if let Some(ip) = header("x-forwarded-for")
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|v| v.trim().parse().ok())
+        {
+            return ip;
+        }
+    }
+    peer.ip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_headers_only_when_trusted() {
+        let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.1.1.1, 2.2.2.2".parse().unwrap());
+        assert_eq!(client_ip(false, peer, &h), peer.ip());
+        assert_eq!(
+            client_ip(true, peer, &h),
+            "2.2.2.2".parse::<IpAddr>().unwrap()
+        );
+        h.insert("x-real-ip", "3.3.3.3".parse().unwrap());
+        assert_eq!(
+            client_ip(true, peer, &h),
+            "3.3.3.3".parse::<IpAddr>().unwrap()
+        );
+        h.insert("x-real-ip", "garbage".parse().unwrap());
+        assert_eq!(
+            client_ip(true, peer, &h),
+            "2.2.2.2".parse::<IpAddr>().unwrap()
+        );
+    }
+}

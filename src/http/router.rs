@@ -1,0 +1,91 @@
+//! The route table: every (method, path) the API answers, in one list that the dispatcher,
+//! the 405 answer (with `Allow`) and the API description all read.
+
+use std::net::IpAddr;
+
+use http::request::Parts;
+use hyper::body::Incoming;
+
+use super::body::Resp;
+use super::handlers::{account, codes, ops, session};
+use crate::app::App;
+use crate::error::ApiError;
+
+/// One request as handlers see it.
+pub struct Req {
+    pub parts: Parts,
+    pub body: Incoming,
+    /// The client's address (the proxy's word for it only with `trust_proxy`).
+    pub ip: IpAddr,
+}
+
+impl Req {
+    pub async fn json<T: serde::de::DeserializeOwned>(self, app: &App) -> Result<T, ApiError> {
+        super::body::json(
+            &self.parts.headers,
+            self.body,
+            app.cfg.server.max_body_bytes,
+        )
+        .await
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Healthz,
+    SendCode,
+    SmsLogin,
+    Verify,
+    Logout,
+    GetMe,
+    PatchMe,
+}
+
+/// (method, path, endpoint): the whole HTTP API.
+pub const ROUTES: &[(&str, &str, Endpoint)] = &[
+    ("GET", "/healthz", Endpoint::Healthz),
+    ("POST", "/api/v1/sms/code", Endpoint::SendCode),
+    ("POST", "/api/v1/auth/sms-login", Endpoint::SmsLogin),
+    ("POST", "/api/v1/auth/verify", Endpoint::Verify),
+    ("POST", "/api/v1/auth/logout", Endpoint::Logout),
+    ("GET", "/api/v1/me", Endpoint::GetMe),
+    ("PATCH", "/api/v1/me", Endpoint::PatchMe),
+];
+
+pub async fn dispatch(app: &App, req: Req) -> Result<Resp, ApiError> {
+    let path = req.parts.uri.path();
+    let method = req.parts.method.as_str();
+    let endpoint = match ROUTES.iter().find(|(m, p, _)| *p == path && *m == method) {
+        Some((_, _, endpoint)) => *endpoint,
+        None if ROUTES.iter().any(|(_, p, _)| *p == path) => {
+            return Err(ApiError::MethodNotAllowed {
+                allow: allowed(path),
+            });
+        }
+        None => return Err(ApiError::NotFound),
+    };
+    match endpoint {
+        Endpoint::Healthz => ops::healthz(app).await,
+        Endpoint::SendCode => codes::send_code(app, req).await,
+        Endpoint::SmsLogin => session::sms_login(app, req).await,
+        Endpoint::Verify => codes::verify(app, req).await,
+        Endpoint::Logout => session::logout(app, req).await,
+        Endpoint::GetMe => account::get_me(app, req).await,
+        Endpoint::PatchMe => account::patch_me(app, req).await,
+    }
+}
+
+/// The `Allow` header for a known path: its methods, comma separated.
+fn allowed(path: &str) -> &'static str {
+    // A small fixed table; kept as literals because header values want 'static strs.
+    match ROUTES
+        .iter()
+        .filter(|(_, p, _)| *p == path)
+        .map(|(m, _, _)| *m)
+        .collect::<Vec<_>>()[..]
+    {
+        ["GET", "PATCH"] => "GET, PATCH",
+        ["GET"] => "GET",
+        _ => "POST",
+    }
+}

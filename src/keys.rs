@@ -1,0 +1,64 @@
+//! Server keys kept in the data dir: made from the OS CSPRNG on first start, written with
+//! 0600 permissions, read back on every later start so sessions and pending codes outlive
+//! restarts.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use rand::RngExt;
+
+const KEY_BYTES: usize = 32;
+
+/// Reads `dir/name`, or creates it with a fresh random key.
+pub fn load_or_create(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let key = hex::decode(text.trim())
+                .with_context(|| format!("key file {} is not hex", path.display()))?;
+            if key.len() < KEY_BYTES {
+                bail!(
+                    "key file {} is shorter than {KEY_BYTES} bytes",
+                    path.display()
+                );
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = vec![0u8; KEY_BYTES];
+            rand::rng().fill(&mut key[..]);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot create key file {}", path.display()))?;
+            file.write_all(hex::encode(&key).as_bytes())?;
+            file.sync_all()?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read key file {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn created_once_private_and_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create(dir.path(), "k").unwrap();
+        let b = load_or_create(dir.path(), "k").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), KEY_BYTES);
+        let mode = std::fs::metadata(dir.path().join("k"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,29 @@
+//! smsauth: SMS verification-code login and registration for a small website, in one
+//! binary with its own embedded store.
+//!
+//! The parts, each in its own module:
+//! - [`config`]: the TOML file and `SMSAUTH_*` overrides, validated at start;
+//! - [`store`]: users, login methods, pending codes and revocations, behind our [`store::Store`] trait (sled);
+//! - [`codes`]: verification codes (CSPRNG, keyed hashes, single use, attempts);
+//! - [`token`]: JWT sessions and verification tickets, and how they end;
+//! - [`sms`]: the senders (`log`, `webhook`);
+//! - [`http`]: the hyper server, router and handlers;
+//! - [`app`]: the state that ties them together; [`server`]: start-up and shutdown.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod codes;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod keys;
+pub mod logging;
+pub mod model;
+pub mod phone;
+pub mod server;
+pub mod sms;
+pub mod store;
+pub mod token;

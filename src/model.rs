@@ -1,0 +1,78 @@
+//! The records smsauth keeps, shared by the modules that work on them and the store that
+//! keeps them. Stored positionally (bincode): never reorder fields without a migration.
+
+use serde::{Deserialize, Serialize};
+
+pub type UserId = u64;
+
+/// An account. The phone (E.164) is unique: the store keeps a phone -> id index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: UserId,
+    pub phone: String,
+    pub nickname: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub last_login_at: Option<i64>,
+    pub disabled: bool,
+    /// Carried in every session token; bumping it ends all of the user's sessions at once
+    /// (password reset, admin logout) without listing tokens.
+    pub session_gen: u32,
+}
+
+/// How a user may log in, as seed 000's `user_login_method` table: one row per method.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginMethod {
+    pub method: Method,
+    /// What identifies the user for this method (the phone for both methods we have).
+    pub identification: String,
+    /// The secret to check, if the method has one: a PHC argon2id string for `password`.
+    pub access_code: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Method {
+    Sms,
+    Password,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Sms => "sms",
+            Method::Password => "password",
+        }
+    }
+}
+
+/// What a verification code is for; a code only works for the purpose it was sent for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    Login,
+    Register,
+    ResetPassword,
+}
+
+impl Purpose {
+    pub const ALL: [Purpose; 3] = [Purpose::Login, Purpose::Register, Purpose::ResetPassword];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Login => "login",
+            Purpose::Register => "register",
+            Purpose::ResetPassword => "reset_password",
+        }
+    }
+}
+
+/// A code that was sent and not yet used. Only its keyed hash is kept, never the digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCode {
+    /// HMAC-SHA256(code key, phone | purpose | code).
+    pub hash: [u8; 32],
+    pub sent_at: i64,
+    pub expires_at: i64,
+    /// Wrong tries so far; at `code.max_attempts` the code is dead until it expires.
+    pub attempts: u32,
+}

@@ -1,0 +1,55 @@
+//! Start-up and shutdown of `smsauth serve`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use crate::config::Config;
+
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+
+/// Opens the store, binds the listener and serves until `shutdown` resolves; then lets
+/// requests in flight finish and flushes the store.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let addr = cfg.listen_addr();
+    let app = App::open(cfg).await?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        addr = %local,
+        version = env!("CARGO_PKG_VERSION"),
+        sms_provider = app.sms.provider(),
+        data_dir = %app.cfg.storage.data_dir.display(),
+        "listening"
+    );
+    let keeper = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+            loop {
+                tick.tick().await;
+                app.housekeeping().await;
+            }
+        })
+    };
+    crate::http::serve(app.clone(), listener, shutdown).await;
+    keeper.abort();
+    app.store.flush().await.context("final flush")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+pub async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}

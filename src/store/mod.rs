@@ -1,0 +1,87 @@
+//! Storage behind a small interface of ours. Everything the service keeps goes through
+//! [`Store`]; the only implementation is [`SledStore`], and no `sled` type leaves this
+//! module, so another embedded engine could replace it by implementing the trait.
+
+mod codec;
+mod sled_store;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use sled_store::SledStore;
+
+use crate::model::{LoginMethod, Method, PendingCode, Purpose, User, UserId};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the data dir {0} is in use by another smsauth process; stop it first")]
+    Locked(String),
+    #[error("storage: {0}")]
+    Engine(String),
+    #[error("stored record is unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// A user to create; the store gives it its id.
+pub struct NewUser<'a> {
+    pub phone: &'a str,
+    pub nickname: String,
+    pub created_at: i64,
+    pub last_login_at: Option<i64>,
+}
+
+/// Writes are applied at once but durable only after [`Store::flush`]; a handler flushes
+/// before it answers 2xx. Concurrent flushes are batched into one (group commit).
+pub trait Store: Send + Sync + 'static {
+    fn user(&self, id: UserId) -> Result<Option<User>, StoreError>;
+    fn user_by_phone(&self, phone: &str) -> Result<Option<User>, StoreError>;
+    /// Creates the user unless the phone already has one, atomically: of two racing
+    /// calls for one phone exactly one creates. Returns the user and whether it was created.
+    fn create_user_if_absent(
+        &self,
+        new: NewUser<'_>,
+        methods: &[LoginMethod],
+    ) -> Result<(User, bool), StoreError>;
+    /// Applies `change` to the stored user (it may run more than once under contention).
+    fn update_user(
+        &self,
+        id: UserId,
+        change: &mut dyn FnMut(&mut User),
+    ) -> Result<Option<User>, StoreError>;
+    fn login_methods(&self, id: UserId) -> Result<Vec<LoginMethod>, StoreError>;
+    fn put_login_method(&self, id: UserId, method: &LoginMethod) -> Result<(), StoreError>;
+    fn remove_login_method(&self, id: UserId, method: Method) -> Result<(), StoreError>;
+    fn user_count(&self) -> Result<u64, StoreError>;
+
+    fn save_code(
+        &self,
+        phone: &str,
+        purpose: Purpose,
+        code: &PendingCode,
+    ) -> Result<(), StoreError>;
+    fn load_code(&self, phone: &str, purpose: Purpose) -> Result<Option<PendingCode>, StoreError>;
+    fn delete_code(&self, phone: &str, purpose: Purpose) -> Result<(), StoreError>;
+    /// Deletes the record only if it is still `expected` (a newer code must survive the
+    /// late clean-up of an older one).
+    fn delete_code_if(
+        &self,
+        phone: &str,
+        purpose: Purpose,
+        expected: &PendingCode,
+    ) -> Result<(), StoreError>;
+    fn pending_codes(&self) -> Result<Vec<(String, Purpose, PendingCode)>, StoreError>;
+
+    /// Marks a token id as used up until `exp`. True if it was not marked before: the
+    /// caller that gets true is the one that used it.
+    fn revoke(&self, jti: &str, exp: i64) -> Result<bool, StoreError>;
+    fn revocations(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Forgets revocations of tokens that have expired anyway.
+    fn prune_revocations(&self, now: i64) -> Result<usize, StoreError>;
+
+    /// Makes every write made before the call durable.
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Bytes on disk, for metrics.
+    fn size_on_disk(&self) -> u64;
+}

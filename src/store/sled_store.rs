@@ -1,0 +1,488 @@
+//! [`Store`] on sled 0.34. Trees are named `<key>_<value>`:
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `meta` | name | `schema_version` u32 BE, `next_user_id` / `users_total` u64 BE |
+//! | `userid_user` | user id u64 BE | codec([`User`]) |
+//! | `phone_userid` | E.164 bytes | user id u64 BE |
+//! | `useridmethod_login` | user id u64 BE, method byte | codec([`LoginMethod`]) |
+//! | `phonepurpose_code` | E.164 bytes, 0xff, purpose byte | codec([`PendingCode`]) |
+//! | `jti_exp` | token id bytes | expiry unix secs i64 BE |
+//!
+//! User ids come from our own counter, bumped inside the create transaction: sled's
+//! `generate_id` jumps by two million at every reopen.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use super::codec::{decode, encode, read_i64, read_u64, u64_key};
+use super::{BoxFuture, NewUser, Store, StoreError};
+use crate::model::{LoginMethod, Method, PendingCode, Purpose, User, UserId};
+
+const SCHEMA_VERSION: u32 = 1;
+const META_SCHEMA: &[u8] = b"schema_version";
+const META_NEXT_ID: &[u8] = b"next_user_id";
+const META_USERS: &[u8] = b"users_total";
+
+pub struct SledStore {
+    db: sled::Db,
+    meta: sled::Tree,
+    users: sled::Tree,
+    phones: sled::Tree,
+    methods: sled::Tree,
+    codes: sled::Tree,
+    revoked: sled::Tree,
+    commit: GroupCommit,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Engine(e.to_string())
+    }
+}
+
+impl SledStore {
+    pub fn open(dir: &Path, cache_capacity_mb: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(cache_capacity_mb * 1024 * 1024)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked(dir.display().to_string())
+                }
+                other if other.to_string().contains("lock") => {
+                    StoreError::Locked(dir.display().to_string())
+                }
+                other => other.into(),
+            })?;
+        let store = SledStore {
+            meta: db.open_tree("meta")?,
+            users: db.open_tree("userid_user")?,
+            phones: db.open_tree("phone_userid")?,
+            methods: db.open_tree("useridmethod_login")?,
+            codes: db.open_tree("phonepurpose_code")?,
+            revoked: db.open_tree("jti_exp")?,
+            db,
+            commit: GroupCommit::default(),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Numbered migrations run at open; version 1 is the first layout, so there is
+    /// nothing to convert yet, only a newer store to refuse.
+    fn migrate(&self) -> Result<(), StoreError> {
+        let found = match self.meta.get(META_SCHEMA)? {
+            None => 0,
+            Some(v) => u32::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("schema_version".into()))?,
+            ),
+        };
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "the data dir has schema version {found}, this smsauth knows up to {SCHEMA_VERSION}; use a newer release"
+            )));
+        }
+        if found < SCHEMA_VERSION {
+            self.meta
+                .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    fn wrote(&self) {
+        self.commit.written.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn method_key(id: UserId, method: Method) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[..8].copy_from_slice(&u64_key(id));
+    k[8] = match method {
+        Method::Sms => 1,
+        Method::Password => 2,
+    };
+    k
+}
+
+fn purpose_byte(p: Purpose) -> u8 {
+    match p {
+        Purpose::Login => 1,
+        Purpose::Register => 2,
+        Purpose::ResetPassword => 3,
+    }
+}
+
+fn code_key(phone: &str, purpose: Purpose) -> Vec<u8> {
+    let mut k = Vec::with_capacity(phone.len() + 2);
+    k.extend_from_slice(phone.as_bytes());
+    k.push(0xff);
+    k.push(purpose_byte(purpose));
+    k
+}
+
+fn parse_code_key(k: &[u8]) -> Option<(String, Purpose)> {
+    let (&p, rest) = k.split_last()?;
+    let (&sep, phone) = rest.split_last()?;
+    if sep != 0xff {
+        return None;
+    }
+    let purpose = Purpose::ALL.into_iter().find(|x| purpose_byte(*x) == p)?;
+    Some((String::from_utf8(phone.to_vec()).ok()?, purpose))
+}
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    }
+}
+
+impl Store for SledStore {
+    fn user(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        self.users.get(u64_key(id))?.map(|v| decode(&v)).transpose()
+    }
+
+    fn user_by_phone(&self, phone: &str) -> Result<Option<User>, StoreError> {
+        match self.phones.get(phone.as_bytes())? {
+            Some(id) => self.user(read_u64(&id)?),
+            None => Ok(None),
+        }
+    }
+
+    fn create_user_if_absent(
+        &self,
+        new: NewUser<'_>,
+        methods: &[LoginMethod],
+    ) -> Result<(User, bool), StoreError> {
+        let outcome = (&self.meta, &self.users, &self.phones, &self.methods)
+            .transaction(|(meta, users, phones, methods_tree)| {
+                if let Some(id) = phones.get(new.phone.as_bytes())? {
+                    let id = read_u64(&id).map_err(ConflictableTransactionError::Abort)?;
+                    return Ok(Err(id));
+                }
+                let counter =
+                    |key: &[u8],
+                     default: u64|
+                     -> Result<u64, ConflictableTransactionError<StoreError>> {
+                        match meta.get(key)? {
+                            Some(v) => read_u64(&v).map_err(ConflictableTransactionError::Abort),
+                            None => Ok(default),
+                        }
+                    };
+                let id = counter(META_NEXT_ID, 1)?;
+                let total = counter(META_USERS, 0)?;
+                meta.insert(META_NEXT_ID, &u64_key(id + 1))?;
+                meta.insert(META_USERS, &u64_key(total + 1))?;
+                let user = User {
+                    id,
+                    phone: new.phone.to_owned(),
+                    nickname: new.nickname.clone(),
+                    created_at: new.created_at,
+                    last_login_at: new.last_login_at,
+                    disabled: false,
+                    session_gen: 0,
+                };
+                users.insert(&u64_key(id), encode(&user))?;
+                phones.insert(new.phone.as_bytes(), &u64_key(id))?;
+                for m in methods {
+                    methods_tree.insert(&method_key(id, m.method), encode(m))?;
+                }
+                Ok(Ok(user))
+            })
+            .map_err(tx_err)?;
+        match outcome {
+            Ok(user) => {
+                self.wrote();
+                Ok((user, true))
+            }
+            Err(id) => {
+                let user = self.user(id)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("phone index names missing user {id}"))
+                })?;
+                Ok((user, false))
+            }
+        }
+    }
+
+    fn update_user(
+        &self,
+        id: UserId,
+        change: &mut dyn FnMut(&mut User),
+    ) -> Result<Option<User>, StoreError> {
+        let mut failure = None;
+        let updated = self.users.update_and_fetch(u64_key(id), |old| {
+            let old = old?;
+            match decode::<User>(old) {
+                Ok(mut user) => {
+                    change(&mut user);
+                    Some(encode(&user))
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    Some(old.to_vec())
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        self.wrote();
+        updated.map(|v| decode(&v)).transpose()
+    }
+
+    fn login_methods(&self, id: UserId) -> Result<Vec<LoginMethod>, StoreError> {
+        self.methods
+            .scan_prefix(u64_key(id))
+            .map(|kv| decode(&kv?.1))
+            .collect()
+    }
+
+    fn put_login_method(&self, id: UserId, method: &LoginMethod) -> Result<(), StoreError> {
+        self.methods
+            .insert(method_key(id, method.method), encode(method))?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn remove_login_method(&self, id: UserId, method: Method) -> Result<(), StoreError> {
+        self.methods.remove(method_key(id, method))?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn user_count(&self) -> Result<u64, StoreError> {
+        self.meta
+            .get(META_USERS)?
+            .map(|v| read_u64(&v))
+            .transpose()
+            .map(|n| n.unwrap_or(0))
+    }
+
+    fn save_code(
+        &self,
+        phone: &str,
+        purpose: Purpose,
+        code: &PendingCode,
+    ) -> Result<(), StoreError> {
+        self.codes.insert(code_key(phone, purpose), encode(code))?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn load_code(&self, phone: &str, purpose: Purpose) -> Result<Option<PendingCode>, StoreError> {
+        self.codes
+            .get(code_key(phone, purpose))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    fn delete_code(&self, phone: &str, purpose: Purpose) -> Result<(), StoreError> {
+        self.codes.remove(code_key(phone, purpose))?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn delete_code_if(
+        &self,
+        phone: &str,
+        purpose: Purpose,
+        expected: &PendingCode,
+    ) -> Result<(), StoreError> {
+        let swapped = self.codes.compare_and_swap(
+            code_key(phone, purpose),
+            Some(encode(expected)),
+            None as Option<&[u8]>,
+        )?;
+        if swapped.is_ok() {
+            self.wrote();
+        }
+        Ok(())
+    }
+
+    fn pending_codes(&self) -> Result<Vec<(String, Purpose, PendingCode)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.codes.iter() {
+            let (k, v) = kv?;
+            let (phone, purpose) =
+                parse_code_key(&k).ok_or_else(|| StoreError::Corrupt("pending code key".into()))?;
+            out.push((phone, purpose, decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn revoke(&self, jti: &str, exp: i64) -> Result<bool, StoreError> {
+        let fresh = self
+            .revoked
+            .compare_and_swap(
+                jti.as_bytes(),
+                None as Option<&[u8]>,
+                Some(&exp.to_be_bytes()),
+            )?
+            .is_ok();
+        if fresh {
+            self.wrote();
+        }
+        Ok(fresh)
+    }
+
+    fn revocations(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.revoked
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), read_i64(&v)?))
+            })
+            .collect()
+    }
+
+    fn prune_revocations(&self, now: i64) -> Result<usize, StoreError> {
+        let mut pruned = 0;
+        for kv in self.revoked.iter() {
+            let (k, v) = kv?;
+            if read_i64(&v)? < now {
+                self.revoked.remove(k)?;
+                pruned += 1;
+            }
+        }
+        if pruned > 0 {
+            self.wrote();
+        }
+        Ok(pruned)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.commit.flush(&self.db))
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Group commit: writers that ask for a flush while one is running wait for it and then
+/// share the next one, so N concurrent requests cost about two fsyncs, not N.
+#[derive(Default)]
+struct GroupCommit {
+    /// Count of writes applied so far.
+    written: AtomicU64,
+    /// Count of writes known durable; the lock also serializes flushes.
+    durable: tokio::sync::Mutex<u64>,
+}
+
+impl GroupCommit {
+    async fn flush(&self, db: &sled::Db) -> Result<(), StoreError> {
+        let mine = self.written.load(Ordering::SeqCst);
+        let mut durable = self.durable.lock().await;
+        if *durable >= mine {
+            return Ok(()); // someone else's flush covered our writes
+        }
+        // Every write counted here was applied before the flush starts, so it is covered.
+        let target = self.written.load(Ordering::SeqCst);
+        db.flush_async().await?;
+        *durable = target;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        (dir, s)
+    }
+
+    fn new_user(phone: &str) -> NewUser<'_> {
+        NewUser {
+            phone,
+            nickname: "n".into(),
+            created_at: 1,
+            last_login_at: None,
+        }
+    }
+
+    #[test]
+    fn ids_are_dense_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path(), 8).unwrap();
+            assert_eq!(
+                s.create_user_if_absent(new_user("+861"), &[]).unwrap().0.id,
+                1
+            );
+            s.db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        assert_eq!(
+            s.create_user_if_absent(new_user("+862"), &[]).unwrap().0.id,
+            2
+        );
+        assert_eq!(s.user_count().unwrap(), 2);
+    }
+
+    #[test]
+    fn concurrent_creates_make_one_user() {
+        let (_dir, s) = store();
+        let s = std::sync::Arc::new(s);
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || s.create_user_if_absent(new_user("+86x"), &[]).unwrap())
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(results.iter().filter(|(_, created)| *created).count(), 1);
+        assert!(results.iter().all(|(u, _)| u.id == results[0].0.id));
+        assert_eq!(s.user_count().unwrap(), 1);
+    }
+
+    #[test]
+    fn code_keys_round_trip_and_conditional_delete() {
+        let (_dir, s) = store();
+        let old = PendingCode {
+            hash: [1; 32],
+            sent_at: 1,
+            expires_at: 2,
+            attempts: 0,
+        };
+        let new = PendingCode {
+            hash: [2; 32],
+            ..old.clone()
+        };
+        s.save_code("+8613800000000", Purpose::ResetPassword, &new)
+            .unwrap();
+        s.delete_code_if("+8613800000000", Purpose::ResetPassword, &old)
+            .unwrap();
+        let all = s.pending_codes().unwrap();
+        assert_eq!(
+            all,
+            vec![(
+                "+8613800000000".to_string(),
+                Purpose::ResetPassword,
+                new.clone()
+            )]
+        );
+        s.delete_code_if("+8613800000000", Purpose::ResetPassword, &new)
+            .unwrap();
+        assert!(s.pending_codes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn revoke_is_first_wins() {
+        let (_dir, s) = store();
+        assert!(s.revoke("a", 10).unwrap());
+        assert!(!s.revoke("a", 10).unwrap());
+        assert_eq!(s.prune_revocations(11).unwrap(), 1);
+        assert!(s.revocations().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,321 @@
+//! Tokens: JWT (HS256, algorithm pinned on validation) for sessions and for the short-lived
+//! single-use verification tickets of multi-step flows.
+//!
+//! A session ends three ways: its `exp`; logout, which records its `jti` as revoked (kept
+//! in the store until the token would have expired, and in memory for the per-request
+//! check); or a bump of the user's `session_gen`, which every token carries, so a reset
+//! or an admin can end all of a user's sessions without listing them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
+use rand::RngExt;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::now;
+use crate::config::TokenConfig;
+use crate::model::{Purpose, User, UserId};
+use crate::store::{Store, StoreError};
+
+/// How long a verification ticket from /auth/verify may wait for the next step.
+pub const VERIFICATION_TTL_SECS: u64 = 600;
+
+const SESSION: &str = "session";
+const VERIFICATION: &str = "verification";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    /// User id (sessions) or E.164 phone (verification tickets).
+    sub: String,
+    iat: i64,
+    exp: i64,
+    jti: String,
+    iss: String,
+    /// Which kind of token this is, so a ticket never passes as a session or back.
+    typ: String,
+    /// The user's session generation when issued.
+    #[serde(default, rename = "gen")]
+    session_gen: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    purpose: Option<Purpose>,
+}
+
+/// A verified session token.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub user_id: UserId,
+    pub jti: String,
+    pub exp: i64,
+    pub session_gen: u32,
+}
+
+pub struct Issued {
+    pub token: String,
+    pub expires_in: u64,
+}
+
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    issuer: String,
+    ttl_secs: u64,
+    /// jti -> exp of revoked tokens, mirrored from the store for a lock-light check.
+    revoked: RwLock<HashMap<String, i64>>,
+    store: Arc<dyn Store>,
+}
+
+impl Tokens {
+    pub fn new(
+        secret: &[u8],
+        cfg: &TokenConfig,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, StoreError> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_issuer(&[cfg.issuer.as_str()]);
+        validation.set_required_spec_claims(&["exp", "iat", "iss", "sub", "jti"]);
+        validation.leeway = 0;
+        let revoked = store.revocations()?.into_iter().collect();
+        Ok(Tokens {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            issuer: cfg.issuer.clone(),
+            ttl_secs: cfg.ttl_secs,
+            revoked: RwLock::new(revoked),
+            store,
+        })
+    }
+
+    pub fn ttl_secs(&self) -> u64 {
+        self.ttl_secs
+    }
+
+    pub fn issue_session(&self, user: &User) -> Issued {
+        self.issue(
+            user.id.to_string(),
+            SESSION,
+            user.session_gen,
+            None,
+            self.ttl_secs,
+        )
+    }
+
+    /// The session behind `token`, if it is genuine, current and not logged out. Whether
+    /// its user still exists, is enabled and has the same `session_gen` is the caller's
+    /// check (it needs the user record anyway).
+    pub fn verify_session(&self, token: &str) -> Option<Session> {
+        let claims = self.decode(token, SESSION)?;
+        Some(Session {
+            user_id: claims.sub.parse().ok()?,
+            jti: claims.jti,
+            exp: claims.exp,
+            session_gen: claims.session_gen,
+        })
+    }
+
+    pub fn issue_verification(&self, phone: &str, purpose: Purpose) -> Issued {
+        self.issue(
+            phone.to_owned(),
+            VERIFICATION,
+            0,
+            Some(purpose),
+            VERIFICATION_TTL_SECS,
+        )
+    }
+
+    /// Uses up a verification ticket for `purpose`, returning its phone. Single use: of
+    /// concurrent redemptions exactly one succeeds (the store's revoke is first-wins).
+    /// Durable after the next store flush.
+    pub fn redeem_verification(
+        &self,
+        token: &str,
+        purpose: Purpose,
+    ) -> Result<Option<String>, StoreError> {
+        let Some(claims) = self.decode(token, VERIFICATION) else {
+            return Ok(None);
+        };
+        if claims.purpose != Some(purpose) {
+            return Ok(None);
+        }
+        if !self.revoke(&claims.jti, claims.exp)? {
+            return Ok(None);
+        }
+        Ok(Some(claims.sub))
+    }
+
+    /// Ends one token. True if this call ended it. Durable after the next store flush.
+    pub fn revoke(&self, jti: &str, exp: i64) -> Result<bool, StoreError> {
+        let fresh = self.store.revoke(jti, exp)?;
+        self.revoked
+            .write()
+            .expect("revoked lock")
+            .insert(jti.to_owned(), exp);
+        Ok(fresh)
+    }
+
+    /// Forgets revocations of tokens past their expiry, in memory and in the store.
+    pub fn prune(&self) -> Result<usize, StoreError> {
+        let now = now();
+        self.revoked
+            .write()
+            .expect("revoked lock")
+            .retain(|_, exp| *exp >= now);
+        self.store.prune_revocations(now)
+    }
+
+    fn issue(
+        &self,
+        sub: String,
+        typ: &str,
+        session_gen: u32,
+        purpose: Option<Purpose>,
+        ttl: u64,
+    ) -> Issued {
+        let iat = now();
+        let mut jti = [0u8; 16];
+        rand::rng().fill(&mut jti);
+        let claims = Claims {
+            sub,
+            iat,
+            exp: iat + ttl as i64,
+            jti: hex::encode(jti),
+            iss: self.issuer.clone(),
+            typ: typ.to_owned(),
+            session_gen,
+            purpose,
+        };
+        let token = encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 signing with an HMAC key cannot fail");
+        Issued {
+            token,
+            expires_in: ttl,
+        }
+    }
+
+    fn decode(&self, token: &str, typ: &str) -> Option<Claims> {
+        if token.len() > 4096 {
+            return None;
+        }
+        let claims = decode::<Claims>(token, &self.decoding, &self.validation)
+            .ok()?
+            .claims;
+        if claims.typ != typ
+            || self
+                .revoked
+                .read()
+                .expect("revoked lock")
+                .contains_key(&claims.jti)
+        {
+            return None;
+        }
+        Some(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+    use base64::Engine;
+
+    fn b64(data: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+    }
+
+    fn tokens() -> (tempfile::TempDir, Tokens) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8).unwrap());
+        let t = Tokens::new(&[9; 32], &TokenConfig::default(), store).unwrap();
+        (dir, t)
+    }
+
+    fn user() -> User {
+        User {
+            id: 42,
+            phone: "+8613812345678".into(),
+            nickname: "n".into(),
+            created_at: 0,
+            last_login_at: None,
+            disabled: false,
+            session_gen: 3,
+        }
+    }
+
+    #[test]
+    fn session_round_trip_and_revocation() {
+        let (_d, t) = tokens();
+        let issued = t.issue_session(&user());
+        let s = t.verify_session(&issued.token).unwrap();
+        assert_eq!((s.user_id, s.session_gen), (42, 3));
+        assert!(t.revoke(&s.jti, s.exp).unwrap());
+        assert!(t.verify_session(&issued.token).is_none());
+    }
+
+    #[test]
+    fn alg_none_and_other_issuers_are_refused() {
+        let (_d, t) = tokens();
+        let now = now();
+        let payload = format!(
+            r#"{{"sub":"42","iat":{now},"exp":{},"jti":"x","iss":"smsauth","typ":"session","gen":3}}"#,
+            now + 100
+        );
+        let none = format!(
+            "{}.{}.",
+            b64(br#"{"alg":"none","typ":"JWT"}"#),
+            b64(payload.as_bytes())
+        );
+        assert!(t.verify_session(&none).is_none());
+        let hs512 = encode(
+            &Header::new(Algorithm::HS512),
+            &serde_json::from_str::<serde_json::Value>(&payload).unwrap(),
+            &EncodingKey::from_secret(&[9; 32]),
+        )
+        .unwrap();
+        assert!(t.verify_session(&hs512).is_none());
+        let other_issuer = TokenConfig {
+            issuer: "someone-else".into(),
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let other = Tokens::new(
+            &[9; 32],
+            &other_issuer,
+            Arc::new(SledStore::open(dir.path(), 8).unwrap()),
+        )
+        .unwrap();
+        assert!(
+            t.verify_session(&other.issue_session(&user()).token)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn tickets_and_sessions_do_not_mix_and_tickets_are_single_use() {
+        let (_d, t) = tokens();
+        let ticket = t.issue_verification("+8613812345678", Purpose::Register);
+        assert!(t.verify_session(&ticket.token).is_none());
+        assert!(
+            t.redeem_verification(&t.issue_session(&user()).token, Purpose::Register)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            t.redeem_verification(&ticket.token, Purpose::ResetPassword)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            t.redeem_verification(&ticket.token, Purpose::Register)
+                .unwrap()
+                .as_deref(),
+            Some("+8613812345678")
+        );
+        assert!(
+            t.redeem_verification(&ticket.token, Purpose::Register)
+                .unwrap()
+                .is_none()
+        );
+    }
+}
