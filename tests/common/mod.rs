@@ -1,0 +1,259 @@
+//! Test harness: runs the real `smsauth` binary on an ephemeral loopback port with a
+//! temporary data dir, reads its JSON log (where the `log` sender writes codes), and
+//! talks HTTP to it. Restarts are real processes: SIGTERM, or kill -9.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_smsauth");
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Log lines of one server process, shared with the thread that reads them.
+#[derive(Default)]
+struct LogBook {
+    lines: Mutex<Vec<Value>>,
+    grew: Condvar,
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    dir: Arc<tempfile::TempDir>,
+    config_path: PathBuf,
+    child: Child,
+    log: Arc<LogBook>,
+    /// Log lines already handed out as codes.
+    codes_seen: Mutex<usize>,
+}
+
+impl TestServer {
+    /// A server on the default configuration plus `extra` TOML (sections of its own).
+    pub async fn start(extra: &str) -> TestServer {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_in(dir, extra).await
+    }
+
+    /// A server whose data dir is `dir` (to share it with an earlier process).
+    pub async fn start_in(dir: Arc<tempfile::TempDir>, extra: &str) -> TestServer {
+        let data = dir.path().join("data");
+        let config_path = dir.path().join("smsauth.toml");
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n[log]\nformat = \"json\"\n{extra}\n",
+            data.display()
+        );
+        std::fs::write(&config_path, config).expect("write config");
+        Self::spawn(dir, config_path).await
+    }
+
+    async fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf) -> TestServer {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start smsauth");
+        let log = Arc::new(LogBook::default());
+        let stdout = child.stdout.take().expect("stdout");
+        let book = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str(&line).unwrap_or_else(|_| json!({ "raw": line }));
+                book.lines.lock().unwrap().push(value);
+                book.grew.notify_all();
+            }
+        });
+        let listening =
+            wait_for_line(&log, 0, |l| l["message"] == "listening").unwrap_or_else(|| {
+                panic!("server did not start; log: {:?}", log.lines.lock().unwrap())
+            });
+        let addr = listening["addr"].as_str().expect("addr").to_owned();
+        TestServer {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap(),
+            dir,
+            config_path,
+            child,
+            log,
+            codes_seen: Mutex::new(0),
+        }
+    }
+
+    pub fn dir(&self) -> Arc<tempfile::TempDir> {
+        self.dir.clone()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// kill -9, then a new process on the same data dir and config.
+    pub async fn kill9_and_restart(mut self) -> TestServer {
+        self.kill9();
+        Self::spawn(self.dir.clone(), self.config_path.clone()).await
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM; returns the exit status once the process has stopped.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().expect("wait for smsauth")
+    }
+
+    /// SIGTERM, then a new process on the same data dir and config.
+    pub async fn restart(mut self) -> TestServer {
+        let status = self.terminate();
+        assert!(status.success(), "smsauth exited with {status}");
+        Self::spawn(self.dir.clone(), self.config_path.clone()).await
+    }
+
+    /// All log lines so far.
+    pub fn log_lines(&self) -> Vec<Value> {
+        self.log.lines.lock().unwrap().clone()
+    }
+
+    /// The newest code the `log` sender wrote for `phone` (E.164) since the last call.
+    pub fn take_code(&self, phone: &str) -> String {
+        let masked = mask(phone);
+        let mut seen = self.codes_seen.lock().unwrap();
+        let found = wait_for_line(&self.log, *seen, |l| {
+            l["message"] == "verification code (log sender)" && l["phone"] == masked.as_str()
+        })
+        .unwrap_or_else(|| panic!("no code was logged for {masked}"));
+        let lines = self.log.lines.lock().unwrap();
+        *seen = lines.iter().rposition(|l| *l == found).unwrap() + 1;
+        found["code"].as_str().expect("code field").to_owned()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(self.client.post(self.url(path)).json(&body))
+            .await
+    }
+
+    pub async fn post_auth(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
+        self.send(
+            self.client
+                .post(self.url(path))
+                .bearer_auth(token)
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.client.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        self.send(req).await
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, body)
+    }
+
+    /// Sends a login code to `phone` and reads it from the log.
+    pub async fn send_code(&self, phone: &str, purpose: &str) -> String {
+        let (status, body) = self
+            .post(
+                "/api/v1/sms/code",
+                json!({ "phone": phone, "purpose": purpose }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        self.take_code(&e164(phone))
+    }
+
+    /// Code login (registering if new); returns the token response.
+    pub async fn sms_login(&self, phone: &str) -> Value {
+        let code = self.send_code(phone, "login").await;
+        let (status, body) = self
+            .post(
+                "/api/v1/auth/sms-login",
+                json!({ "phone": phone, "code": code }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_line(log: &LogBook, from: usize, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+    let deadline = Instant::now() + WAIT;
+    let mut lines = log.lines.lock().unwrap();
+    loop {
+        if let Some(l) = lines.iter().skip(from).rev().find(|l| pred(l)) {
+            return Some(l.clone());
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        lines = log.grew.wait_timeout(lines, left).unwrap().0;
+    }
+}
+
+/// `13812345678` -> `+8613812345678` (test phones are Chinese mobile numbers).
+pub fn e164(phone: &str) -> String {
+    if phone.starts_with('+') {
+        phone.to_owned()
+    } else {
+        format!("+86{phone}")
+    }
+}
+
+/// As the server masks phones in its log: `+86138****5678`.
+pub fn mask(e164: &str) -> String {
+    let n = e164.len();
+    format!("{}{}{}", &e164[..6], "*".repeat(n - 10), &e164[n - 4..])
+}
+
+/// Runs the binary with `args` and waits for it; for command-line tests.
+pub fn run_cli(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).current_dir(cwd).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run smsauth")
+}
