@@ -42,13 +42,8 @@ impl TestServer {
 
     /// A server whose data dir is `dir` (to share it with an earlier process).
     pub async fn start_in(dir: Arc<tempfile::TempDir>, extra: &str) -> TestServer {
-        let data = dir.path().join("data");
         let config_path = dir.path().join("smsauth.toml");
-        let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n[log]\nformat = \"json\"\n{extra}\n",
-            data.display()
-        );
-        std::fs::write(&config_path, config).expect("write config");
+        std::fs::write(&config_path, extra).expect("write config");
         Self::spawn(dir, config_path).await
     }
 
@@ -57,6 +52,10 @@ impl TestServer {
             .args(["serve", "--config"])
             .arg(&config_path)
             .env_remove("RUST_LOG")
+            // The harness's own settings, as variables so the file is all the test's.
+            .env("SMSAUTH_SERVER__LISTEN", "127.0.0.1:0")
+            .env("SMSAUTH_STORAGE__DATA_DIR", dir.path().join("data"))
+            .env("SMSAUTH_LOG__FORMAT", "json")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

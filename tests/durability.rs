@@ -1,0 +1,167 @@
+//! A 2xx means it is on disk: users, sessions, logouts and pending codes survive a clean
+//! restart and kill -9, also with requests in flight.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{TestServer, e164};
+use serde_json::json;
+
+#[tokio::test]
+async fn a_restart_keeps_users_sessions_logouts_and_pending_codes() {
+    let s = TestServer::start("").await;
+    let kept = s.sms_login("13812344001").await;
+    let ended = s.sms_login("13812344002").await;
+    let ended_token = ended["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.post_auth("/api/v1/auth/logout", &ended_token, json!({}))
+            .await
+            .0,
+        204
+    );
+    let pending = s.send_code("13812344003", "login").await;
+
+    let s = s.restart().await;
+
+    let (status, me) = s.get("/api/v1/me", kept["access_token"].as_str()).await;
+    assert_eq!((status, &me), (200, &kept["user"]));
+    assert_eq!(s.get("/api/v1/me", Some(&ended_token)).await.0, 401);
+    // The resend interval of the pending code still holds.
+    let (status, body) = s
+        .post("/api/v1/sms/code", json!({ "phone": "13812344003" }))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    let (status, body) = s
+        .post(
+            "/api/v1/auth/sms-login",
+            json!({ "phone": "13812344003", "code": pending }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Ids continue densely after a restart.
+    assert_eq!(body["user"]["id"], 3);
+}
+
+#[tokio::test]
+async fn kill9_right_after_a_send_keeps_the_code() {
+    let s = TestServer::start("").await;
+    let code = s.send_code("13812344004", "login").await;
+    let s = s.kill9_and_restart().await;
+    let (status, body) = s
+        .post(
+            "/api/v1/auth/sms-login",
+            json!({ "phone": "13812344004", "code": code }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn kill9_after_a_login_keeps_the_code_used_up() {
+    let s = TestServer::start("").await;
+    let code = s.send_code("13812344005", "login").await;
+    let (status, _) = s
+        .post(
+            "/api/v1/auth/sms-login",
+            json!({ "phone": "13812344005", "code": code }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let s = s.kill9_and_restart().await;
+    let (status, body) = s
+        .post(
+            "/api/v1/auth/sms-login",
+            json!({ "phone": "13812344005", "code": code }),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_code"))
+    );
+}
+
+#[tokio::test]
+async fn kill9_with_registrations_in_flight_loses_no_acknowledged_user() {
+    const N: usize = 48;
+    let mut s = TestServer::start("").await;
+    let phones: Vec<String> = (0..N).map(|i| format!("1391234{i:04}")).collect();
+    let mut codes = HashMap::new();
+    for p in &phones {
+        codes.insert(p.clone(), s.send_code(p, "login").await);
+    }
+
+    // All logins at once; kill -9 as soon as a third of them have been answered.
+    let (answered_tx, mut answered_rx) = tokio::sync::mpsc::unbounded_channel();
+    for p in &phones {
+        let (client, url) = (s.client.clone(), s.url("/api/v1/auth/sms-login"));
+        let (p, code, tx) = (p.clone(), codes[p].clone(), answered_tx.clone());
+        tokio::spawn(async move {
+            let req = client.post(url).json(&json!({ "phone": p, "code": code }));
+            let answer = match req.send().await {
+                Ok(resp) if resp.status() == 200 => resp.json::<serde_json::Value>().await.ok(),
+                _ => None,
+            };
+            let _ = tx.send((p, answer));
+        });
+    }
+    drop(answered_tx);
+    let mut acknowledged = HashMap::new();
+    let mut answered = 0;
+    while let Some((phone, answer)) = answered_rx.recv().await {
+        answered += 1;
+        if let Some(body) = answer {
+            acknowledged.insert(phone, body);
+        }
+        if answered == N / 3 {
+            break;
+        }
+    }
+    s.kill9();
+    // Answers that raced the kill still count as acknowledged.
+    while let Some((phone, answer)) = answered_rx.recv().await {
+        if let Some(body) = answer {
+            acknowledged.insert(phone, body);
+        }
+    }
+    assert!(
+        acknowledged.len() >= N / 3,
+        "only {} acknowledged",
+        acknowledged.len()
+    );
+
+    let s = s.kill9_and_restart().await;
+    for (phone, body) in &acknowledged {
+        let (status, me) = s.get("/api/v1/me", body["access_token"].as_str()).await;
+        assert_eq!(status, 200, "acknowledged user {phone} lost: {me}");
+        assert_eq!(me["phone"], e164(phone));
+        assert_eq!(me["id"], body["user"]["id"]);
+    }
+    // Every phone has at most one user: logging each in again finds the same id.
+    let mut ids = std::collections::HashSet::new();
+    for phone in &phones {
+        let (status, body) = s
+            .post(
+                "/api/v1/auth/sms-login",
+                json!({ "phone": phone, "code": codes[phone] }),
+            )
+            .await;
+        let body = if status == 200 {
+            body
+        } else {
+            assert_eq!(body["error"], "invalid_code", "{phone}: {body}");
+            s.sms_login(phone).await
+        };
+        if let Some(before) = acknowledged.get(phone) {
+            assert_eq!(body["user"]["id"], before["user"]["id"]);
+            assert_eq!(body["created"], false);
+        }
+        assert!(
+            ids.insert(body["user"]["id"].as_u64().unwrap()),
+            "two phones share an id"
+        );
+    }
+}
