@@ -503,6 +503,62 @@ mod tests {
         assert!(!dbg.contains("hush"), "{dbg}");
     }
 
+    /// config.example.toml documents every key with its default: uncommented, it must
+    /// parse, and give exactly the defaults.
+    #[test]
+    fn example_file_shows_every_key_with_its_default() {
+        let example = include_str!("../config.example.toml");
+        let uncommented: String = example
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| !k.contains(' ')) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = load_str(&uncommented, &[]).unwrap();
+        let shown = toml::Value::try_from(&c).unwrap();
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        assert_eq!(shown, defaults);
+        // And every default key is in the file.
+        fn keys(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+            if let Some(t) = v.as_table() {
+                for (k, v) in t {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    if v.is_table() {
+                        keys(v, &path, out)
+                    } else {
+                        out.push(path)
+                    }
+                }
+            }
+        }
+        let mut all = Vec::new();
+        keys(&defaults, "", &mut all);
+        let parsed: toml::Table = uncommented.parse().unwrap();
+        for key in all {
+            let mut node = Some(&parsed);
+            let parts: Vec<&str> = key.split('.').collect();
+            for p in &parts[..parts.len() - 1] {
+                node = node.and_then(|n| n.get(*p)).and_then(|v| v.as_table());
+            }
+            assert!(
+                node.is_some_and(|n| n.contains_key(*parts.last().unwrap())),
+                "{key} is not in config.example.toml"
+            );
+        }
+    }
+
     #[test]
     fn unreadable_file_is_named() {
         let e = Config::load(Some(Path::new("/nonexistent/smsauth.toml")), [])

@@ -30,7 +30,9 @@ fn help_and_version() {
 #[test]
 fn bad_configuration_exits_2_and_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    // (config file, environment, what the message must name)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("[server]\nlisten = \"localhost\"\n", &[], "server.listen"),
         ("[server]\nlisten_on = \"127.0.0.1:1\"\n", &[], "listen_on"),
         ("[code]\nttl_secs = -5\n", &[], "code.ttl_secs"),
