@@ -18,9 +18,10 @@ fn main() -> ExitCode {
     smsauth::logging::init(&cfg.log);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
-            runtime.block_on(smsauth::server::run(cfg, smsauth::server::termination()))
-        }
+        Command::Serve => runtime.block_on(async {
+            let server = smsauth::server::Server::bind(cfg).await?;
+            server.serve(smsauth::server::termination()).await
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,9 @@
-//! Start-up and shutdown of `smsauth serve`.
+//! Start-up and shutdown of `smsauth serve`, split in two steps so a caller (the binary,
+//! a benchmark) can learn the bound address before serving.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,37 +14,60 @@ use crate::config::Config;
 
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 
-/// Opens the store, binds the listener and serves until `shutdown` resolves; then lets
-/// requests in flight finish and flushes the store.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let addr = cfg.listen_addr();
-    let app = App::open(cfg).await?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    let local = listener.local_addr()?;
-    tracing::info!(
-        addr = %local,
-        version = env!("CARGO_PKG_VERSION"),
-        sms_provider = app.sms.provider(),
-        data_dir = %app.cfg.storage.data_dir.display(),
-        "listening"
-    );
-    let keeper = {
-        let app = app.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
-            loop {
-                tick.tick().await;
-                app.housekeeping().await;
-            }
-        })
-    };
-    crate::http::serve(app.clone(), listener, shutdown).await;
-    keeper.abort();
-    app.store.flush().await.context("final flush")?;
-    tracing::info!("stopped");
-    Ok(())
+/// A server with its store open and its port bound, not yet serving.
+pub struct Server {
+    app: Arc<App>,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Opens the data dir and binds `server.listen`.
+    pub async fn bind(cfg: Config) -> anyhow::Result<Server> {
+        let addr = cfg.listen_addr();
+        let app = App::open(cfg).await?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        Ok(Server { app, listener })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Serves until `shutdown` resolves; then lets requests in flight finish and flushes
+    /// the store.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Server { app, listener } = self;
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            version = env!("CARGO_PKG_VERSION"),
+            sms_provider = app.sms.provider(),
+            data_dir = %app.cfg.storage.data_dir.display(),
+            "listening"
+        );
+        let keeper = {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+                loop {
+                    tick.tick().await;
+                    app.housekeeping().await;
+                }
+            })
+        };
+        crate::http::serve(app.clone(), listener, shutdown).await;
+        keeper.abort();
+        app.store.flush().await.context("final flush")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
 }
 
 /// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
