@@ -8,6 +8,7 @@ use anyhow::Context;
 use crate::codes::Codes;
 use crate::config::Config;
 use crate::keys;
+use crate::password::Passwords;
 use crate::phone::PhoneParser;
 use crate::sms::Sms;
 use crate::store::{SledStore, Store};
@@ -19,6 +20,7 @@ pub struct App {
     pub phones: PhoneParser,
     pub codes: Codes,
     pub tokens: Tokens,
+    pub passwords: Passwords,
     pub sms: Sms,
 }
 
@@ -40,11 +42,13 @@ impl App {
         let tokens = Tokens::new(&token_secret, &cfg.token, store.clone())?;
         let phones = PhoneParser::new(&cfg.phone)?;
         let sms = Sms::from_config(&cfg.sms)?;
+        let passwords = Passwords::new(&cfg.password)?;
         Ok(Arc::new(App {
             store,
             phones,
             codes,
             tokens,
+            passwords,
             sms,
             cfg,
         }))

@@ -22,6 +22,7 @@ pub struct Config {
     pub code: CodeConfig,
     pub phone: PhoneConfig,
     pub sms: SmsConfig,
+    pub password: PasswordConfig,
     pub log: LogConfig,
 }
 
@@ -166,6 +167,31 @@ pub struct WebhookConfig {
     pub url: String,
     /// Key of the `X-Smsauth-Signature` HMAC, so the receiver can tell our requests apart.
     pub secret: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PasswordConfig {
+    /// argon2id memory cost in KiB; with `iterations` and `parallelism`, OWASP's minimum.
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    /// Hashes computed at once; 0 means one per CPU core.
+    pub max_concurrent_hashes: usize,
+    /// Requests that may wait for a hashing slot; past that, 429 at once.
+    pub max_queued_hashes: usize,
+}
+
+impl Default for PasswordConfig {
+    fn default() -> Self {
+        Self {
+            memory_kib: 19_456,
+            iterations: 2,
+            parallelism: 1,
+            max_concurrent_hashes: 0,
+            max_queued_hashes: 256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -345,6 +371,13 @@ impl Config {
                     "required with the webhook provider",
                 ));
             }
+        }
+        let pw = &self.password;
+        if argon2::Params::new(pw.memory_kib, pw.iterations, pw.parallelism, None).is_err() {
+            return Err(key(
+                "password.memory_kib",
+                "argon2 refuses these parameters (memory_kib >= 8 * parallelism, iterations >= 1, parallelism >= 1)",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(key(

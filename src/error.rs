@@ -23,6 +23,13 @@ pub enum ApiError {
     RateLimited { message: String, retry_after: u64 },
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// Unknown phone, wrong password, or no password: one answer, so nothing leaks.
+    #[error("the phone number or password is wrong")]
+    InvalidCredentials,
+    #[error("this phone number already has an account")]
+    PhoneTaken,
+    #[error("{0}")]
+    WeakPassword(String),
     #[error("the SMS could not be sent; try again later")]
     SmsFailed,
     #[error("no such resource")]
@@ -41,9 +48,12 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidRequest(_) | ApiError::InvalidPhone | ApiError::InvalidCode => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::InvalidRequest(_)
+            | ApiError::InvalidPhone
+            | ApiError::InvalidCode
+            | ApiError::WeakPassword(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::PhoneTaken => StatusCode::CONFLICT,
             ApiError::TooManyAttempts { .. } | ApiError::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -65,6 +75,9 @@ impl ApiError {
             ApiError::TooManyAttempts { .. } => "too_many_attempts",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::InvalidCredentials => "invalid_credentials",
+            ApiError::PhoneTaken => "phone_taken",
+            ApiError::WeakPassword(_) => "weak_password",
             ApiError::SmsFailed => "sms_failed",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -100,6 +113,18 @@ impl ApiError {
             body["retry_after"] = secs.into();
         }
         body
+    }
+}
+
+impl From<crate::password::PasswordError> for ApiError {
+    fn from(e: crate::password::PasswordError) -> Self {
+        match e {
+            crate::password::PasswordError::Busy => ApiError::RateLimited {
+                message: "the server is busy checking passwords; retry in a moment".into(),
+                retry_after: 1,
+            },
+            crate::password::PasswordError::Internal(detail) => ApiError::Internal(detail),
+        }
     }
 }
 

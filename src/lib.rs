@@ -22,6 +22,7 @@ pub mod http;
 pub mod keys;
 pub mod logging;
 pub mod model;
+pub mod password;
 pub mod phone;
 pub mod server;
 pub mod sms;

@@ -125,24 +125,22 @@ impl Tokens {
         )
     }
 
-    /// Uses up a verification ticket for `purpose`, returning its phone. Single use: of
-    /// concurrent redemptions exactly one succeeds (the store's revoke is first-wins).
-    /// Durable after the next store flush.
+    /// Uses up a verification ticket for `phone` and `purpose`; false if it is not one.
+    /// Single use: of concurrent redemptions exactly one succeeds (the store's revoke is
+    /// first-wins). Durable after the next store flush.
     pub fn redeem_verification(
         &self,
         token: &str,
+        phone: &str,
         purpose: Purpose,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<bool, StoreError> {
         let Some(claims) = self.decode(token, VERIFICATION) else {
-            return Ok(None);
+            return Ok(false);
         };
-        if claims.purpose != Some(purpose) {
-            return Ok(None);
+        if claims.purpose != Some(purpose) || claims.sub != phone {
+            return Ok(false);
         }
-        if !self.revoke(&claims.jti, claims.exp)? {
-            return Ok(None);
-        }
-        Ok(Some(claims.sub))
+        self.revoke(&claims.jti, claims.exp)
     }
 
     /// Ends one token. True if this call ended it. Durable after the next store flush.
@@ -294,28 +292,29 @@ mod tests {
     #[test]
     fn tickets_and_sessions_do_not_mix_and_tickets_are_single_use() {
         let (_d, t) = tokens();
-        let ticket = t.issue_verification("+8613812345678", Purpose::Register);
+        let phone = "+8613812345678";
+        let ticket = t.issue_verification(phone, Purpose::Register);
+        let session = t.issue_session(&user()).token;
         assert!(t.verify_session(&ticket.token).is_none());
         assert!(
-            t.redeem_verification(&t.issue_session(&user()).token, Purpose::Register)
+            !t.redeem_verification(&session, phone, Purpose::Register)
                 .unwrap()
-                .is_none()
         );
         assert!(
-            t.redeem_verification(&ticket.token, Purpose::ResetPassword)
+            !t.redeem_verification(&ticket.token, phone, Purpose::ResetPassword)
                 .unwrap()
-                .is_none()
-        );
-        assert_eq!(
-            t.redeem_verification(&ticket.token, Purpose::Register)
-                .unwrap()
-                .as_deref(),
-            Some("+8613812345678")
         );
         assert!(
-            t.redeem_verification(&ticket.token, Purpose::Register)
+            !t.redeem_verification(&ticket.token, "+8613900000000", Purpose::Register)
                 .unwrap()
-                .is_none()
+        );
+        assert!(
+            t.redeem_verification(&ticket.token, phone, Purpose::Register)
+                .unwrap()
+        );
+        assert!(
+            !t.redeem_verification(&ticket.token, phone, Purpose::Register)
+                .unwrap()
         );
     }
 }

@@ -7,7 +7,7 @@ use http::request::Parts;
 use hyper::body::Incoming;
 
 use super::body::Resp;
-use super::handlers::{account, codes, ops, session};
+use super::handlers::{account, codes, ops, password, session};
 use crate::app::App;
 use crate::error::ApiError;
 
@@ -37,6 +37,9 @@ pub enum Endpoint {
     SmsLogin,
     Verify,
     Logout,
+    Register,
+    PasswordLogin,
+    PasswordReset,
     GetMe,
     PatchMe,
 }
@@ -48,6 +51,13 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("POST", "/api/v1/auth/sms-login", Endpoint::SmsLogin),
     ("POST", "/api/v1/auth/verify", Endpoint::Verify),
     ("POST", "/api/v1/auth/logout", Endpoint::Logout),
+    ("POST", "/api/v1/auth/register", Endpoint::Register),
+    ("POST", "/api/v1/auth/login", Endpoint::PasswordLogin),
+    (
+        "POST",
+        "/api/v1/auth/password/reset",
+        Endpoint::PasswordReset,
+    ),
     ("GET", "/api/v1/me", Endpoint::GetMe),
     ("PATCH", "/api/v1/me", Endpoint::PatchMe),
 ];
@@ -70,6 +80,9 @@ pub async fn dispatch(app: &App, req: Req) -> Result<Resp, ApiError> {
         Endpoint::SmsLogin => session::sms_login(app, req).await,
         Endpoint::Verify => codes::verify(app, req).await,
         Endpoint::Logout => session::logout(app, req).await,
+        Endpoint::Register => password::register(app, req).await,
+        Endpoint::PasswordLogin => password::login(app, req).await,
+        Endpoint::PasswordReset => password::reset(app, req).await,
         Endpoint::GetMe => account::get_me(app, req).await,
         Endpoint::PatchMe => account::patch_me(app, req).await,
     }

@@ -53,6 +53,13 @@ pub trait Store: Send + Sync + 'static {
     fn login_methods(&self, id: UserId) -> Result<Vec<LoginMethod>, StoreError>;
     fn put_login_method(&self, id: UserId, method: &LoginMethod) -> Result<(), StoreError>;
     fn remove_login_method(&self, id: UserId, method: Method) -> Result<(), StoreError>;
+    /// Stores `method` and bumps the user's session generation in one transaction, so a
+    /// new password is never in place while the sessions it should end still work.
+    fn put_login_method_ending_sessions(
+        &self,
+        id: UserId,
+        method: &LoginMethod,
+    ) -> Result<Option<User>, StoreError>;
     fn user_count(&self) -> Result<u64, StoreError>;
 
     fn save_code(

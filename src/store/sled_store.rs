@@ -258,6 +258,27 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn put_login_method_ending_sessions(
+        &self,
+        id: UserId,
+        method: &LoginMethod,
+    ) -> Result<Option<User>, StoreError> {
+        let updated = (&self.users, &self.methods)
+            .transaction(|(users, methods)| {
+                let Some(old) = users.get(u64_key(id))? else {
+                    return Ok(None);
+                };
+                let mut user: User = decode(&old).map_err(ConflictableTransactionError::Abort)?;
+                user.session_gen = user.session_gen.wrapping_add(1);
+                users.insert(&u64_key(id), encode(&user))?;
+                methods.insert(&method_key(id, method.method), encode(method))?;
+                Ok(Some(user))
+            })
+            .map_err(tx_err)?;
+        self.wrote();
+        Ok(updated)
+    }
+
     fn user_count(&self) -> Result<u64, StoreError> {
         self.meta
             .get(META_USERS)?

@@ -28,10 +28,19 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
     let body: SendCodeRequest = req.json(app).await?;
     let phone = parse_phone(app, &body.phone)?;
     let purpose = body.purpose;
+    let has_account = app.store.user_by_phone(phone.as_str())?.is_some();
+    if purpose == Purpose::Register && has_account {
+        return Err(ApiError::PhoneTaken);
+    }
     app.codes
         .reserve_send(&phone)
         .await
         .map_err(ApiError::rate_limited)?;
+    if purpose == Purpose::ResetPassword && !has_account {
+        // Answer exactly as if a code went out (the resend wait included), so this
+        // endpoint does not tell who has an account; there is nothing to reset.
+        return Ok(code_sent(app));
+    }
     let code = app.codes.generate();
     let stored = async {
         app.codes.put(&phone, purpose, &code).await?;
@@ -59,13 +68,17 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
             SmsError::Transport(_) | SmsError::Refused(_) => ApiError::SmsFailed,
         });
     }
-    Ok(json_response(
+    Ok(code_sent(app))
+}
+
+fn code_sent(app: &App) -> Resp {
+    json_response(
         StatusCode::OK,
         &serde_json::json!({
             "expires_in": app.codes.ttl_secs(),
             "resend_after": app.codes.resend_interval_secs(),
         }),
-    ))
+    )
 }
 
 #[derive(Deserialize)]

@@ -4,6 +4,7 @@
 pub mod account;
 pub mod codes;
 pub mod ops;
+pub mod password;
 pub mod session;
 
 use http::HeaderMap;
@@ -75,6 +76,46 @@ pub async fn consume_code(
             },
             CodeError::Store(e) => e.into(),
         })
+}
+
+/// Proof that the caller holds the phone: a fresh code, or the ticket /auth/verify gave
+/// for one. Exactly one of the two; it is used up here.
+pub async fn redeem_proof(
+    app: &App,
+    phone: &Phone,
+    purpose: crate::model::Purpose,
+    code: Option<&str>,
+    verification_token: Option<&str>,
+) -> Result<(), ApiError> {
+    match (code, verification_token) {
+        (Some(code), None) => consume_code(app, phone, purpose, code).await,
+        (None, Some(ticket)) => {
+            match app
+                .tokens
+                .redeem_verification(ticket, phone.as_str(), purpose)?
+            {
+                true => Ok(()),
+                false => Err(ApiError::InvalidCode),
+            }
+        }
+        _ => Err(ApiError::InvalidRequest(
+            "give either `code` or `verification_token`, not both".into(),
+        )),
+    }
+}
+
+pub const NICKNAME_MAX_CHARS: usize = 32;
+
+/// A nickname as given, trimmed: 1 to 32 characters, no control characters.
+pub fn nickname(input: &str) -> Result<String, ApiError> {
+    let nickname = input.trim();
+    let chars = nickname.chars().count();
+    if chars == 0 || chars > NICKNAME_MAX_CHARS || nickname.chars().any(char::is_control) {
+        return Err(ApiError::InvalidRequest(format!(
+            "nickname must be 1 to {NICKNAME_MAX_CHARS} characters, without control characters"
+        )));
+    }
+    Ok(nickname.to_owned())
 }
 
 const SESSION_REFUSED: &str = "the session token is missing, invalid, expired or ended";
