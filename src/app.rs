@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::captcha::Captchas;
 use crate::codes::Codes;
 use crate::config::Config;
 use crate::keys;
+use crate::limits::Limits;
 use crate::password::Passwords;
 use crate::phone::PhoneParser;
 use crate::sms::Sms;
@@ -21,6 +23,8 @@ pub struct App {
     pub codes: Codes,
     pub tokens: Tokens,
     pub passwords: Passwords,
+    pub captchas: Captchas,
+    pub limits: Limits,
     pub sms: Sms,
 }
 
@@ -43,20 +47,28 @@ impl App {
         let phones = PhoneParser::new(&cfg.phone)?;
         let sms = Sms::from_config(&cfg.sms)?;
         let passwords = Passwords::new(&cfg.password)?;
+        let captchas = Captchas::new(&cfg.captcha);
+        let limits = Limits::new(&cfg.limits, store.clone());
         Ok(Arc::new(App {
             store,
             phones,
             codes,
             tokens,
             passwords,
+            captchas,
+            limits,
             sms,
             cfg,
         }))
     }
 
-    /// Periodic clean-up: revocations of expired tokens, expired code records.
+    /// Periodic clean-up: revocations of expired tokens, expired code records, idle
+    /// limiter entries and counters of past windows.
     pub async fn housekeeping(&self) {
         self.codes.housekeeping().await;
+        if let Err(e) = self.limits.prune() {
+            tracing::warn!(error = %e, "pruning counters failed");
+        }
         match self.tokens.prune() {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "expired revocations pruned"),
             Ok(_) => {}

@@ -30,12 +30,17 @@ const CACHE_CAPACITY: u64 = 200_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodeError {
-    /// Wrong, expired, already used or for another purpose.
+    /// No live code to check against: none sent, expired, already used, or sent for
+    /// another purpose.
     #[error("invalid code")]
     Invalid,
+    /// A wrong guess at a live code.
+    #[error("wrong code")]
+    Wrong,
     /// The code took `max_attempts` wrong tries and is dead until it expires.
+    /// `guessed`: this very try was a wrong guess (the one that killed it).
     #[error("too many wrong tries")]
-    Dead { retry_after: u64 },
+    Dead { retry_after: u64, guessed: bool },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -270,6 +275,7 @@ impl Codes {
                     Ok(Some(rec)) if rec.attempts >= max_attempts => {
                         outcome = Err(CodeError::Dead {
                             retry_after: (rec.expires_at - now) as u64,
+                            guessed: false,
                         });
                         Op::Nop
                     }
@@ -285,8 +291,9 @@ impl Codes {
                             Err(e) => Err(e.into()),
                             Ok(()) if rec.attempts >= max_attempts => Err(CodeError::Dead {
                                 retry_after: (rec.expires_at - now) as u64,
+                                guessed: true,
                             }),
-                            Ok(()) => Err(CodeError::Invalid),
+                            Ok(()) => Err(CodeError::Wrong),
                         };
                         Op::Put(rec)
                     }
@@ -376,16 +383,16 @@ mod tests {
         for _ in 0..2 {
             assert!(matches!(
                 c.consume(&phone(), Purpose::Login, "000000").await,
-                Err(CodeError::Invalid)
+                Err(CodeError::Wrong)
             ));
         }
         assert!(matches!(
             c.consume(&phone(), Purpose::Login, "000000").await,
-            Err(CodeError::Dead { .. })
+            Err(CodeError::Dead { guessed: true, .. })
         ));
         assert!(matches!(
             c.consume(&phone(), Purpose::Login, "123456").await,
-            Err(CodeError::Dead { .. })
+            Err(CodeError::Dead { guessed: false, .. })
         ));
     }
 

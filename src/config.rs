@@ -23,6 +23,8 @@ pub struct Config {
     pub phone: PhoneConfig,
     pub sms: SmsConfig,
     pub password: PasswordConfig,
+    pub captcha: CaptchaConfig,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
 }
 
@@ -190,6 +192,62 @@ impl Default for PasswordConfig {
             parallelism: 1,
             max_concurrent_hashes: 0,
             max_queued_hashes: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptchaConfig {
+    /// POST /sms/code needs a solved image captcha.
+    pub required: bool,
+    pub ttl_secs: u64,
+    /// Characters per captcha, 4 to 6.
+    pub length: u32,
+}
+
+impl Default for CaptchaConfig {
+    fn default() -> Self {
+        Self {
+            required: false,
+            ttl_secs: 300,
+            length: 5,
+        }
+    }
+}
+
+/// Abuse limits; 0 turns a limit off. Per-phone limits are keyed by the E.164 number.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Codes sent to one phone per UTC day (persisted).
+    pub phone_per_day: u64,
+    /// Codes requested from one client address per hour (GCRA: burst, then steady).
+    pub ip_per_hour: u32,
+    /// Codes sent by the whole service per UTC day (persisted): a ceiling on the SMS bill.
+    pub global_per_day: u64,
+    /// Code and password checks from one client address per minute.
+    pub verify_per_ip_per_minute: u32,
+    /// Captchas made for one client address per minute.
+    pub captcha_per_ip_per_minute: u32,
+    /// Wrong codes for one phone per clock hour before it is locked for the rest of that
+    /// hour, whatever code it holds (persisted).
+    pub phone_failures_per_hour: u64,
+    /// Client addresses tracked per in-memory limiter; past it, idle ones are dropped
+    /// (and, if all are busy, all of them), so a flood cannot grow memory without bound.
+    pub max_tracked_ips: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            phone_per_day: 10,
+            ip_per_hour: 20,
+            global_per_day: 10_000,
+            verify_per_ip_per_minute: 60,
+            captcha_per_ip_per_minute: 30,
+            phone_failures_per_hour: 20,
+            max_tracked_ips: 100_000,
         }
     }
 }
@@ -371,6 +429,15 @@ impl Config {
                     "required with the webhook provider",
                 ));
             }
+        }
+        if !(4..=6).contains(&self.captcha.length) {
+            return Err(key("captcha.length", "must be between 4 and 6"));
+        }
+        if self.captcha.ttl_secs == 0 {
+            return Err(key("captcha.ttl_secs", "must be at least 1"));
+        }
+        if self.limits.max_tracked_ips < 100 {
+            return Err(key("limits.max_tracked_ips", "must be at least 100"));
         }
         let pw = &self.password;
         if argon2::Params::new(pw.memory_kib, pw.iterations, pw.parallelism, None).is_err() {

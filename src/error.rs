@@ -30,6 +30,11 @@ pub enum ApiError {
     PhoneTaken,
     #[error("{0}")]
     WeakPassword(String),
+    #[error("solve the captcha first: captcha_id and captcha_answer are required")]
+    CaptchaRequired,
+    /// Wrong, expired or already used.
+    #[error("the captcha answer is wrong or the captcha has expired; get a new one")]
+    CaptchaInvalid,
     #[error("the SMS could not be sent; try again later")]
     SmsFailed,
     #[error("no such resource")]
@@ -51,7 +56,9 @@ impl ApiError {
             ApiError::InvalidRequest(_)
             | ApiError::InvalidPhone
             | ApiError::InvalidCode
-            | ApiError::WeakPassword(_) => StatusCode::BAD_REQUEST,
+            | ApiError::WeakPassword(_)
+            | ApiError::CaptchaRequired
+            | ApiError::CaptchaInvalid => StatusCode::BAD_REQUEST,
             ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
             ApiError::PhoneTaken => StatusCode::CONFLICT,
             ApiError::TooManyAttempts { .. } | ApiError::RateLimited { .. } => {
@@ -78,6 +85,8 @@ impl ApiError {
             ApiError::InvalidCredentials => "invalid_credentials",
             ApiError::PhoneTaken => "phone_taken",
             ApiError::WeakPassword(_) => "weak_password",
+            ApiError::CaptchaRequired => "captcha_required",
+            ApiError::CaptchaInvalid => "captcha_invalid",
             ApiError::SmsFailed => "sms_failed",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -124,6 +133,25 @@ impl From<crate::password::PasswordError> for ApiError {
                 retry_after: 1,
             },
             crate::password::PasswordError::Internal(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
+impl From<crate::limits::Limited> for ApiError {
+    fn from(e: crate::limits::Limited) -> Self {
+        use crate::limits::Limited;
+        match e {
+            Limited::Address { retry_after }
+            | Limited::PhoneDaily { retry_after }
+            | Limited::Global { retry_after } => ApiError::RateLimited {
+                message: format!("{e}; retry in {retry_after} s"),
+                retry_after,
+            },
+            Limited::LockedOut { retry_after } => ApiError::TooManyAttempts {
+                message: format!("{e}; this phone is locked for {retry_after} s"),
+                retry_after: Some(retry_after),
+            },
+            Limited::Store(e) => e.into(),
         }
     }
 }

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod captcha;
 pub mod cli;
 pub mod clock;
 pub mod codes;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod logging;
 pub mod model;
 pub mod password;

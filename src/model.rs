@@ -76,3 +76,31 @@ pub struct PendingCode {
     /// Wrong tries so far; at `code.max_attempts` the code is dead until it expires.
     pub attempts: u32,
 }
+
+/// What a persisted counter counts. Counters live in fixed windows (a UTC day, a clock
+/// hour) so they outlive restarts and old windows can simply be dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// Codes sent to one phone in a day.
+    PhoneSendsPerDay,
+    /// Codes sent by the service in a day (subject "").
+    SendsPerDay,
+    /// Wrong codes tried for one phone in an hour.
+    PhoneFailuresPerHour,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 3] = [
+        Counter::PhoneSendsPerDay,
+        Counter::SendsPerDay,
+        Counter::PhoneFailuresPerHour,
+    ];
+
+    /// Length of the counter's window in seconds.
+    pub fn window_secs(self) -> i64 {
+        match self {
+            Counter::PhoneSendsPerDay | Counter::SendsPerDay => 86_400,
+            Counter::PhoneFailuresPerHour => 3_600,
+        }
+    }
+}

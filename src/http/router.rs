@@ -7,7 +7,7 @@ use http::request::Parts;
 use hyper::body::Incoming;
 
 use super::body::Resp;
-use super::handlers::{account, codes, ops, password, session};
+use super::handlers::{account, captcha, codes, ops, password, session};
 use crate::app::App;
 use crate::error::ApiError;
 
@@ -33,6 +33,7 @@ impl Req {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Healthz,
+    Captcha,
     SendCode,
     SmsLogin,
     Verify,
@@ -47,6 +48,7 @@ pub enum Endpoint {
 /// (method, path, endpoint): the whole HTTP API.
 pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/healthz", Endpoint::Healthz),
+    ("POST", "/api/v1/captcha", Endpoint::Captcha),
     ("POST", "/api/v1/sms/code", Endpoint::SendCode),
     ("POST", "/api/v1/auth/sms-login", Endpoint::SmsLogin),
     ("POST", "/api/v1/auth/verify", Endpoint::Verify),
@@ -74,8 +76,10 @@ pub async fn dispatch(app: &App, req: Req) -> Result<Resp, ApiError> {
         }
         None => return Err(ApiError::NotFound),
     };
+    endpoint.limit_address(app, req.ip)?;
     match endpoint {
         Endpoint::Healthz => ops::healthz(app).await,
+        Endpoint::Captcha => captcha::create(app).await,
         Endpoint::SendCode => codes::send_code(app, req).await,
         Endpoint::SmsLogin => session::sms_login(app, req).await,
         Endpoint::Verify => codes::verify(app, req).await,
@@ -85,6 +89,23 @@ pub async fn dispatch(app: &App, req: Req) -> Result<Resp, ApiError> {
         Endpoint::PasswordReset => password::reset(app, req).await,
         Endpoint::GetMe => account::get_me(app, req).await,
         Endpoint::PatchMe => account::patch_me(app, req).await,
+    }
+}
+
+impl Endpoint {
+    /// The per-address limit each endpoint counts against, checked before any work.
+    fn limit_address(self, app: &App, ip: IpAddr) -> Result<(), ApiError> {
+        match self {
+            Endpoint::Captcha => app.limits.address_captcha(ip)?,
+            Endpoint::SendCode => app.limits.address_send(ip)?,
+            Endpoint::SmsLogin
+            | Endpoint::Verify
+            | Endpoint::Register
+            | Endpoint::PasswordLogin
+            | Endpoint::PasswordReset => app.limits.address_check(ip)?,
+            Endpoint::Healthz | Endpoint::Logout | Endpoint::GetMe | Endpoint::PatchMe => {}
+        }
+        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ use std::pin::Pin;
 
 pub use sled_store::SledStore;
 
-use crate::model::{LoginMethod, Method, PendingCode, Purpose, User, UserId};
+use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -86,6 +86,21 @@ pub trait Store: Send + Sync + 'static {
     fn revocations(&self) -> Result<Vec<(String, i64)>, StoreError>;
     /// Forgets revocations of tokens that have expired anyway.
     fn prune_revocations(&self, now: i64) -> Result<usize, StoreError>;
+
+    /// Adds one to a counter in window `window` unless it has reached `limit`. Ok(new
+    /// value), or Err(current value) when at the limit. Atomic.
+    fn count_up(
+        &self,
+        counter: Counter,
+        window: i64,
+        subject: &str,
+        limit: u64,
+    ) -> Result<Result<u64, u64>, StoreError>;
+    /// Takes one back (a send that failed should not cost quota).
+    fn count_down(&self, counter: Counter, window: i64, subject: &str) -> Result<(), StoreError>;
+    fn count(&self, counter: Counter, window: i64, subject: &str) -> Result<u64, StoreError>;
+    /// Drops counters of windows before `oldest_kept` (per counter kind).
+    fn prune_counters(&self, oldest_kept: &dyn Fn(Counter) -> i64) -> Result<usize, StoreError>;
 
     /// Makes every write made before the call durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;

@@ -8,6 +8,7 @@
 //! | `useridmethod_login` | user id u64 BE, method byte | codec([`LoginMethod`]) |
 //! | `phonepurpose_code` | E.164 bytes, 0xff, purpose byte | codec([`PendingCode`]) |
 //! | `jti_exp` | token id bytes | expiry unix secs i64 BE |
+//! | `counter_count` | counter byte, window i64 BE, subject bytes | count u64 BE |
 //!
 //! User ids come from our own counter, bumped inside the create transaction: sled's
 //! `generate_id` jumps by two million at every reopen.
@@ -20,7 +21,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::codec::{decode, encode, read_i64, read_u64, u64_key};
 use super::{BoxFuture, NewUser, Store, StoreError};
-use crate::model::{LoginMethod, Method, PendingCode, Purpose, User, UserId};
+use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
 
 const SCHEMA_VERSION: u32 = 1;
 const META_SCHEMA: &[u8] = b"schema_version";
@@ -35,6 +36,7 @@ pub struct SledStore {
     methods: sled::Tree,
     codes: sled::Tree,
     revoked: sled::Tree,
+    counters: sled::Tree,
     commit: GroupCommit,
 }
 
@@ -66,6 +68,7 @@ impl SledStore {
             methods: db.open_tree("useridmethod_login")?,
             codes: db.open_tree("phonepurpose_code")?,
             revoked: db.open_tree("jti_exp")?,
+            counters: db.open_tree("counter_count")?,
             db,
             commit: GroupCommit::default(),
         };
@@ -136,6 +139,22 @@ fn parse_code_key(k: &[u8]) -> Option<(String, Purpose)> {
     }
     let purpose = Purpose::ALL.into_iter().find(|x| purpose_byte(*x) == p)?;
     Some((String::from_utf8(phone.to_vec()).ok()?, purpose))
+}
+
+fn counter_byte(c: Counter) -> u8 {
+    match c {
+        Counter::PhoneSendsPerDay => 1,
+        Counter::SendsPerDay => 2,
+        Counter::PhoneFailuresPerHour => 3,
+    }
+}
+
+fn counter_key(counter: Counter, window: i64, subject: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + subject.len());
+    k.push(counter_byte(counter));
+    k.extend_from_slice(&window.to_be_bytes());
+    k.extend_from_slice(subject.as_bytes());
+    k
 }
 
 fn tx_err(e: TransactionError<StoreError>) -> StoreError {
@@ -379,6 +398,64 @@ impl Store for SledStore {
         Ok(pruned)
     }
 
+    fn count_up(
+        &self,
+        counter: Counter,
+        window: i64,
+        subject: &str,
+        limit: u64,
+    ) -> Result<Result<u64, u64>, StoreError> {
+        let key = counter_key(counter, window, subject);
+        let mut outcome = Ok(0);
+        self.counters.update_and_fetch(&key, |old| {
+            let current = old.and_then(|v| read_u64(v).ok()).unwrap_or(0);
+            if limit != 0 && current >= limit {
+                outcome = Err(current);
+                old.map(|v| v.to_vec())
+            } else {
+                outcome = Ok(current + 1);
+                Some(u64_key(current + 1).to_vec())
+            }
+        })?;
+        if outcome.is_ok() {
+            self.wrote();
+        }
+        Ok(outcome)
+    }
+
+    fn count_down(&self, counter: Counter, window: i64, subject: &str) -> Result<(), StoreError> {
+        let key = counter_key(counter, window, subject);
+        self.counters.update_and_fetch(&key, |old| {
+            let current = old.and_then(|v| read_u64(v).ok()).unwrap_or(0);
+            (current > 1).then(|| u64_key(current - 1).to_vec())
+        })?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn count(&self, counter: Counter, window: i64, subject: &str) -> Result<u64, StoreError> {
+        match self.counters.get(counter_key(counter, window, subject))? {
+            Some(v) => read_u64(&v),
+            None => Ok(0),
+        }
+    }
+
+    fn prune_counters(&self, oldest_kept: &dyn Fn(Counter) -> i64) -> Result<usize, StoreError> {
+        let mut pruned = 0;
+        for counter in Counter::ALL {
+            let keep_from = counter_key(counter, oldest_kept(counter), "");
+            let start = [counter_byte(counter)];
+            for kv in self.counters.range(start.as_slice()..keep_from.as_slice()) {
+                self.counters.remove(kv?.0)?;
+                pruned += 1;
+            }
+        }
+        if pruned > 0 {
+            self.wrote();
+        }
+        Ok(pruned)
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.commit.flush(&self.db))
     }
@@ -496,6 +573,30 @@ mod tests {
         s.delete_code_if("+8613800000000", Purpose::ResetPassword, &new)
             .unwrap();
         assert!(s.pending_codes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn counters_stop_at_the_limit_and_old_windows_go() {
+        let (_dir, s) = store();
+        let c = Counter::PhoneSendsPerDay;
+        assert_eq!(s.count_up(c, 5, "+861", 2).unwrap(), Ok(1));
+        assert_eq!(s.count_up(c, 5, "+861", 2).unwrap(), Ok(2));
+        assert_eq!(s.count_up(c, 5, "+861", 2).unwrap(), Err(2));
+        s.count_down(c, 5, "+861").unwrap();
+        assert_eq!(s.count(c, 5, "+861").unwrap(), 1);
+        assert_eq!(
+            s.count_up(c, 6, "+861", 2).unwrap(),
+            Ok(1),
+            "a new window starts at zero"
+        );
+        assert_eq!(
+            s.count_up(Counter::SendsPerDay, 5, "", 0).unwrap(),
+            Ok(1),
+            "0 = no limit"
+        );
+        assert_eq!(s.prune_counters(&|_| 6).unwrap(), 2);
+        assert_eq!(s.count(c, 5, "+861").unwrap(), 0);
+        assert_eq!(s.count(c, 6, "+861").unwrap(), 1);
     }
 
     #[test]

@@ -16,18 +16,30 @@ struct SendCodeRequest {
     phone: String,
     #[serde(default = "login")]
     purpose: Purpose,
+    captcha_id: Option<String>,
+    captcha_answer: Option<String>,
 }
 
 fn login() -> Purpose {
     Purpose::Login
 }
 
-/// Sends a new code. The code is durable before the SMS leaves, so a code a user
-/// receives survives a crash; a failed send gives the resend interval back.
+/// Sends a new code, in seed 004's order: the captcha first, before anything that tells
+/// whether the phone has an account; then the per-phone wait and the daily quotas. The
+/// code is durable before the SMS leaves, so a code a user receives survives a crash; a
+/// failed send gives the wait and the quota back.
 pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
     let body: SendCodeRequest = req.json(app).await?;
     let phone = parse_phone(app, &body.phone)?;
     let purpose = body.purpose;
+    if app.captchas.required() {
+        let (Some(id), Some(answer)) = (&body.captcha_id, &body.captcha_answer) else {
+            return Err(ApiError::CaptchaRequired);
+        };
+        if !app.captchas.check(id, answer).await {
+            return Err(ApiError::CaptchaInvalid);
+        }
+    }
     let has_account = app.store.user_by_phone(phone.as_str())?.is_some();
     if purpose == Purpose::Register && has_account {
         return Err(ApiError::PhoneTaken);
@@ -36,39 +48,50 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
         .reserve_send(&phone)
         .await
         .map_err(ApiError::rate_limited)?;
+    let quota = match app.limits.take_send_quota(&phone) {
+        Ok(quota) => quota,
+        Err(limited) => {
+            app.codes.release_send(&phone).await;
+            return Err(limited.into());
+        }
+    };
     if purpose == Purpose::ResetPassword && !has_account {
-        // Answer exactly as if a code went out (the resend wait included), so this
+        // Answer exactly as if a code went out (wait and quota included), so this
         // endpoint does not tell who has an account; there is nothing to reset.
+        app.store.flush().await?;
         return Ok(code_sent(app));
     }
-    let code = app.codes.generate();
-    let stored = async {
-        app.codes.put(&phone, purpose, &code).await?;
-        app.store.flush().await
-    };
-    if let Err(e) = stored.await {
+    if let Err(e) = deliver(app, &phone, purpose).await {
         app.codes.release_send(&phone).await;
-        return Err(e.into());
+        app.limits.give_back(quota)?;
+        return Err(e);
     }
+    Ok(code_sent(app))
+}
+
+/// Makes, stores (durably) and sends a code. On failure nothing is kept.
+async fn deliver(app: &App, phone: &crate::phone::Phone, purpose: Purpose) -> Result<(), ApiError> {
+    let code = app.codes.generate();
+    app.codes.put(phone, purpose, &code).await?;
+    app.store.flush().await?;
     let outgoing = Outgoing {
-        phone: &phone,
+        phone,
         code: &code,
         purpose,
         expires_in: app.codes.ttl_secs(),
     };
-    if let Err(e) = app.sms.send(&outgoing).await {
-        tracing::warn!(provider = app.sms.provider(), phone = %phone.masked(), error = %e, "sms send failed");
-        app.codes.discard(&phone, purpose).await?;
-        app.codes.release_send(&phone).await;
-        return Err(match e {
-            SmsError::InvalidPhone(_) => ApiError::InvalidPhone,
-            SmsError::RateLimited(_) => {
-                ApiError::rate_limited(app.codes.resend_interval_secs().max(60))
-            }
-            SmsError::Transport(_) | SmsError::Refused(_) => ApiError::SmsFailed,
-        });
-    }
-    Ok(code_sent(app))
+    let Err(e) = app.sms.send(&outgoing).await else {
+        return Ok(());
+    };
+    tracing::warn!(provider = app.sms.provider(), phone = %phone.masked(), error = %e, "sms send failed");
+    app.codes.discard(phone, purpose).await?;
+    Err(match e {
+        SmsError::InvalidPhone(_) => ApiError::InvalidPhone,
+        SmsError::RateLimited(_) => {
+            ApiError::rate_limited(app.codes.resend_interval_secs().max(60))
+        }
+        SmsError::Transport(_) | SmsError::Refused(_) => ApiError::SmsFailed,
+    })
 }
 
 fn code_sent(app: &App) -> Resp {

@@ -2,6 +2,7 @@
 //! act, flush what must be durable, answer.
 
 pub mod account;
+pub mod captcha;
 pub mod codes;
 pub mod ops;
 pub mod password;
@@ -55,27 +56,33 @@ pub fn parse_phone(app: &App, input: &str) -> Result<Phone, ApiError> {
 }
 
 /// Uses up `code` for phone+purpose, mapping the codes module's answer to the API's.
+/// A phone locked for too many wrong codes this hour is refused whatever the code.
 pub async fn consume_code(
     app: &App,
     phone: &Phone,
     purpose: crate::model::Purpose,
     code: &str,
 ) -> Result<(), ApiError> {
+    app.limits.check_lockout(phone)?;
     // A code of the wrong shape cannot be right; refuse it without spending an attempt.
     if code.len() != app.cfg.code.length as usize || !code.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ApiError::InvalidCode);
     }
-    app.codes
-        .consume(phone, purpose, code)
-        .await
-        .map_err(|e| match e {
-            CodeError::Invalid => ApiError::InvalidCode,
-            CodeError::Dead { retry_after } => ApiError::TooManyAttempts {
-                message: "too many wrong codes; request a new code".into(),
-                retry_after: Some(retry_after),
-            },
-            CodeError::Store(e) => e.into(),
-        })
+    let result = app.codes.consume(phone, purpose, code).await;
+    if let Err(CodeError::Wrong | CodeError::Dead { guessed: true, .. }) = result {
+        // A guess at a live code: it counts toward the phone's hourly lockout, and must
+        // stay counted across a crash, like the code's own attempt count.
+        app.limits.record_failure(phone)?;
+        app.store.flush().await?;
+    }
+    result.map_err(|e| match e {
+        CodeError::Invalid | CodeError::Wrong => ApiError::InvalidCode,
+        CodeError::Dead { retry_after, .. } => ApiError::TooManyAttempts {
+            message: "too many wrong codes; request a new code".into(),
+            retry_after: Some(retry_after),
+        },
+        CodeError::Store(e) => e.into(),
+    })
 }
 
 /// Proof that the caller holds the phone: a fresh code, or the ticket /auth/verify gave
