@@ -47,8 +47,8 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
         purpose,
         expires_in: app.codes.ttl_secs(),
     };
+    // Sms::send writes the log line for every outcome.
     if let Err(e) = app.sms.send(&outgoing).await {
-        tracing::warn!(provider = app.sms.provider(), phone = %phone.masked(), error = %e, "sms send failed");
         app.codes.discard(&phone, purpose).await?;
         app.codes.release_send(&phone).await;
         return Err(match e {
