@@ -218,8 +218,10 @@ impl Limits {
     /// store flush.
     pub fn record_failure(&self, phone: &Phone) -> Result<(), StoreError> {
         let hour = window(Counter::PhoneFailuresPerHour, now());
-        self.store
-            .count_up(Counter::PhoneFailuresPerHour, hour, phone.as_str(), 0)?;
+        // Limit 0: counting never refuses; check_lockout decides the lockout.
+        let _always_counted =
+            self.store
+                .count_up(Counter::PhoneFailuresPerHour, hour, phone.as_str(), 0)?;
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use super::{Outgoing, Sender, SmsError};
+use super::{Outgoing, Refusal, Sender, SmsError, transport};
 use crate::config::WebhookConfig;
 use crate::store::BoxFuture;
 
@@ -56,15 +56,17 @@ impl Sender for WebhookSender {
                 .body(body)
                 .send()
                 .await
-                // without_url: the URL may carry a token of the receiver's.
-                .map_err(|e| SmsError::Transport(e.without_url().to_string()))?;
+                .map_err(transport)?;
             let status = response.status();
             if status.is_success() {
                 Ok(())
             } else if status.is_server_error() {
                 Err(SmsError::Transport(format!("webhook answered {status}")))
             } else {
-                Err(SmsError::Refused(format!("webhook answered {status}")))
+                Err(SmsError::Refused(Refusal::new(
+                    status.as_str(),
+                    format!("webhook answered {status}"),
+                )))
             }
         })
     }

@@ -137,6 +137,22 @@ impl TestServer {
         self.log.lines.lock().unwrap().clone()
     }
 
+    /// The `n`th (from 0) log line that satisfies `pred`, waiting for it: a line may
+    /// reach us a moment after the answer it belongs to.
+    pub fn nth_line(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().filter(|l| pred(l)).nth(n) {
+                return l.clone();
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                panic!("no log line #{n} of that kind; log: {:?}", *lines);
+            };
+            lines = self.log.grew.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
     /// The newest code the `log` sender wrote for `phone` (E.164) since the last call.
     pub fn take_code(&self, phone: &str) -> String {
         let masked = mask(phone);

@@ -29,10 +29,15 @@ pub enum Answer {
     Delay(Duration),
 }
 
+/// Answers a request by looking at it: a fake gateway that checks each request the way
+/// the real one would.
+pub type Responder = Arc<dyn Fn(&Received) -> Answer + Send + Sync>;
+
 #[derive(Default)]
 struct Script {
     answers: VecDeque<Answer>,
     received: Vec<Received>,
+    responder: Option<Responder>,
 }
 
 #[derive(Clone)]
@@ -81,6 +86,11 @@ impl Receiver {
         self.script.lock().unwrap().answers.extend(answers);
     }
 
+    /// Answers every request the script does not cover with `f`.
+    pub fn respond_with(&self, f: impl Fn(&Received) -> Answer + Send + Sync + 'static) {
+        self.script.lock().unwrap().responder = Some(Arc::new(f));
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.script.lock().unwrap().received.clone()
     }
@@ -111,20 +121,23 @@ async fn answer(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let next = {
-        let mut s = script.lock().unwrap();
-        s.received.push(Received {
-            method: parts.method.to_string(),
-            path_and_query: parts
-                .uri
-                .path_and_query()
-                .map(|p| p.to_string())
-                .unwrap_or_default(),
-            headers: parts.headers,
-            body,
-        });
-        s.answers.pop_front()
+    let received = Received {
+        method: parts.method.to_string(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        headers: parts.headers,
+        body,
     };
+    let (next, responder) = {
+        let mut s = script.lock().unwrap();
+        s.received.push(received.clone());
+        (s.answers.pop_front(), s.responder.clone())
+    };
+    // Outside the lock: a responder may take its time or look at the script.
+    let next = next.or_else(|| responder.map(|f| f(&received)));
     arrived.notify_waiters();
     let (status, text) = match next {
         None => (200, "{}".to_owned()),

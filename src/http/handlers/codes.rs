@@ -80,10 +80,10 @@ async fn deliver(app: &App, phone: &crate::phone::Phone, purpose: Purpose) -> Re
         purpose,
         expires_in: app.codes.ttl_secs(),
     };
+    // Sms::send writes the log line for every outcome.
     let Err(e) = app.sms.send(&outgoing).await else {
         return Ok(());
     };
-    tracing::warn!(provider = app.sms.provider(), phone = %phone.masked(), error = %e, "sms send failed");
     app.codes.discard(phone, purpose).await?;
     Err(match e {
         SmsError::InvalidPhone(_) => ApiError::InvalidPhone,
