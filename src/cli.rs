@@ -1,4 +1,5 @@
-//! The command line: `smsauth [serve] [--config FILE]`.
+//! The command line: `smsauth [serve] [--config FILE]`, and the admin commands
+//! (`user ...`, `backup FILE`, `restore FILE`) on the same configuration's data dir.
 
 use std::path::PathBuf;
 
@@ -22,4 +23,50 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP server (the default).
     Serve,
+    /// Look at and change users (works while the server runs, through its admin socket).
+    User {
+        #[command(subcommand)]
+        action: UserCommand,
+    },
+    /// Write a consistent snapshot of the data dir (store and keys) to FILE (mode 0600).
+    Backup {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Load a backup FILE into an empty data dir (the server must not be running).
+    Restore {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// `smsauth user ...`. PHONE takes any form the API accepts (`13812345678`, `+86 138...`).
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// One line per user: id, phone, nickname, created, last login, disabled.
+    List,
+    /// One user, with its login methods.
+    Show { phone: String },
+    /// Refuse the user's logins and sessions until enabled again.
+    Disable { phone: String },
+    /// Undo disable.
+    Enable { phone: String },
+    /// Remove the user and its login methods (its id is never reused).
+    Delete { phone: String },
+    /// End all of the user's sessions.
+    Logout { phone: String },
+}
+
+impl From<UserCommand> for crate::admin::Op {
+    fn from(c: UserCommand) -> Self {
+        use crate::admin::Op;
+        match c {
+            UserCommand::List => Op::List,
+            UserCommand::Show { phone } => Op::Show { phone },
+            UserCommand::Disable { phone } => Op::Disable { phone },
+            UserCommand::Enable { phone } => Op::Enable { phone },
+            UserCommand::Delete { phone } => Op::Delete { phone },
+            UserCommand::Logout { phone } => Op::Logout { phone },
+        }
+    }
 }

@@ -708,6 +708,7 @@ fn apply_env(
         .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_CONFIG_FILE)
         .collect();
     vars.sort(); // deterministic when two variables name the same key
+    let vars_set: std::collections::HashSet<String> = vars.iter().map(|(k, _)| k.clone()).collect();
     for (name, raw) in vars {
         let rest = &name[ENV_PREFIX.len()..];
         let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
@@ -716,9 +717,40 @@ fn apply_env(
                 "environment variable {name}: not a configuration key (expected {ENV_PREFIX}SECTION__KEY, e.g. SMSAUTH_SERVER__LISTEN)"
             )));
         }
-        let mut default = Some(&defaults);
-        for p in &path {
-            default = default.and_then(|d| d.get(p));
+        let lookup = |path: &[String]| {
+            let mut node = Some(&defaults);
+            for p in path {
+                node = node.and_then(|d| d.get(p));
+            }
+            node
+        };
+        let mut default = lookup(&path);
+        let mut raw = raw;
+        let mut path = path;
+        // SMSAUTH_SECTION__KEY_FILE=/path: the key's value is that file's content (a
+        // secret from systemd's LoadCredential=, for instance), trailing newline dropped.
+        if default.is_none() {
+            let last = path.last().expect("at least two parts");
+            if let Some(key) = last.strip_suffix("_file") {
+                let mut target = path.clone();
+                *target.last_mut().expect("at least two parts") = key.to_owned();
+                if let Some(d) = lookup(&target) {
+                    let direct = name.strip_suffix("_FILE").unwrap_or(&name);
+                    if vars_set.contains(direct) {
+                        return Err(err(format!("set {direct} or {name}, not both")));
+                    }
+                    raw = std::fs::read_to_string(&raw)
+                        .map_err(|e| {
+                            err(format!(
+                                "environment variable {name}: cannot read {raw}: {e}"
+                            ))
+                        })?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_owned();
+                    default = Some(d);
+                    path = target;
+                }
+            }
         }
         let value = match default {
             Some(toml::Value::String(_)) => toml::Value::String(raw),
@@ -786,6 +818,41 @@ mod tests {
         assert!(c.server.trust_proxy);
         assert_eq!(c.sms.fixed_code, "000123");
         assert_eq!(c.code.ttl_secs, 42);
+    }
+
+    #[test]
+    fn a_key_file_variable_reads_the_value_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("token-secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef-from-file\n").unwrap();
+        let path = secret.to_str().unwrap();
+        let c = load_str("", &[("SMSAUTH_TOKEN__SECRET_FILE", path)]).unwrap();
+        assert_eq!(
+            c.token.secret.expose(),
+            "0123456789abcdef0123456789abcdef-from-file"
+        );
+        let e = load_str(
+            "",
+            &[
+                ("SMSAUTH_TOKEN__SECRET_FILE", path),
+                ("SMSAUTH_TOKEN__SECRET", "0123456789abcdef0123456789abcdef"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not both"), "{e}");
+        let e = load_str("", &[("SMSAUTH_TOKEN__SECRET_FILE", "/nonexistent/s")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SMSAUTH_TOKEN__SECRET_FILE") && e.contains("/nonexistent/s"),
+            "{e}"
+        );
+        // A key that does not exist stays unknown, _FILE or not.
+        let e = load_str("", &[("SMSAUTH_TOKEN__NOPE_FILE", path)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope_file"), "{e}");
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //! - [`token`]: JWT sessions and verification tickets, and how they end;
 //! - [`sms`]: the senders (`log`, `webhook`);
 //! - [`http`]: the hyper server, router and handlers;
-//! - [`app`]: the state that ties them together; [`server`]: start-up and shutdown.
+//! - [`app`]: the state that ties them together; [`server`]: start-up and shutdown;
+//! - [`admin`]: operator commands (users, backup, restore) and the local admin socket.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod captcha;
 pub mod cli;

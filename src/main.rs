@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use smsauth::admin::command;
 use smsauth::cli::{Cli, Command};
 use smsauth::config::Config;
 
@@ -15,14 +16,32 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    smsauth::logging::init(&cfg.log);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => runtime.block_on(async {
-            let server = smsauth::server::Server::bind(cfg).await?;
-            server.serve(smsauth::server::termination()).await
-        }),
+    // Admin commands print their answer or their refusal; they write no log.
+    let admin = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => return serve(&runtime, cfg),
+        Command::User { action } => runtime.block_on(command::user(&cfg, action.into())),
+        Command::Backup { file } => runtime.block_on(command::backup(&cfg, &file)),
+        Command::Restore { file } => runtime.block_on(command::restore(&cfg, &file)),
     };
+    match admin {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("smsauth: {e}");
+            ExitCode::from(e.exit_code)
+        }
+    }
+}
+
+fn serve(runtime: &tokio::runtime::Runtime, cfg: Config) -> ExitCode {
+    smsauth::logging::init(&cfg.log);
+    let result = runtime.block_on(async {
+        let server = smsauth::server::Server::bind(cfg).await?;
+        server.serve(smsauth::server::termination()).await
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::admin::socket::{self as admin_socket, AdminListener};
 use crate::app::App;
 use crate::config::Config;
 
@@ -18,6 +19,9 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 pub struct Server {
     app: Arc<App>,
     listener: TcpListener,
+    /// `data_dir/admin.sock`, for `smsauth user|backup` while we hold the store; None if
+    /// it could not be bound (the server still serves; the commands then say so).
+    admin: Option<AdminListener>,
 }
 
 impl Server {
@@ -28,7 +32,19 @@ impl Server {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        Ok(Server { app, listener })
+        // After App::open: we hold the store's lock, so any socket file there is stale.
+        let admin = match admin_socket::bind(&app.cfg.storage.data_dir) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "no admin socket; admin commands need the server stopped");
+                None
+            }
+        };
+        Ok(Server {
+            app,
+            listener,
+            admin,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -44,7 +60,11 @@ impl Server {
     /// Serves until `shutdown` resolves; then lets requests in flight finish and flushes
     /// the store.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Server { app, listener } = self;
+        let Server {
+            app,
+            listener,
+            admin,
+        } = self;
         tracing::info!(
             addr = %listener.local_addr()?,
             version = env!("CARGO_PKG_VERSION"),
@@ -62,7 +82,16 @@ impl Server {
                 }
             })
         };
+        let (stop_admin, stopping) = tokio::sync::watch::channel(false);
+        let admin = admin.map(|a| tokio::spawn(admin_socket::serve(app.clone(), a, stopping)));
+        let shutdown = async {
+            shutdown.await;
+            let _ = stop_admin.send(true);
+        };
         crate::http::serve(app.clone(), listener, shutdown).await;
+        if let Some(admin) = admin {
+            let _ = admin.await; // it removes the socket file
+        }
         keeper.abort();
         app.store.flush().await.context("final flush")?;
         tracing::info!("stopped");

@@ -14,6 +14,9 @@ use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, Use
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Receives one record of a [`Store::snapshot`]: (tree, key, value).
+pub type RecordSink<'a> = dyn FnMut(&str, &[u8], &[u8]) -> std::io::Result<()> + 'a;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the data dir {0} is in use by another smsauth process; stop it first")]
@@ -101,6 +104,19 @@ pub trait Store: Send + Sync + 'static {
     fn count(&self, counter: Counter, window: i64, subject: &str) -> Result<u64, StoreError>;
     /// Drops counters of windows before `oldest_kept` (per counter kind).
     fn prune_counters(&self, oldest_kept: &dyn Fn(Counter) -> i64) -> Result<usize, StoreError>;
+    /// Every user, in id order (admin listing).
+    fn users(&self) -> Result<Vec<User>, StoreError>;
+    /// Removes the user, its phone index entry and its login methods in one step, and
+    /// counts it out of `users_total`. Ids are never given out again, so an old token
+    /// cannot pass for a later user. None if there was no such user.
+    fn delete_user(&self, id: UserId) -> Result<Option<User>, StoreError>;
+    /// Hands every stored record to `sink` as (tree, key, value), tree by tree in key
+    /// order. Writes wait while it runs, so the records form one consistent state across
+    /// trees (never half of a multi-tree change). Keep `sink` fast: it holds up writers.
+    fn snapshot(&self, sink: &mut RecordSink<'_>) -> Result<(), StoreError>;
+    /// Writes one record of a snapshot as it is. Only for restoring into a new, empty
+    /// store: it bypasses every rule the other methods keep.
+    fn import(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
 
     /// Makes every write made before the call durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;

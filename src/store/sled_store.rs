@@ -12,21 +12,30 @@
 //!
 //! User ids come from our own counter, bumped inside the create transaction: sled's
 //! `generate_id` jumps by two million at every reopen.
+//!
+//! sled has no snapshot across trees, so writes pass a gate: every write method holds a
+//! read guard of `gate` while it changes trees, and [`Store::snapshot`] holds the write
+//! guard while it reads them. Writers never wait for each other (a read guard is one
+//! atomic operation when no snapshot runs); a snapshot waits for changes in flight and
+//! then sees none start until it is done.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::codec::{decode, encode, read_i64, read_u64, u64_key};
-use super::{BoxFuture, NewUser, Store, StoreError};
+use super::{BoxFuture, NewUser, RecordSink, Store, StoreError};
 use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
 
 const SCHEMA_VERSION: u32 = 1;
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_NEXT_ID: &[u8] = b"next_user_id";
 const META_USERS: &[u8] = b"users_total";
+/// sled's own unnamed tree, which we never use.
+const DEFAULT_TREE: &str = "__sled__default";
 
 pub struct SledStore {
     db: sled::Db,
@@ -38,6 +47,8 @@ pub struct SledStore {
     revoked: sled::Tree,
     counters: sled::Tree,
     commit: GroupCommit,
+    /// Read-held by every write, write-held by a snapshot (see the module doc).
+    gate: RwLock<()>,
 }
 
 impl From<sled::Error> for StoreError {
@@ -71,6 +82,7 @@ impl SledStore {
             counters: db.open_tree("counter_count")?,
             db,
             commit: GroupCommit::default(),
+            gate: RwLock::new(()),
         };
         store.migrate()?;
         Ok(store)
@@ -98,6 +110,19 @@ impl SledStore {
             self.db.flush()?;
         }
         Ok(())
+    }
+
+    /// Makes every write durable, from a plain thread (no async runtime needed): for
+    /// tools such as restore that run outside the server.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Held for the whole of one write (see the module doc). A panic elsewhere cannot
+    /// leave the unit value inconsistent, so a poisoned gate is still a good gate.
+    fn write_gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn wrote(&self) {
@@ -181,6 +206,7 @@ impl Store for SledStore {
         new: NewUser<'_>,
         methods: &[LoginMethod],
     ) -> Result<(User, bool), StoreError> {
+        let _gate = self.write_gate();
         let outcome = (&self.meta, &self.users, &self.phones, &self.methods)
             .transaction(|(meta, users, phones, methods_tree)| {
                 if let Some(id) = phones.get(new.phone.as_bytes())? {
@@ -236,6 +262,7 @@ impl Store for SledStore {
         id: UserId,
         change: &mut dyn FnMut(&mut User),
     ) -> Result<Option<User>, StoreError> {
+        let _gate = self.write_gate();
         let mut failure = None;
         let updated = self.users.update_and_fetch(u64_key(id), |old| {
             let old = old?;
@@ -265,6 +292,7 @@ impl Store for SledStore {
     }
 
     fn put_login_method(&self, id: UserId, method: &LoginMethod) -> Result<(), StoreError> {
+        let _gate = self.write_gate();
         self.methods
             .insert(method_key(id, method.method), encode(method))?;
         self.wrote();
@@ -272,6 +300,7 @@ impl Store for SledStore {
     }
 
     fn remove_login_method(&self, id: UserId, method: Method) -> Result<(), StoreError> {
+        let _gate = self.write_gate();
         self.methods.remove(method_key(id, method))?;
         self.wrote();
         Ok(())
@@ -282,6 +311,7 @@ impl Store for SledStore {
         id: UserId,
         method: &LoginMethod,
     ) -> Result<Option<User>, StoreError> {
+        let _gate = self.write_gate();
         let updated = (&self.users, &self.methods)
             .transaction(|(users, methods)| {
                 let Some(old) = users.get(u64_key(id))? else {
@@ -312,6 +342,7 @@ impl Store for SledStore {
         purpose: Purpose,
         code: &PendingCode,
     ) -> Result<(), StoreError> {
+        let _gate = self.write_gate();
         self.codes.insert(code_key(phone, purpose), encode(code))?;
         self.wrote();
         Ok(())
@@ -325,6 +356,7 @@ impl Store for SledStore {
     }
 
     fn delete_code(&self, phone: &str, purpose: Purpose) -> Result<(), StoreError> {
+        let _gate = self.write_gate();
         self.codes.remove(code_key(phone, purpose))?;
         self.wrote();
         Ok(())
@@ -336,6 +368,7 @@ impl Store for SledStore {
         purpose: Purpose,
         expected: &PendingCode,
     ) -> Result<(), StoreError> {
+        let _gate = self.write_gate();
         let swapped = self.codes.compare_and_swap(
             code_key(phone, purpose),
             Some(encode(expected)),
@@ -359,6 +392,7 @@ impl Store for SledStore {
     }
 
     fn revoke(&self, jti: &str, exp: i64) -> Result<bool, StoreError> {
+        let _gate = self.write_gate();
         let fresh = self
             .revoked
             .compare_and_swap(
@@ -384,6 +418,7 @@ impl Store for SledStore {
     }
 
     fn prune_revocations(&self, now: i64) -> Result<usize, StoreError> {
+        let _gate = self.write_gate();
         let mut pruned = 0;
         for kv in self.revoked.iter() {
             let (k, v) = kv?;
@@ -405,6 +440,7 @@ impl Store for SledStore {
         subject: &str,
         limit: u64,
     ) -> Result<Result<u64, u64>, StoreError> {
+        let _gate = self.write_gate();
         let key = counter_key(counter, window, subject);
         let mut outcome = Ok(0);
         self.counters.update_and_fetch(&key, |old| {
@@ -424,11 +460,82 @@ impl Store for SledStore {
     }
 
     fn count_down(&self, counter: Counter, window: i64, subject: &str) -> Result<(), StoreError> {
+        let _gate = self.write_gate();
         let key = counter_key(counter, window, subject);
         self.counters.update_and_fetch(&key, |old| {
             let current = old.and_then(|v| read_u64(v).ok()).unwrap_or(0);
             (current > 1).then(|| u64_key(current - 1).to_vec())
         })?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn users(&self) -> Result<Vec<User>, StoreError> {
+        self.users.iter().map(|kv| decode(&kv?.1)).collect()
+    }
+
+    fn delete_user(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        let _gate = self.write_gate();
+        // Transactional trees cannot scan, so the method keys are listed first; under the
+        // gate's read guard a login method added meanwhile would be for a user that is
+        // going away, and put_login_method is only called for existing users.
+        let method_keys = self
+            .methods
+            .scan_prefix(u64_key(id))
+            .keys()
+            .collect::<Result<Vec<_>, _>>()?;
+        let removed = (&self.meta, &self.users, &self.phones, &self.methods)
+            .transaction(|(meta, users, phones, methods)| {
+                let Some(old) = users.remove(&u64_key(id))? else {
+                    return Ok(None);
+                };
+                let user: User = decode(&old).map_err(ConflictableTransactionError::Abort)?;
+                if phones.get(user.phone.as_bytes())?.as_deref() == Some(&u64_key(id)[..]) {
+                    phones.remove(user.phone.as_bytes())?;
+                }
+                for k in &method_keys {
+                    methods.remove(k)?;
+                }
+                let total = match meta.get(META_USERS)? {
+                    Some(v) => read_u64(&v).map_err(ConflictableTransactionError::Abort)?,
+                    None => 0,
+                };
+                meta.insert(META_USERS, &u64_key(total.saturating_sub(1)))?;
+                Ok(Some(user))
+            })
+            .map_err(tx_err)?;
+        if removed.is_some() {
+            self.wrote();
+        }
+        Ok(removed)
+    }
+
+    fn snapshot(&self, sink: &mut RecordSink<'_>) -> Result<(), StoreError> {
+        let _all_writes_wait = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let mut names: Vec<String> = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| std::str::from_utf8(n).ok().map(str::to_owned))
+            // sled's default tree is not ours; nothing is kept there.
+            .filter(|n| n != DEFAULT_TREE)
+            .collect();
+        names.sort();
+        for name in names {
+            for kv in self.db.open_tree(&name)?.iter() {
+                let (k, v) = kv?;
+                sink(&name, &k, &v).map_err(|e| StoreError::Engine(format!("snapshot: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn import(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let _gate = self.write_gate();
+        if tree == DEFAULT_TREE {
+            return Err(StoreError::Corrupt(format!("record for tree {tree}")));
+        }
+        self.db.open_tree(tree)?.insert(key, value)?;
         self.wrote();
         Ok(())
     }
@@ -441,6 +548,7 @@ impl Store for SledStore {
     }
 
     fn prune_counters(&self, oldest_kept: &dyn Fn(Counter) -> i64) -> Result<usize, StoreError> {
+        let _gate = self.write_gate();
         let mut pruned = 0;
         for counter in Counter::ALL {
             let keep_from = counter_key(counter, oldest_kept(counter), "");
@@ -597,6 +705,88 @@ mod tests {
         assert_eq!(s.prune_counters(&|_| 6).unwrap(), 2);
         assert_eq!(s.count(c, 5, "+861").unwrap(), 0);
         assert_eq!(s.count(c, 6, "+861").unwrap(), 1);
+    }
+
+    #[test]
+    fn delete_user_removes_record_index_methods_and_counts_it_out() {
+        let (_dir, s) = store();
+        let sms = LoginMethod {
+            method: Method::Sms,
+            identification: "+861".into(),
+            access_code: None,
+        };
+        let password = LoginMethod {
+            method: Method::Password,
+            access_code: Some("$argon2id$x".into()),
+            ..sms.clone()
+        };
+        let (a, _) = s
+            .create_user_if_absent(new_user("+861"), &[sms.clone(), password])
+            .unwrap();
+        let (b, _) = s.create_user_if_absent(new_user("+862"), &[sms]).unwrap();
+        assert_eq!(s.delete_user(a.id).unwrap(), Some(a.clone()));
+        assert_eq!(s.delete_user(a.id).unwrap(), None);
+        assert_eq!(s.user(a.id).unwrap(), None);
+        assert_eq!(s.user_by_phone("+861").unwrap(), None);
+        assert!(s.login_methods(a.id).unwrap().is_empty());
+        assert_eq!(s.login_methods(b.id).unwrap().len(), 1);
+        assert_eq!(s.user_count().unwrap(), 1);
+        assert_eq!(s.users().unwrap(), vec![b]);
+        // The id is not given out again.
+        let (c, _) = s.create_user_if_absent(new_user("+861"), &[]).unwrap();
+        assert_eq!(c.id, 3);
+    }
+
+    /// While users are being created on other threads, every snapshot shows each user
+    /// with its phone index entry and login method and a users_total that counts them:
+    /// never half of a create.
+    #[test]
+    fn snapshots_never_see_half_a_change() {
+        use std::collections::HashMap;
+        type Pair = (Vec<u8>, Vec<u8>);
+        let (_dir, s) = store();
+        let s = std::sync::Arc::new(s);
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..300 {
+                        let phone = format!("+86{t}{i:05}");
+                        let m = LoginMethod {
+                            method: Method::Sms,
+                            identification: phone.clone(),
+                            access_code: None,
+                        };
+                        s.create_user_if_absent(new_user(&phone), &[m]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut snapshots = 0;
+        while snapshots < 3 || writers.iter().any(|w| !w.is_finished()) {
+            let mut trees: HashMap<String, Vec<Pair>> = HashMap::new();
+            s.snapshot(&mut |t, k, v| {
+                trees
+                    .entry(t.to_owned())
+                    .or_default()
+                    .push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+            let count = |t: &str| trees.get(t).map_or(0, Vec::len) as u64;
+            let total = trees
+                .get("meta")
+                .and_then(|m| m.iter().find(|(k, _)| k == META_USERS))
+                .map_or(0, |(_, v)| read_u64(v).unwrap());
+            assert_eq!(count("userid_user"), total);
+            assert_eq!(count("phone_userid"), total);
+            assert_eq!(count("useridmethod_login"), total);
+            snapshots += 1;
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert_eq!(s.user_count().unwrap(), 1200);
     }
 
     #[test]

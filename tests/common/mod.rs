@@ -274,3 +274,39 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> std::process:
     }
     cmd.output().expect("run smsauth")
 }
+
+/// Runs an admin command (`user list`, `backup FILE`, ...) on the data dir the harness
+/// lays out under `dir` (`dir/data`, configuration `dir/smsauth.toml`), as an operator
+/// would beside a running or stopped server.
+pub fn admin(dir: &Path, args: &[&str]) -> std::process::Output {
+    let config = dir.join("smsauth.toml");
+    if !config.exists() {
+        std::fs::write(&config, "").expect("write config");
+    }
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env("SMSAUTH_STORAGE__DATA_DIR", dir.join("data"))
+        .current_dir(dir);
+    cmd.output().expect("run smsauth")
+}
+
+/// stdout of a command that must have succeeded.
+pub fn ok_stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl TestServer {
+    /// Waits for a log line that matches `pred`, starting from the first line.
+    pub fn wait_log(&self, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        wait_for_line(&self.log, 0, pred)
+    }
+}

@@ -1,0 +1,455 @@
+//! Backups: one file holding a consistent snapshot of the store and the data dir's key
+//! files, and its restore into an empty data dir.
+//!
+//! # Format (version 1)
+//!
+//! All integers big-endian.
+//!
+//! ```text
+//! file     = header record* trailer
+//! header   = "SMSAUTH-BACKUP\n" (15 bytes) | version u16 (= 1) | taken_at i64 (unix secs)
+//! record   = 0x01 | name_len u8 | tree name (UTF-8) | key_len u32 | key | value_len u32 | value
+//!          | 0x02 | name_len u8 | file name (UTF-8) | len u32 | file content
+//! trailer  = 0xFF | record count u64 | SHA-256 of every byte before this digest
+//! ```
+//!
+//! A tree record is one (tree, key, value) of the store exactly as stored (the store
+//! layout and value encoding are documented in `store/sled_store.rs`); the store's own
+//! `meta/schema_version` travels with them, so a later release restores an older backup
+//! and migrates it as it would an older data dir. Records of every tree are included,
+//! trees added later (rate-limit counters, ...) too, without a format change. A file
+//! record is a key file of the data dir (`token.key`, `code.key`): without them restored
+//! sessions and pending codes would not verify. So a backup holds secrets: it is written
+//! with mode 0600.
+//!
+//! The trailer's digest makes any truncation or changed byte an error: restore checks the
+//! whole file before it writes anything.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use sha2::{Digest, Sha256};
+
+use crate::clock::now;
+use crate::store::{SledStore, Store, StoreError};
+
+const MAGIC: &[u8] = b"SMSAUTH-BACKUP\n";
+const VERSION: u16 = 1;
+const TREE: u8 = 0x01;
+const FILE: u8 = 0x02;
+const END: u8 = 0xFF;
+const HEADER_LEN: usize = MAGIC.len() + 2 + 8;
+const TRAILER_LEN: usize = 1 + 8 + 32;
+
+/// The data dir's key files a backup carries (those that exist).
+pub const KEY_FILES: [&str; 2] = ["token.key", "code.key"];
+/// Where restore builds the new data dir before moving it into place.
+const STAGING: &str = ".restore-partial";
+
+/// One record of a backup, borrowing from the bytes it was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record<'a> {
+    Tree {
+        tree: &'a str,
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    File {
+        name: &'a str,
+        content: &'a [u8],
+    },
+}
+
+/// Appends records in the file format; `finish` adds the header's counterpart, the trailer.
+pub struct Writer {
+    buf: Vec<u8>,
+    count: u64,
+}
+
+impl Writer {
+    /// A backup file being built, header included.
+    pub fn new() -> Writer {
+        let mut w = Self::records_only();
+        w.buf.extend_from_slice(MAGIC);
+        w.buf.extend_from_slice(&VERSION.to_be_bytes());
+        w.buf.extend_from_slice(&now().to_be_bytes());
+        w
+    }
+
+    /// Bare records, no header or trailer: what the admin socket sends for a snapshot.
+    pub fn records_only() -> Writer {
+        Writer {
+            buf: Vec::new(),
+            count: 0,
+        }
+    }
+
+    pub fn tree(&mut self, tree: &str, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+        self.buf.push(TREE);
+        self.name(tree)?;
+        self.bytes(key)?;
+        self.bytes(value)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    pub fn file(&mut self, name: &str, content: &[u8]) -> std::io::Result<()> {
+        self.buf.push(FILE);
+        self.name(name)?;
+        self.bytes(content)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    pub fn record(&mut self, r: &Record<'_>) -> std::io::Result<()> {
+        match *r {
+            Record::Tree { tree, key, value } => self.tree(tree, key, value),
+            Record::File { name, content } => self.file(name, content),
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The records written so far, without a trailer.
+    pub fn into_records(self) -> Vec<u8> {
+        self.buf
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.buf.push(END);
+        self.buf.extend_from_slice(&self.count.to_be_bytes());
+        let digest = Sha256::digest(&self.buf);
+        self.buf.extend_from_slice(&digest);
+        self.buf
+    }
+
+    fn name(&mut self, name: &str) -> std::io::Result<()> {
+        let len = u8::try_from(name.len())
+            .map_err(|_| std::io::Error::other(format!("name too long: {name}")))?;
+        self.buf.push(len);
+        self.buf.extend_from_slice(name.as_bytes());
+        Ok(())
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> std::io::Result<()> {
+        let len = u32::try_from(b.len())
+            .map_err(|_| std::io::Error::other("record larger than 4 GiB"))?;
+        self.buf.extend_from_slice(&len.to_be_bytes());
+        self.buf.extend_from_slice(b);
+        Ok(())
+    }
+}
+
+impl Default for Writer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FormatError(String);
+
+fn bad(msg: impl Into<String>) -> FormatError {
+    FormatError(msg.into())
+}
+
+/// A backup file checked end to end: magic, version, digest, every record well formed.
+#[derive(Debug)]
+pub struct Backup<'a> {
+    pub taken_at: i64,
+    pub records: Vec<Record<'a>>,
+}
+
+impl<'a> Backup<'a> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Backup<'a>, FormatError> {
+        if bytes.len() < HEADER_LEN + TRAILER_LEN || !bytes.starts_with(MAGIC) {
+            return Err(bad(
+                "not an smsauth backup (or cut short before its first record)",
+            ));
+        }
+        let version = u16::from_be_bytes([bytes[MAGIC.len()], bytes[MAGIC.len() + 1]]);
+        if version != VERSION {
+            return Err(bad(format!(
+                "backup format version {version}; this smsauth reads version {VERSION}"
+            )));
+        }
+        let taken_at = i64::from_be_bytes(
+            bytes[MAGIC.len() + 2..HEADER_LEN]
+                .try_into()
+                .expect("8 bytes"),
+        );
+        let (body, digest) = bytes.split_at(bytes.len() - 32);
+        if Sha256::digest(body).as_slice() != digest {
+            return Err(bad(
+                "the backup is damaged or incomplete (its checksum does not match)",
+            ));
+        }
+        let (records_bytes, end) = body.split_at(body.len() - 9);
+        if end[0] != END {
+            return Err(bad("the backup has no end record"));
+        }
+        let count = u64::from_be_bytes(end[1..].try_into().expect("8 bytes"));
+        let records = parse_records(&records_bytes[HEADER_LEN..])?;
+        if records.len() as u64 != count {
+            return Err(bad(format!(
+                "the backup names {count} records but holds {}",
+                records.len()
+            )));
+        }
+        Ok(Backup { taken_at, records })
+    }
+}
+
+/// Parses bare records (the body of a backup, or a snapshot from the admin socket).
+pub fn parse_records(mut b: &[u8]) -> Result<Vec<Record<'_>>, FormatError> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], FormatError> {
+        if b.len() < n {
+            return Err(bad("a record is cut short"));
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+    fn name<'a>(b: &mut &'a [u8]) -> Result<&'a str, FormatError> {
+        let len = take(b, 1)?[0] as usize;
+        std::str::from_utf8(take(b, len)?).map_err(|_| bad("a record name is not UTF-8"))
+    }
+    fn bytes<'a>(b: &mut &'a [u8]) -> Result<&'a [u8], FormatError> {
+        let len = u32::from_be_bytes(take(b, 4)?.try_into().expect("4 bytes")) as usize;
+        take(b, len)
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let kind = take(&mut b, 1)?[0];
+        out.push(match kind {
+            TREE => Record::Tree {
+                tree: name(&mut b)?,
+                key: bytes(&mut b)?,
+                value: bytes(&mut b)?,
+            },
+            FILE => {
+                let name = name(&mut b)?;
+                if !KEY_FILES.contains(&name) {
+                    return Err(bad(format!("unexpected file {name:?} in the backup")));
+                }
+                Record::File {
+                    name,
+                    content: bytes(&mut b)?,
+                }
+            }
+            other => return Err(bad(format!("unknown record kind {other:#04x}"))),
+        });
+    }
+    Ok(out)
+}
+
+/// The store's records, taken as one consistent snapshot (writes wait meanwhile).
+/// The one implementation behind both backup paths: the admin socket sends these bytes,
+/// and a backup made without a server writes them itself.
+pub fn snapshot_records(store: &dyn Store) -> Result<Vec<u8>, StoreError> {
+    let mut w = Writer::records_only();
+    store.snapshot(&mut |tree, k, v| w.tree(tree, k, v))?;
+    Ok(w.into_records())
+}
+
+/// Builds the backup file from a store snapshot (bare records) and the data dir's key
+/// files, and writes it to `file` (mode 0600, replaced atomically). Returns the count of
+/// records written.
+pub fn write_file(file: &Path, snapshot: &[u8], data_dir: &Path) -> anyhow::Result<u64> {
+    let mut w = Writer::new();
+    for name in KEY_FILES {
+        let path = data_dir.join(name);
+        match fs::read(&path) {
+            Ok(content) => w.file(name, &content)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read key file {}", path.display()));
+            }
+        }
+    }
+    for r in parse_records(snapshot).context("the snapshot is malformed")? {
+        w.record(&r)?;
+    }
+    let count = w.count();
+    write_private(file, &w.finish())?;
+    Ok(count)
+}
+
+/// Writes `bytes` to `path` with mode 0600: into a new file beside it, synced, then
+/// renamed over `path`, so a reader never sees half a backup.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file name", path.display()))?;
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let result = (|| -> anyhow::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// What a restore did.
+pub struct Restored {
+    pub records: usize,
+    pub users: u64,
+    pub taken_at: i64,
+    pub key_files: Vec<String>,
+}
+
+/// Loads the backup `file` into `data_dir`, which must be empty or absent. The whole file
+/// is checked first; the new store is then built in `data_dir/.restore-partial`, reopened
+/// to prove it sound, and only then moved into place, so a refused or failed restore
+/// leaves no store behind.
+pub fn restore(file: &Path, data_dir: &Path, cache_capacity_mb: u64) -> anyhow::Result<Restored> {
+    let bytes = fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let backup = Backup::parse(&bytes).with_context(|| format!("refusing {}", file.display()))?;
+    check_empty(data_dir)?;
+    let staging = data_dir.join(STAGING);
+    let result = build(&backup, &staging, cache_capacity_mb);
+    let restored = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    // Key files first, the store last: a data dir with a `db` is a complete one.
+    for name in &restored.key_files {
+        fs::rename(staging.join(name), data_dir.join(name))?;
+    }
+    fs::rename(staging.join("db"), data_dir.join("db"))?;
+    fs::remove_dir(&staging)?;
+    fs::File::open(data_dir)?.sync_all()?;
+    Ok(restored)
+}
+
+fn check_empty(data_dir: &Path) -> anyhow::Result<()> {
+    let entries = match fs::read_dir(data_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(data_dir)
+                .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read data dir {}", data_dir.display()));
+        }
+    };
+    let mut found: Vec<String> = Vec::new();
+    for e in entries {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        // Left by a restore that was interrupted: never moved into place, safe to redo.
+        if name != STAGING {
+            found.push(name);
+        }
+    }
+    if !found.is_empty() {
+        found.sort();
+        bail!(
+            "the data dir {} is not empty (it holds {}); restore only loads into an empty data dir: stop the server, move the old data dir away, and run restore again",
+            data_dir.display(),
+            found.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn build(backup: &Backup<'_>, staging: &Path, cache_capacity_mb: u64) -> anyhow::Result<Restored> {
+    let _ = fs::remove_dir_all(staging);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    let mut key_files = Vec::new();
+    {
+        let store = SledStore::open(staging, cache_capacity_mb)?;
+        for r in &backup.records {
+            match *r {
+                Record::Tree { tree, key, value } => store.import(tree, key, value)?,
+                Record::File { name, content } => {
+                    write_private(&staging.join(name), content)?;
+                    key_files.push(name.to_owned());
+                }
+            }
+        }
+        store.flush_blocking()?;
+    }
+    // Reopen: runs the schema check and migrations as a server start would.
+    let store =
+        SledStore::open(staging, cache_capacity_mb).context("the restored store does not open")?;
+    let users = store.user_count()?;
+    let listed = store.users()?.len() as u64;
+    if users != listed {
+        bail!("the backup is inconsistent: users_total is {users} but it holds {listed} users");
+    }
+    Ok(Restored {
+        records: backup.records.len(),
+        users,
+        taken_at: backup.taken_at,
+        key_files,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut w = Writer::new();
+        w.file("token.key", b"abcd").unwrap();
+        w.tree("userid_user", &[0, 1], &[1, 2, 3]).unwrap();
+        w.tree("meta", b"users_total", &1u64.to_be_bytes()).unwrap();
+        w.finish()
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = sample();
+        let b = Backup::parse(&bytes).unwrap();
+        assert_eq!(b.records.len(), 3);
+        assert_eq!(
+            b.records[1],
+            Record::Tree {
+                tree: "userid_user",
+                key: &[0, 1],
+                value: &[1, 2, 3]
+            }
+        );
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_byte_is_refused() {
+        let bytes = sample();
+        for n in 0..bytes.len() {
+            assert!(Backup::parse(&bytes[..n]).is_err(), "cut at {n}");
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(Backup::parse(&b).is_err(), "flip at {i}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Backup::parse(&longer).is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! The command-line side of admin actions: open the store directly, or, when a running
+//! server holds it, ask that server through the admin socket; if neither works, say what
+//! to do.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::socket::{self, ClientError};
+use super::{AdminError, Op, backup};
+use crate::clock::rfc3339;
+use crate::config::Config;
+use crate::phone::PhoneParser;
+use crate::store::{SledStore, StoreError};
+
+/// Why a command failed; the message is for the operator, the exit status for scripts.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CommandError {
+    pub message: String,
+    pub exit_code: u8,
+}
+
+fn fail(message: impl Into<String>) -> CommandError {
+    CommandError {
+        message: message.into(),
+        exit_code: 1,
+    }
+}
+
+impl From<AdminError> for CommandError {
+    fn from(e: AdminError) -> Self {
+        fail(e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for CommandError {
+    fn from(e: anyhow::Error) -> Self {
+        fail(format!("{e:#}"))
+    }
+}
+
+/// Where the command's action runs.
+enum Target {
+    /// No server holds the data dir: the store, opened here.
+    Direct(SledStore),
+    /// A server holds it: its admin socket.
+    Server(PathBuf),
+}
+
+fn open(cfg: &Config) -> Result<Target, CommandError> {
+    let dir = &cfg.storage.data_dir;
+    // Never create a store here: a mistyped data_dir should not look like an empty site.
+    if !dir.join("db").exists() {
+        return Err(fail(format!(
+            "no smsauth data in {} (storage.data_dir); check --config",
+            dir.display()
+        )));
+    }
+    match SledStore::open(dir, cfg.storage.cache_capacity_mb) {
+        Ok(store) => Ok(Target::Direct(store)),
+        Err(StoreError::Locked(_)) => Ok(Target::Server(socket::socket_path(dir))),
+        Err(e) => Err(fail(format!(
+            "cannot open the store in {}: {e}",
+            dir.display()
+        ))),
+    }
+}
+
+/// The data dir is held by a process that does not answer on its admin socket.
+fn in_use(cfg: &Config, e: &ClientError) -> CommandError {
+    fail(format!(
+        "the data dir {} is in use by another process (a running smsauth server?) and its admin socket does not answer ({e}). Stop the server (`systemctl stop smsauth`, or Ctrl-C / kill -TERM its process) and run the command again.",
+        cfg.storage.data_dir.display()
+    ))
+}
+
+fn remote(cfg: &Config, e: ClientError) -> CommandError {
+    match e {
+        e @ ClientError::Unreachable { .. } => in_use(cfg, &e),
+        ClientError::Refused { message, .. } => fail(message),
+        e @ ClientError::Protocol(_) => fail(e.to_string()),
+    }
+}
+
+/// `smsauth user ...`: prints the answer, returns the text to print.
+pub async fn user(cfg: &Config, op: Op) -> Result<String, CommandError> {
+    let answer = match open(cfg)? {
+        Target::Direct(store) => {
+            let phones = PhoneParser::new(&cfg.phone).map_err(|e| fail(e.to_string()))?;
+            let answer = super::execute(&store, &phones, &op).await;
+            drop(store);
+            keep_owner(&cfg.storage.data_dir);
+            answer?
+        }
+        Target::Server(sock) => socket::request_op(&sock, &op)
+            .await
+            .map_err(|e| remote(cfg, e))?,
+    };
+    Ok(super::render(&answer))
+}
+
+/// `smsauth backup FILE`.
+pub async fn backup(cfg: &Config, file: &Path) -> Result<String, CommandError> {
+    let (snapshot, via) = match open(cfg)? {
+        Target::Direct(store) => {
+            let records = backup::snapshot_records(&store)
+                .map_err(|e| fail(format!("cannot read the store: {e}")))?;
+            (records, "the store")
+        }
+        Target::Server(sock) => {
+            let records = socket::request_snapshot(&sock)
+                .await
+                .map_err(|e| remote(cfg, e))?;
+            (records.to_vec(), "the running server")
+        }
+    };
+    let count = backup::write_file(file, &snapshot, &cfg.storage.data_dir)?;
+    Ok(format!(
+        "backed up {count} records from {via} to {} (mode 0600: it holds the server's keys)\n",
+        file.display()
+    ))
+}
+
+/// `smsauth restore FILE`.
+pub async fn restore(cfg: &Config, file: &Path) -> Result<String, CommandError> {
+    let dir = cfg.storage.data_dir.clone();
+    let cache = cfg.storage.cache_capacity_mb;
+    let file = file.to_owned();
+    let restored = tokio::task::spawn_blocking(move || backup::restore(&file, &dir, cache))
+        .await
+        .map_err(|e| fail(e.to_string()))??;
+    keep_owner(&cfg.storage.data_dir);
+    let mut text = format!(
+        "restored {} records ({} users) taken at {} into {}\n",
+        restored.records,
+        restored.users,
+        rfc3339(restored.taken_at),
+        cfg.storage.data_dir.display()
+    );
+    if !restored.key_files.iter().any(|k| k == "token.key") {
+        text.push_str(
+            "note: the backup has no token.key (token.secret was set): start with the same token.secret, or sessions will not verify\n",
+        );
+    }
+    Ok(text)
+}
+
+/// After a command wrote into the data dir directly, gives whatever it created to the
+/// data dir's owner. An operator runs commands as root, but the server runs as its own
+/// user (systemd's DynamicUser), which could not open files left owned by root. Only
+/// root can do this; for anyone else it changes nothing.
+fn keep_owner(dir: &Path) {
+    let Ok(top) = std::fs::metadata(dir) else {
+        return;
+    };
+    let (uid, gid) = (top.uid(), top.gid());
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.uid() != uid || meta.gid() != gid {
+                let _ = std::os::unix::fs::lchown(&path, Some(uid), Some(gid));
+            }
+            if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+}
