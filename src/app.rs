@@ -10,6 +10,7 @@ use crate::codes::Codes;
 use crate::config::Config;
 use crate::keys;
 use crate::limits::Limits;
+use crate::metrics::Metrics;
 use crate::password::Passwords;
 use crate::phone::PhoneParser;
 use crate::sms::Sms;
@@ -26,6 +27,7 @@ pub struct App {
     pub captchas: Captchas,
     pub limits: Limits,
     pub sms: Sms,
+    pub metrics: Metrics,
 }
 
 impl App {
@@ -59,6 +61,7 @@ impl App {
             limits,
             sms,
             cfg,
+            metrics: Metrics::new(),
         }))
     }
 

@@ -304,6 +304,12 @@ impl Codes {
         outcome
     }
 
+    /// Pending codes held in memory. moka counts lazily, so its deferred work runs first.
+    pub async fn pending_count(&self) -> u64 {
+        self.pending.run_pending_tasks().await;
+        self.pending.entry_count()
+    }
+
     /// Lets moka run its deferred work now (expiry clean-up, listener calls).
     pub async fn housekeeping(&self) {
         self.pending.run_pending_tasks().await;

@@ -18,9 +18,16 @@ pub enum ApiError {
     TooManyAttempts {
         message: String,
         retry_after: Option<u64>,
+        /// What refused, for metrics (not sent to the client).
+        limit: &'static str,
     },
     #[error("{message}")]
-    RateLimited { message: String, retry_after: u64 },
+    RateLimited {
+        message: String,
+        retry_after: u64,
+        /// What refused, for metrics (not sent to the client).
+        limit: &'static str,
+    },
     #[error("{0}")]
     Unauthorized(&'static str),
     /// Unknown phone, wrong password, or no password: one answer, so nothing leaks.
@@ -105,10 +112,21 @@ impl ApiError {
         }
     }
 
-    pub fn rate_limited(retry_after: u64) -> Self {
+    pub fn rate_limited(limit: &'static str, retry_after: u64) -> Self {
         ApiError::RateLimited {
             message: format!("too many requests; retry in {retry_after} s"),
             retry_after,
+            limit,
+        }
+    }
+
+    /// Which limit refused, for 429 answers.
+    pub fn limit(&self) -> Option<&'static str> {
+        match self {
+            ApiError::RateLimited { limit, .. } | ApiError::TooManyAttempts { limit, .. } => {
+                Some(limit)
+            }
+            _ => None,
         }
     }
 
@@ -131,6 +149,7 @@ impl From<crate::password::PasswordError> for ApiError {
             crate::password::PasswordError::Busy => ApiError::RateLimited {
                 message: "the server is busy checking passwords; retry in a moment".into(),
                 retry_after: 1,
+                limit: "password_queue",
             },
             crate::password::PasswordError::Internal(detail) => ApiError::Internal(detail),
         }
@@ -146,10 +165,12 @@ impl From<crate::limits::Limited> for ApiError {
             | Limited::Global { retry_after } => ApiError::RateLimited {
                 message: format!("{e}; retry in {retry_after} s"),
                 retry_after,
+                limit: e.kind(),
             },
             Limited::LockedOut { retry_after } => ApiError::TooManyAttempts {
                 message: format!("{e}; this phone is locked for {retry_after} s"),
                 retry_after: Some(retry_after),
+                limit: e.kind(),
             },
             Limited::Store(e) => e.into(),
         }

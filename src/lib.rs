@@ -25,6 +25,7 @@ pub mod http;
 pub mod keys;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod password;
 pub mod phone;

@@ -20,6 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::app::App;
+use crate::metrics::{LimitLabels, RequestLabels, RouteLabels};
 use body::{Resp, error_response};
 use router::Req;
 
@@ -79,21 +80,60 @@ async fn handle(
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let ip = client_ip(app.cfg.server.trust_proxy, peer, &parts.headers);
-    let method = parts.method.clone();
+    let method = method_label(&parts.method);
     let path: String = parts.uri.path().chars().take(128).collect();
-    let response = match router::dispatch(&app, Req { parts, body, ip }).await {
-        Ok(resp) => resp,
-        Err(err) => error_response(&err),
+    let resolved = router::resolve(parts.method.as_str(), parts.uri.path());
+    let route = resolved.as_ref().map_or("unmatched", |e| e.path());
+    let result = match resolved {
+        Ok(endpoint) => router::dispatch(&app, endpoint, Req { parts, body, ip }).await,
+        Err(e) => Err(e),
     };
+    let response = result.unwrap_or_else(|err| {
+        if let Some(limit) = err.limit() {
+            app.metrics
+                .rate_limited
+                .get_or_create(&LimitLabels { limit })
+                .inc();
+        }
+        error_response(&err)
+    });
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            method,
+            status,
+        })
+        .inc();
+    app.metrics
+        .latency
+        .get_or_create(&RouteLabels { route })
+        .observe(elapsed.as_secs_f64());
     tracing::info!(
-        method = %method,
+        method,
         path = %path,
-        status = response.status().as_u16(),
-        latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
+        status,
+        latency_ms = elapsed.as_micros() as f64 / 1000.0,
         ip = %ip,
         "request"
     );
     Ok(response)
+}
+
+/// Methods as a bounded set of label values: a client cannot mint new metric series.
+fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PATCH => "PATCH",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// The socket peer; behind a trusted proxy, the address it passes: X-Real-IP, else the

@@ -33,6 +33,7 @@ impl Req {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Healthz,
+    Metrics,
     Captcha,
     SendCode,
     SmsLogin,
@@ -48,6 +49,7 @@ pub enum Endpoint {
 /// (method, path, endpoint): the whole HTTP API.
 pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/healthz", Endpoint::Healthz),
+    ("GET", "/metrics", Endpoint::Metrics),
     ("POST", "/api/v1/captcha", Endpoint::Captcha),
     ("POST", "/api/v1/sms/code", Endpoint::SendCode),
     ("POST", "/api/v1/auth/sms-login", Endpoint::SmsLogin),
@@ -64,21 +66,23 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("PATCH", "/api/v1/me", Endpoint::PatchMe),
 ];
 
-pub async fn dispatch(app: &App, req: Req) -> Result<Resp, ApiError> {
-    let path = req.parts.uri.path();
-    let method = req.parts.method.as_str();
-    let endpoint = match ROUTES.iter().find(|(m, p, _)| *p == path && *m == method) {
-        Some((_, _, endpoint)) => *endpoint,
-        None if ROUTES.iter().any(|(_, p, _)| *p == path) => {
-            return Err(ApiError::MethodNotAllowed {
-                allow: allowed(path),
-            });
-        }
-        None => return Err(ApiError::NotFound),
-    };
+/// The endpoint for a method and path: 404 for an unknown path, 405 for a known path
+/// with another method.
+pub fn resolve(method: &str, path: &str) -> Result<Endpoint, ApiError> {
+    match ROUTES.iter().find(|(m, p, _)| *p == path && *m == method) {
+        Some((_, _, endpoint)) => Ok(*endpoint),
+        None if ROUTES.iter().any(|(_, p, _)| *p == path) => Err(ApiError::MethodNotAllowed {
+            allow: allowed(path),
+        }),
+        None => Err(ApiError::NotFound),
+    }
+}
+
+pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, ApiError> {
     endpoint.limit_address(app, req.ip)?;
     match endpoint {
         Endpoint::Healthz => ops::healthz(app).await,
+        Endpoint::Metrics => ops::metrics(app).await,
         Endpoint::Captcha => captcha::create(app).await,
         Endpoint::SendCode => codes::send_code(app, req).await,
         Endpoint::SmsLogin => session::sms_login(app, req).await,
@@ -93,6 +97,14 @@ pub async fn dispatch(app: &App, req: Req) -> Result<Resp, ApiError> {
 }
 
 impl Endpoint {
+    /// The path this endpoint serves, as a metrics label.
+    pub fn path(self) -> &'static str {
+        ROUTES
+            .iter()
+            .find(|(_, _, e)| *e == self)
+            .map_or("unmatched", |(_, p, _)| p)
+    }
+
     /// The per-address limit each endpoint counts against, checked before any work.
     fn limit_address(self, app: &App, ip: IpAddr) -> Result<(), ApiError> {
         match self {
@@ -103,7 +115,11 @@ impl Endpoint {
             | Endpoint::Register
             | Endpoint::PasswordLogin
             | Endpoint::PasswordReset => app.limits.address_check(ip)?,
-            Endpoint::Healthz | Endpoint::Logout | Endpoint::GetMe | Endpoint::PatchMe => {}
+            Endpoint::Healthz
+            | Endpoint::Metrics
+            | Endpoint::Logout
+            | Endpoint::GetMe
+            | Endpoint::PatchMe => {}
         }
         Ok(())
     }

@@ -8,8 +8,9 @@ use crate::app::App;
 use crate::error::ApiError;
 use crate::http::body::{Resp, json_response};
 use crate::http::router::Req;
+use crate::metrics::SendLabels;
 use crate::model::Purpose;
-use crate::sms::{Outgoing, SmsError};
+use crate::sms::{Outcome, Outgoing, SmsError};
 
 #[derive(Deserialize)]
 struct SendCodeRequest {
@@ -47,7 +48,7 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
     app.codes
         .reserve_send(&phone)
         .await
-        .map_err(ApiError::rate_limited)?;
+        .map_err(|wait| ApiError::rate_limited("resend_interval", wait))?;
     let quota = match app.limits.take_send_quota(&phone) {
         Ok(quota) => quota,
         Err(limited) => {
@@ -81,14 +82,23 @@ async fn deliver(app: &App, phone: &crate::phone::Phone, purpose: Purpose) -> Re
         expires_in: app.codes.ttl_secs(),
     };
     // Sms::send writes the log line for every outcome.
-    let Err(e) = app.sms.send(&outgoing).await else {
+    let sent = app.sms.send(&outgoing).await;
+    let result = sent.as_ref().map_or_else(|e| e.outcome(), |()| Outcome::Ok);
+    app.metrics
+        .sms_sends
+        .get_or_create(&SendLabels {
+            provider: app.sms.provider(),
+            result: result.as_str(),
+        })
+        .inc();
+    let Err(e) = sent else {
         return Ok(());
     };
     app.codes.discard(phone, purpose).await?;
     Err(match e {
         SmsError::InvalidPhone(_) => ApiError::InvalidPhone,
         SmsError::RateLimited(_) => {
-            ApiError::rate_limited(app.codes.resend_interval_secs().max(60))
+            ApiError::rate_limited("provider", app.codes.resend_interval_secs().max(60))
         }
         SmsError::Transport(_) | SmsError::Refused(_) => ApiError::SmsFailed,
     })

@@ -63,9 +63,13 @@ pub async fn consume_code(
     purpose: crate::model::Purpose,
     code: &str,
 ) -> Result<(), ApiError> {
-    app.limits.check_lockout(phone)?;
+    if let Err(locked) = app.limits.check_lockout(phone) {
+        app.metrics.verification("locked");
+        return Err(locked.into());
+    }
     // A code of the wrong shape cannot be right; refuse it without spending an attempt.
     if code.len() != app.cfg.code.length as usize || !code.bytes().all(|b| b.is_ascii_digit()) {
+        app.metrics.verification("invalid");
         return Err(ApiError::InvalidCode);
     }
     let result = app.codes.consume(phone, purpose, code).await;
@@ -75,11 +79,19 @@ pub async fn consume_code(
         app.limits.record_failure(phone)?;
         app.store.flush().await?;
     }
+    app.metrics.verification(match &result {
+        Ok(()) => "ok",
+        Err(CodeError::Wrong) => "wrong",
+        Err(CodeError::Invalid) => "invalid",
+        Err(CodeError::Dead { .. }) => "dead",
+        Err(CodeError::Store(_)) => "error",
+    });
     result.map_err(|e| match e {
         CodeError::Invalid | CodeError::Wrong => ApiError::InvalidCode,
         CodeError::Dead { retry_after, .. } => ApiError::TooManyAttempts {
             message: "too many wrong codes; request a new code".into(),
             retry_after: Some(retry_after),
+            limit: "code_attempts",
         },
         CodeError::Store(e) => e.into(),
     })

@@ -1,6 +1,9 @@
 //! Endpoints for probes and operators.
 
-use http::StatusCode;
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
 
 use crate::app::App;
 use crate::error::ApiError;
@@ -13,4 +16,25 @@ pub async fn healthz(app: &App) -> Result<Resp, ApiError> {
         StatusCode::OK,
         &serde_json::json!({ "status": "ok" }),
     ))
+}
+
+/// GET /metrics: Prometheus text format. State gauges are read now, counters are live.
+pub async fn metrics(app: &App) -> Result<Resp, ApiError> {
+    let m = &app.metrics;
+    m.users.set(app.store.user_count()? as i64);
+    m.store_bytes.set(app.store.size_on_disk() as i64);
+    m.pending_codes.set(app.codes.pending_count().await as i64);
+    for (limiter, tracked) in app.limits.tracked_addresses() {
+        m.tracked_addresses
+            .get_or_create(&crate::metrics::LimiterLabels { limiter })
+            .set(tracked as i64);
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(m.render())));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
 }

@@ -71,6 +71,7 @@ pub async fn register(app: &App, req: Req) -> Result<Resp, ApiError> {
         return Err(ApiError::PhoneTaken);
     }
     tracing::info!(user_id = user.id, phone = %phone.masked(), "registered with a password");
+    app.metrics.registration("password");
     token_response(app, &user, true, StatusCode::CREATED)
 }
 
@@ -118,6 +119,7 @@ pub async fn login(app: &App, req: Req) -> Result<Resp, ApiError> {
         .ok_or_else(|| ApiError::Internal("user vanished during login".into()))?;
     app.store.flush().await?;
     tracing::info!(user_id = user.id, phone = %phone.masked(), "password login");
+    app.metrics.login("password");
     token_response(app, &user, false, StatusCode::OK)
 }
 

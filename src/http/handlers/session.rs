@@ -90,6 +90,10 @@ pub async fn sms_login(app: &App, req: Req) -> Result<Resp, ApiError> {
     }
     app.store.flush().await?;
     tracing::info!(user_id = user.id, phone = %phone.masked(), created, "sms login");
+    app.metrics.login("sms");
+    if created {
+        app.metrics.registration("sms");
+    }
     token_response(app, &user, created, StatusCode::OK)
 }
 
