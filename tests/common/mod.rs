@@ -153,6 +153,22 @@ impl TestServer {
         }
     }
 
+    /// Waits for a log line that `pred` accepts (since the server started).
+    pub fn wait_for_log(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for_line(&self.log, 0, pred).expect("the awaited log line did not come")
+    }
+
+    /// GET returning the raw text (e.g. /metrics).
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let resp = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        (resp.status().as_u16(), resp.text().await.expect("body"))
+    }
+
     /// The newest code the `log` sender wrote for `phone` (E.164) since the last call.
     pub fn take_code(&self, phone: &str) -> String {
         let masked = mask(phone);
