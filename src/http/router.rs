@@ -7,7 +7,7 @@ use http::request::Parts;
 use hyper::body::Incoming;
 
 use super::body::Resp;
-use super::handlers::{account, captcha, codes, ops, password, session};
+use super::handlers::{account, captcha, codes, ops, page, password, session};
 use crate::app::App;
 use crate::error::ApiError;
 
@@ -32,6 +32,7 @@ impl Req {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
+    Page,
     Healthz,
     Captcha,
     SendCode,
@@ -47,6 +48,7 @@ pub enum Endpoint {
 
 /// (method, path, endpoint): the whole HTTP API.
 pub const ROUTES: &[(&str, &str, Endpoint)] = &[
+    ("GET", "/", Endpoint::Page),
     ("GET", "/healthz", Endpoint::Healthz),
     ("POST", "/api/v1/captcha", Endpoint::Captcha),
     ("POST", "/api/v1/sms/code", Endpoint::SendCode),
@@ -78,6 +80,7 @@ pub async fn dispatch(app: &App, req: Req) -> Result<Resp, ApiError> {
     };
     endpoint.limit_address(app, req.ip)?;
     match endpoint {
+        Endpoint::Page => Ok(page::index()),
         Endpoint::Healthz => ops::healthz(app).await,
         Endpoint::Captcha => captcha::create(app).await,
         Endpoint::SendCode => codes::send_code(app, req).await,
@@ -103,7 +106,11 @@ impl Endpoint {
             | Endpoint::Register
             | Endpoint::PasswordLogin
             | Endpoint::PasswordReset => app.limits.address_check(ip)?,
-            Endpoint::Healthz | Endpoint::Logout | Endpoint::GetMe | Endpoint::PatchMe => {}
+            Endpoint::Page
+            | Endpoint::Healthz
+            | Endpoint::Logout
+            | Endpoint::GetMe
+            | Endpoint::PatchMe => {}
         }
         Ok(())
     }
