@@ -158,7 +158,7 @@ async fn code_login_in_a_real_browser() {
     assert_eq!(status, 200);
     assert_eq!(b.text("#acct-id").await, me["id"].to_string());
     b.screenshot(&shots.join("login-page.png")).await;
-    if std::env::var("SMSAUTH_UPDATE_DOCS_PICTURE").as_deref() == Ok("1") {
+    if std::env::var("UPDATE_LOGIN_PAGE_PICTURE").as_deref() == Ok("1") {
         let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
         std::fs::create_dir_all(&docs).unwrap();
         std::fs::copy(shots.join("login-form.png"), docs.join("login-page.png")).unwrap();
