@@ -508,7 +508,9 @@
       $("password").focus();
       return;
     }
-    storageSet("sessionStorage", TOKEN_KEY, res.data && res.data.access_token);
+    const token = res.data && res.data.access_token;
+    // With cookie sessions the cookie carries the session; a token, if given, is kept too.
+    if (typeof token === "string" && token) storageSet("sessionStorage", TOKEN_KEY, token);
     state.created = Boolean(res.data && res.data.created);
     await loadAccount(true);
   }
