@@ -7,7 +7,7 @@ use http::request::Parts;
 use hyper::body::Incoming;
 
 use super::body::Resp;
-use super::handlers::{account, captcha, codes, ops, password, session};
+use super::handlers::{account, captcha, codes, ops, page, password, session};
 use crate::app::App;
 use crate::error::ApiError;
 
@@ -32,6 +32,7 @@ impl Req {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
+    Page,
     Healthz,
     Metrics,
     Captcha,
@@ -48,6 +49,7 @@ pub enum Endpoint {
 
 /// (method, path, endpoint): the whole HTTP API.
 pub const ROUTES: &[(&str, &str, Endpoint)] = &[
+    ("GET", "/", Endpoint::Page),
     ("GET", "/healthz", Endpoint::Healthz),
     ("GET", "/metrics", Endpoint::Metrics),
     ("POST", "/api/v1/captcha", Endpoint::Captcha),
@@ -81,6 +83,7 @@ pub fn resolve(method: &str, path: &str) -> Result<Endpoint, ApiError> {
 pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, ApiError> {
     endpoint.limit_address(app, req.ip)?;
     match endpoint {
+        Endpoint::Page => Ok(page::index()),
         Endpoint::Healthz => ops::healthz(app).await,
         Endpoint::Metrics => ops::metrics(app).await,
         Endpoint::Captcha => captcha::create(app).await,
@@ -115,7 +118,8 @@ impl Endpoint {
             | Endpoint::Register
             | Endpoint::PasswordLogin
             | Endpoint::PasswordReset => app.limits.address_check(ip)?,
-            Endpoint::Healthz
+            Endpoint::Page
+            | Endpoint::Healthz
             | Endpoint::Metrics
             | Endpoint::Logout
             | Endpoint::GetMe

@@ -5,6 +5,7 @@ pub mod account;
 pub mod captcha;
 pub mod codes;
 pub mod ops;
+pub mod page;
 pub mod password;
 pub mod session;
 

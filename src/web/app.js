@@ -1,0 +1,603 @@
+"use strict";
+// The login page's script. Plain DOM, no libraries. Everything the API sends back is put
+// on the page with textContent only, never as HTML.
+(function () {
+  const TOKEN_KEY = "smsauth.token"; // sessionStorage: this tab only, gone when it closes
+  const LANG_KEY = "smsauth.lang"; // localStorage: the visitor's choice of language
+
+  const TEXT = {
+    en: {
+      page_title: "Log in - smsauth",
+      title: "Log in",
+      title_account: "Your account",
+      other_lang: "中文",
+      tab_sms: "SMS code",
+      tab_password: "Password",
+      mode_pwlogin: "Log in",
+      mode_register: "Register",
+      mode_reset: "Reset password",
+      phone: "Phone number",
+      phone_hint: "e.g. 13812345678",
+      captcha: "Characters in the picture",
+      captcha_refresh: "Show a new picture",
+      captcha_alt: "Picture with characters to type",
+      code: "Verification code",
+      code_hint: "Code from the SMS",
+      send_code: "Send code",
+      sending: "Sending…",
+      resend_in: "Resend in {n} s",
+      password: "Password",
+      password_new: "Password (8 or more characters)",
+      new_password: "New password",
+      nickname_optional: "Nickname (optional)",
+      submit_sms: "Log in",
+      submit_pwlogin: "Log in",
+      submit_register: "Create account",
+      submit_reset: "Set new password",
+      acct_phone: "Phone",
+      acct_nickname: "Nickname",
+      acct_id: "User ID",
+      acct_created: "Registered",
+      acct_last_login: "Last login",
+      acct_methods: "Login methods",
+      method_sms: "SMS code",
+      method_password: "Password",
+      never: "—",
+      logout: "Log out",
+      welcome: "Welcome, {name}.",
+      welcome_new: "Your account is ready. Welcome, {name}.",
+      code_sent: "Code sent. It is valid for {s}.",
+      logged_out: "You are logged out.",
+      reset_done: "Your password is changed. Log in with the new one.",
+      need_phone: "Enter your phone number.",
+      need_code: "Enter the code from the SMS.",
+      need_password: "Enter a password.",
+      need_captcha: "Type the characters shown in the picture.",
+      captcha_expired: "The picture expired. Type the characters of the new one.",
+      err_network: "Cannot reach the server. Check your connection and try again.",
+      err_http: "The server answered with an error ({status}). Try again later.",
+      err_invalid_request: "Something in the form is not right. Check what you entered.",
+      err_invalid_phone: "That phone number is not valid.",
+      err_invalid_code: "The code is wrong or has expired.",
+      err_too_many_attempts: "Too many wrong tries. Try again in {s}.",
+      err_too_many_attempts_new: "Too many wrong tries. Request a new code.",
+      err_rate_limited: "Too many requests. Try again in {s}.",
+      err_unauthorized: "Your session has ended. Log in again.",
+      err_invalid_credentials: "The phone number or password is wrong.",
+      err_phone_taken: "This phone number already has an account. Log in instead.",
+      err_weak_password: "The password must be 8 to 128 characters, and not only spaces.",
+      err_captcha_required: "Type the characters shown in the picture first.",
+      err_captcha_invalid: "The characters did not match the picture, or it expired. Try the new one.",
+      err_sms_failed: "The SMS could not be sent. Try again later.",
+      err_not_found: "The server does not know this request (not found).",
+      err_method_not_allowed: "The server does not allow this request.",
+      err_payload_too_large: "What you entered is too long.",
+      err_unsupported_media_type: "The server could not read the request.",
+      err_internal: "Something went wrong on the server. Try again later.",
+      sec: "{n} s",
+      min: "{n} min",
+      hour: "{n} h",
+    },
+    zh: {
+      page_title: "登录 - smsauth",
+      title: "登录",
+      title_account: "我的账户",
+      other_lang: "English",
+      tab_sms: "短信验证码",
+      tab_password: "密码",
+      mode_pwlogin: "密码登录",
+      mode_register: "注册",
+      mode_reset: "重置密码",
+      phone: "手机号",
+      phone_hint: "例如 13812345678",
+      captcha: "图片验证码",
+      captcha_refresh: "换一张",
+      captcha_alt: "图片验证码",
+      code: "短信验证码",
+      code_hint: "短信中的验证码",
+      send_code: "获取验证码",
+      sending: "发送中…",
+      resend_in: "{n} 秒后重发",
+      password: "密码",
+      password_new: "密码（至少 8 个字符）",
+      new_password: "新密码",
+      nickname_optional: "昵称（可选）",
+      submit_sms: "登录",
+      submit_pwlogin: "登录",
+      submit_register: "注册",
+      submit_reset: "设置新密码",
+      acct_phone: "手机号",
+      acct_nickname: "昵称",
+      acct_id: "用户 ID",
+      acct_created: "注册时间",
+      acct_last_login: "上次登录",
+      acct_methods: "登录方式",
+      method_sms: "短信验证码",
+      method_password: "密码",
+      never: "—",
+      logout: "退出登录",
+      welcome: "欢迎，{name}。",
+      welcome_new: "账户已创建。欢迎，{name}。",
+      code_sent: "验证码已发送，{s}内有效。",
+      logged_out: "您已退出登录。",
+      reset_done: "密码已修改，请用新密码登录。",
+      need_phone: "请输入手机号。",
+      need_code: "请输入短信验证码。",
+      need_password: "请输入密码。",
+      need_captcha: "请输入图片中的字符。",
+      captcha_expired: "图片已过期，请输入新图片中的字符。",
+      err_network: "无法连接服务器，请检查网络后重试。",
+      err_http: "服务器返回错误（{status}），请稍后再试。",
+      err_invalid_request: "表单内容有误，请检查后重试。",
+      err_invalid_phone: "手机号格式不正确。",
+      err_invalid_code: "验证码错误或已过期。",
+      err_too_many_attempts: "错误次数过多，请 {s}后再试。",
+      err_too_many_attempts_new: "错误次数过多，请重新获取验证码。",
+      err_rate_limited: "操作过于频繁，请 {s}后再试。",
+      err_unauthorized: "登录已失效，请重新登录。",
+      err_invalid_credentials: "手机号或密码错误。",
+      err_phone_taken: "该手机号已注册，请直接登录。",
+      err_weak_password: "密码需为 8 到 128 个字符，且不能全是空格。",
+      err_captcha_required: "请先输入图片中的字符。",
+      err_captcha_invalid: "图片验证码错误或已过期，请输入新图片中的字符。",
+      err_sms_failed: "短信发送失败，请稍后再试。",
+      err_not_found: "服务器不认识这个请求（未找到）。",
+      err_method_not_allowed: "服务器不允许这个请求。",
+      err_payload_too_large: "输入的内容太长。",
+      err_unsupported_media_type: "服务器无法读取这个请求。",
+      err_internal: "服务器出错，请稍后再试。",
+      sec: "{n} 秒",
+      min: "{n} 分钟",
+      hour: "{n} 小时",
+    },
+  };
+
+  // Which fields each mode uses, what it sends and where.
+  const MODES = {
+    sms: { tab: "sms", purpose: "login" },
+    pwlogin: { tab: "password" },
+    register: { tab: "password", purpose: "register" },
+    reset: { tab: "password", purpose: "reset_password" },
+  };
+
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    lang: "en",
+    mode: "sms",
+    passwordMode: "pwlogin",
+    user: null,
+    created: false,
+    message: null, // {kind, key, secs, status} or {kind, raw}
+    captcha: { shown: false, id: null, expiresAt: 0 },
+    sending: false,
+    busy: false,
+    countdownEnd: 0,
+    countdownTimer: null,
+  };
+
+  function storageGet(store, key) {
+    try {
+      return window[store].getItem(key);
+    } catch (e) {
+      return null;
+    }
+  }
+  function storageSet(store, key, value) {
+    try {
+      if (value === null) window[store].removeItem(key);
+      else window[store].setItem(key, value);
+    } catch (e) {
+      // Storage off (private mode): the page still works for this visit.
+    }
+  }
+
+  function detectLang() {
+    const saved = storageGet("localStorage", LANG_KEY);
+    if (saved === "en" || saved === "zh") return saved;
+    const langs = navigator.languages && navigator.languages.length
+      ? navigator.languages
+      : [navigator.language || "en"];
+    for (const l of langs) {
+      const tag = String(l).toLowerCase();
+      if (tag.startsWith("zh")) return "zh";
+      if (tag.startsWith("en")) return "en";
+    }
+    return "en";
+  }
+
+  function t(key, vars) {
+    let s = TEXT[state.lang][key];
+    if (s === undefined) s = TEXT.en[key] || key;
+    if (vars) {
+      for (const name of Object.keys(vars)) s = s.split("{" + name + "}").join(String(vars[name]));
+    }
+    return s;
+  }
+
+  function duration(secs) {
+    const n = Math.max(0, Math.ceil(Number(secs) || 0));
+    if (n < 120) return t("sec", { n: n });
+    if (n < 7200) return t("min", { n: Math.ceil(n / 60) });
+    return t("hour", { n: Math.ceil(n / 3600) });
+  }
+
+  // ---- messages ----
+
+  function renderMessage() {
+    const el = $("message");
+    const m = state.message;
+    el.className = "message" + (m ? " " + m.kind : "");
+    if (!m) {
+      el.textContent = "";
+      return;
+    }
+    el.textContent = m.raw !== undefined
+      ? m.raw
+      : t(m.key, { s: duration(m.secs), status: m.status });
+  }
+  function say(kind, key, secs) {
+    state.message = { kind: kind, key: key, secs: secs };
+    renderMessage();
+  }
+  function clearMessage() {
+    state.message = null;
+    renderMessage();
+  }
+  // An error answer in words: our text for its `error` code, else the server's message.
+  function sayApiError(res) {
+    const d = res.data || {};
+    let key = "err_" + d.error;
+    if (d.error === "too_many_attempts" && d.retry_after == null) key = "err_too_many_attempts_new";
+    if (d.error && TEXT.en[key]) {
+      state.message = { kind: "error", key: key, secs: d.retry_after };
+    } else if (typeof d.message === "string" && d.message) {
+      state.message = { kind: "error", raw: d.message };
+    } else {
+      state.message = { kind: "error", key: "err_http", status: res.status };
+    }
+    renderMessage();
+  }
+
+  // ---- the API ----
+
+  async function api(method, path, body) {
+    const headers = { Accept: "application/json" };
+    const token = storageGet("sessionStorage", TOKEN_KEY);
+    if (token) headers.Authorization = "Bearer " + token;
+    const init = { method: method, headers: headers, credentials: "same-origin", cache: "no-store" };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    let resp;
+    try {
+      resp = await fetch(path, init);
+    } catch (e) {
+      return { ok: false, status: 0, data: { error: "network" } };
+    }
+    let data = null;
+    try {
+      const text = await resp.text();
+      data = text ? JSON.parse(text) : null;
+    } catch (e) {
+      data = null;
+    }
+    return { ok: resp.ok, status: resp.status, data: data };
+  }
+
+  // ---- language ----
+
+  function applyLang() {
+    document.documentElement.lang = state.lang === "zh" ? "zh-CN" : "en";
+    document.title = t("page_title");
+    for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+    for (const el of document.querySelectorAll("[data-i18n-placeholder]")) {
+      el.placeholder = t(el.dataset.i18nPlaceholder);
+    }
+    for (const el of document.querySelectorAll("[data-i18n-title]")) el.title = t(el.dataset.i18nTitle);
+    $("captcha-image").alt = t("captcha_alt");
+    const sw = $("lang-switch");
+    sw.textContent = t("other_lang");
+    sw.lang = state.lang === "zh" ? "en" : "zh-CN";
+    renderMode();
+    renderSendButton();
+    renderMessage();
+    if (state.user) renderAccount();
+  }
+
+  function switchLang() {
+    state.lang = state.lang === "zh" ? "en" : "zh";
+    storageSet("localStorage", LANG_KEY, state.lang);
+    applyLang();
+  }
+
+  // ---- tabs and modes ----
+
+  function renderMode() {
+    const mode = state.mode;
+    const tab = MODES[mode].tab;
+    for (const b of document.querySelectorAll("[data-tab]")) {
+      b.setAttribute("aria-selected", String(b.dataset.tab === tab));
+    }
+    for (const b of document.querySelectorAll("[data-mode]")) {
+      b.setAttribute("aria-selected", String(b.dataset.mode === mode));
+    }
+    $("password-modes").hidden = tab !== "password";
+    for (const el of document.querySelectorAll("[data-modes]")) {
+      el.hidden = !el.dataset.modes.split(" ").includes(mode);
+    }
+    if (!state.captcha.shown) $("captcha-row").hidden = true;
+    const pw = $("password");
+    pw.autocomplete = mode === "pwlogin" ? "current-password" : "new-password";
+    $("password-label").textContent = t(
+      mode === "register" ? "password_new" : mode === "reset" ? "new_password" : "password",
+    );
+    $("submit").textContent = t("submit_" + mode);
+    $("title").textContent = t(state.user ? "title_account" : "title");
+  }
+
+  function setMode(mode) {
+    if (mode === state.mode) return;
+    state.mode = mode;
+    if (MODES[mode].tab === "password") state.passwordMode = mode;
+    clearMessage();
+    renderMode();
+  }
+
+  // ---- captcha ----
+
+  async function loadCaptcha() {
+    const res = await api("POST", "/api/v1/captcha");
+    if (!res.ok || !res.data) {
+      sayApiError(res);
+      return;
+    }
+    state.captcha.id = res.data.captcha_id;
+    state.captcha.expiresAt = Date.now() + (Number(res.data.expires_in) || 0) * 1000;
+    const img = $("captcha-image");
+    // Only ever a data: URI; the CSP allows no other image source anyway.
+    if (typeof res.data.image === "string" && res.data.image.startsWith("data:image/")) {
+      img.src = res.data.image;
+    }
+    $("captcha-answer").value = "";
+  }
+
+  function showCaptcha() {
+    if (state.captcha.shown) return;
+    state.captcha.shown = true;
+    renderMode();
+  }
+
+  // ---- sending a code, with the countdown of seed 004 ----
+
+  function renderSendButton() {
+    const btn = $("send-code");
+    const left = Math.ceil((state.countdownEnd - Date.now()) / 1000);
+    if (left > 0) {
+      btn.disabled = true;
+      btn.textContent = t("resend_in", { n: left });
+      return;
+    }
+    if (state.countdownTimer !== null) {
+      clearInterval(state.countdownTimer);
+      state.countdownTimer = null;
+    }
+    btn.disabled = state.sending;
+    btn.textContent = t(state.sending ? "sending" : "send_code");
+  }
+
+  function startCountdown(secs) {
+    const n = Number(secs);
+    if (!(n > 0)) return;
+    // Counted against the clock, so a tab in the background does not fall behind.
+    state.countdownEnd = Date.now() + n * 1000;
+    if (state.countdownTimer === null) state.countdownTimer = setInterval(renderSendButton, 250);
+    renderSendButton();
+  }
+
+  function phone() {
+    return $("phone").value.trim();
+  }
+
+  async function sendCode() {
+    if (state.sending) return;
+    const number = phone();
+    if (!number) {
+      say("error", "need_phone");
+      $("phone").focus();
+      return;
+    }
+    const body = { phone: number, purpose: MODES[state.mode].purpose || "login" };
+    if (state.captcha.shown) {
+      if (!state.captcha.id || Date.now() >= state.captcha.expiresAt) {
+        await loadCaptcha();
+        say("error", "captcha_expired");
+        $("captcha-answer").focus();
+        return;
+      }
+      const answer = $("captcha-answer").value.trim();
+      if (!answer) {
+        say("error", "need_captcha");
+        $("captcha-answer").focus();
+        return;
+      }
+      body.captcha_id = state.captcha.id;
+      body.captcha_answer = answer;
+    }
+    state.sending = true;
+    renderSendButton();
+    const res = await api("POST", "/api/v1/sms/code", body);
+    state.sending = false;
+    const err = res.data && res.data.error;
+    const needCaptcha = err === "captcha_required" || err === "captcha_invalid";
+    if (needCaptcha) showCaptcha();
+    // A captcha is good for one try, right or wrong.
+    if (body.captcha_id || needCaptcha) loadCaptcha();
+    if (res.ok) {
+      startCountdown(res.data && res.data.resend_after);
+      say("info", "code_sent", res.data && res.data.expires_in);
+      $("code").focus();
+    } else {
+      if (err === "rate_limited" && res.data.retry_after <= 300) startCountdown(res.data.retry_after);
+      sayApiError(res);
+      if (needCaptcha) $("captcha-answer").focus();
+    }
+    renderSendButton();
+  }
+
+  // ---- logging in, registering, resetting ----
+
+  async function submit(ev) {
+    ev.preventDefault();
+    if (state.busy) return;
+    const mode = state.mode;
+    const number = phone();
+    const code = $("code").value.replace(/\s+/g, "");
+    const password = $("password").value;
+    const fields = MODES[mode].purpose ? [["code", code, "need_code"]] : [];
+    if (mode !== "sms") fields.push(["password", password, "need_password"]);
+    if (!number) {
+      say("error", "need_phone");
+      $("phone").focus();
+      return;
+    }
+    for (const [id, value, key] of fields) {
+      if (!value) {
+        say("error", key);
+        $(id).focus();
+        return;
+      }
+    }
+    let res;
+    state.busy = true;
+    $("submit").disabled = true;
+    try {
+      if (mode === "sms") {
+        res = await api("POST", "/api/v1/auth/sms-login", { phone: number, code: code });
+      } else if (mode === "pwlogin") {
+        res = await api("POST", "/api/v1/auth/login", { phone: number, password: password });
+      } else if (mode === "register") {
+        const body = { phone: number, code: code, password: password };
+        const nickname = $("nickname").value.trim();
+        if (nickname) body.nickname = nickname;
+        res = await api("POST", "/api/v1/auth/register", body);
+      } else {
+        res = await api("POST", "/api/v1/auth/password/reset", {
+          phone: number,
+          code: code,
+          new_password: password,
+        });
+      }
+    } finally {
+      state.busy = false;
+      $("submit").disabled = false;
+    }
+    if (!res.ok) {
+      sayApiError(res);
+      const err = res.data && res.data.error;
+      if (err === "invalid_code") $("code").select();
+      if (err === "weak_password") $("password").select();
+      return;
+    }
+    $("code").value = "";
+    $("password").value = "";
+    if (mode === "reset") {
+      setMode("pwlogin");
+      say("info", "reset_done");
+      $("password").focus();
+      return;
+    }
+    const token = res.data && res.data.access_token;
+    // With cookie sessions the cookie carries the session; a token, if given, is kept too.
+    if (typeof token === "string" && token) storageSet("sessionStorage", TOKEN_KEY, token);
+    state.created = Boolean(res.data && res.data.created);
+    await loadAccount(true);
+  }
+
+  // ---- the account ----
+
+  function when(s) {
+    if (!s) return t("never");
+    const d = new Date(s);
+    if (isNaN(d.getTime())) return String(s);
+    return d.toLocaleString(state.lang === "zh" ? "zh-CN" : "en-GB", {
+      dateStyle: "medium",
+      timeStyle: "short",
+    });
+  }
+
+  function renderAccount() {
+    const u = state.user;
+    $("acct-phone").textContent = String(u.phone);
+    $("acct-nickname").textContent = String(u.nickname);
+    $("acct-id").textContent = String(u.id);
+    $("acct-created").textContent = when(u.created_at);
+    $("acct-last-login").textContent = when(u.last_login_at);
+    $("acct-methods").textContent = (Array.isArray(u.login_methods) ? u.login_methods : [])
+      .map((m) => (TEXT.en["method_" + m] ? t("method_" + m) : String(m)))
+      .join(state.lang === "zh" ? "、" : ", ");
+    $("welcome").textContent = t(state.created ? "welcome_new" : "welcome", { name: u.nickname });
+    $("title").textContent = t("title_account");
+  }
+
+  function showLogin() {
+    state.user = null;
+    state.created = false;
+    $("account-view").hidden = true;
+    $("login-view").hidden = false;
+    renderMode();
+  }
+
+  // GET /me: with the token from this tab's login, or a session cookie if the server
+  // sets one. `afterLogin`: a failure here is an error worth showing.
+  async function loadAccount(afterLogin) {
+    const res = await api("GET", "/api/v1/me");
+    if (res.ok && res.data) {
+      state.user = res.data;
+      clearMessage();
+      renderAccount();
+      $("login-view").hidden = true;
+      $("account-view").hidden = false;
+      $("logout").focus();
+      return;
+    }
+    const hadToken = storageGet("sessionStorage", TOKEN_KEY) !== null;
+    if (res.status === 401) storageSet("sessionStorage", TOKEN_KEY, null);
+    showLogin();
+    if (afterLogin || hadToken || res.status !== 401) sayApiError(res);
+  }
+
+  async function logout() {
+    const btn = $("logout");
+    btn.disabled = true;
+    const res = await api("POST", "/api/v1/auth/logout");
+    btn.disabled = false;
+    // 401: the session had already ended; either way this tab is logged out.
+    if (res.ok || res.status === 401) {
+      storageSet("sessionStorage", TOKEN_KEY, null);
+      showLogin();
+      say("info", "logged_out");
+      $("phone").focus();
+    } else {
+      sayApiError(res);
+    }
+  }
+
+  // ---- wiring ----
+
+  state.lang = detectLang();
+  $("lang-switch").addEventListener("click", switchLang);
+  for (const b of document.querySelectorAll("[data-tab]")) {
+    b.addEventListener("click", () => setMode(b.dataset.tab === "sms" ? "sms" : state.passwordMode));
+  }
+  for (const b of document.querySelectorAll("[data-mode]")) {
+    b.addEventListener("click", () => setMode(b.dataset.mode));
+  }
+  $("send-code").addEventListener("click", sendCode);
+  $("captcha-image-button").addEventListener("click", loadCaptcha);
+  $("login-form").addEventListener("submit", submit);
+  $("logout").addEventListener("click", logout);
+  applyLang();
+  loadAccount(false);
+})();

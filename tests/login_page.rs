@@ -1,0 +1,400 @@
+//! The login page at GET /: its headers and CSP over plain HTTP, then the page itself in
+//! a real headless Chromium (driven over WebDriver) against the real server: code login,
+//! an error in words, /me, logout, the password tab, the captcha, both languages, and a
+//! phone-sized screen. Screenshots go to target/screenshots/.
+
+mod common;
+
+use base64::Engine;
+use common::TestServer;
+use common::webdriver::{Browser, browser_available, target_dir};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+const INVALID_CODE_EN: &str = "The code is wrong or has expired.";
+
+fn sha256_source(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    format!(
+        "'sha256-{}'",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
+/// The text between `open` and the next `close` in `html`.
+fn between<'a>(html: &'a str, open: &str, close: &str) -> &'a str {
+    let start = html.find(open).unwrap_or_else(|| panic!("no {open}")) + open.len();
+    let len = html[start..]
+        .find(close)
+        .unwrap_or_else(|| panic!("no {close}"));
+    &html[start..start + len]
+}
+
+#[tokio::test]
+async fn page_is_served_with_a_strict_policy() {
+    let s = TestServer::start("").await;
+    let resp = s.client.get(s.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    let header = |name: &str| {
+        h.get(name)
+            .unwrap_or_else(|| panic!("no {name} header"))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(header("content-type"), "text/html; charset=utf-8");
+    assert_eq!(header("x-content-type-options"), "nosniff");
+    assert_eq!(header("referrer-policy"), "no-referrer");
+    assert_eq!(header("cache-control"), "no-cache");
+    let html = resp.text().await.unwrap();
+    let csp = header("content-security-policy");
+    let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
+    // The inline script and style run because, and only because, their hashes are listed.
+    let script = between(&html, "<script>", "</script>");
+    let style = between(&html, "<style>", "</style>");
+    let script_src = format!("script-src {}", sha256_source(script));
+    let style_src = format!("style-src {}", sha256_source(style));
+    for d in [
+        "default-src 'none'",
+        &script_src,
+        &style_src,
+        "img-src data:",
+        "connect-src 'self'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+    ] {
+        assert!(directives.contains(&d), "CSP lacks {d:?}: {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert_eq!(html.matches("<script").count(), 1, "one inline script only");
+    // What phones need to offer the code from the SMS.
+    let code_input = between(&html, "<input id=\"code\"", ">");
+    assert!(code_input.contains("autocomplete=\"one-time-code\""));
+    assert!(code_input.contains("inputmode=\"numeric\""));
+    assert!(html.contains("name=\"viewport\""));
+
+    // Only GET: the page has no form that posts to it.
+    let (status, body) = s.post("/", json!({})).await;
+    assert_eq!(status, 405, "{body}");
+}
+
+/// The documented flow in the browser: a code by SMS (read from the server's log), a
+/// wrong code shown in words, the right one, the account from /me, logout.
+#[tokio::test]
+async fn code_login_in_a_real_browser() {
+    if !browser_available("code_login_in_a_real_browser") {
+        return;
+    }
+    let s = TestServer::start("").await;
+    let b = Browser::start(1200, 900).await;
+    let shots = target_dir().join("screenshots");
+    b.goto(&s.url("/")).await;
+    b.wait_displayed("#login-form", true).await;
+    assert_eq!(b.text("#title").await, "Log in");
+    assert!(!b.displayed("#captcha-row").await, "captcha is off");
+
+    b.type_into("#phone", "138 1234 5678").await;
+    b.click("#send-code").await;
+    b.wait_text("#message", "code sent", |t| t.starts_with("Code sent."))
+        .await;
+    // The countdown of seed 004, from the server's resend_after (60 s by default).
+    let countdown = b
+        .wait_text("#send-code", "a countdown", |t| t.starts_with("Resend in"))
+        .await;
+    let secs: u32 = countdown
+        .trim_start_matches("Resend in ")
+        .trim_end_matches(" s")
+        .parse()
+        .unwrap_or_else(|_| panic!("countdown text {countdown:?}"));
+    assert!((55..=60).contains(&secs), "{countdown}");
+    let disabled = b
+        .execute(
+            "return document.getElementById('send-code').disabled",
+            json!([]),
+        )
+        .await;
+    assert_eq!(disabled, true, "no second send during the countdown");
+    let code = s.take_code("+8613812345678");
+    b.screenshot(&shots.join("login-form.png")).await;
+
+    // A wrong code: the invalid_code error in words.
+    let wrong: String = code
+        .chars()
+        .map(|c| if c == '9' { '0' } else { (c as u8 + 1) as char })
+        .collect();
+    b.type_into("#code", &wrong).await;
+    b.click("#submit").await;
+    b.wait_text("#message", "the invalid_code message", |t| {
+        t == INVALID_CODE_EN
+    })
+    .await;
+    assert!(b.displayed("#login-form").await);
+    b.screenshot(&shots.join("login-error.png")).await;
+
+    b.type_into("#code", &code).await;
+    b.click("#submit").await;
+    b.wait_displayed("#account-view", true).await;
+    assert!(!b.displayed("#login-view").await);
+    assert_eq!(b.text("#acct-phone").await, "+8613812345678");
+    assert_eq!(b.text("#acct-nickname").await, "138****5678");
+    assert_eq!(b.text("#acct-methods").await, "SMS code");
+    assert_eq!(
+        b.text("#welcome").await,
+        "Your account is ready. Welcome, 138****5678."
+    );
+    assert_eq!(b.text("#title").await, "Your account");
+    assert_eq!(b.text("#message").await, "", "the old error is gone");
+    // The page shows what /me says for its token.
+    let token = b
+        .execute("return sessionStorage.getItem('smsauth.token')", json!([]))
+        .await;
+    let token = token
+        .as_str()
+        .expect("the token is kept for the tab")
+        .to_owned();
+    let (status, me) = s.get("/api/v1/me", Some(&token)).await;
+    assert_eq!(status, 200);
+    assert_eq!(b.text("#acct-id").await, me["id"].to_string());
+    b.screenshot(&shots.join("login-page.png")).await;
+    if std::env::var("UPDATE_LOGIN_PAGE_PICTURE").as_deref() == Ok("1") {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        std::fs::copy(shots.join("login-form.png"), docs.join("login-page.png")).unwrap();
+    }
+
+    // A reload keeps the session (sessionStorage lives as long as the tab).
+    b.goto(&s.url("/")).await;
+    b.wait_text("#acct-phone", "the phone again", |t| t == "+8613812345678")
+        .await;
+
+    b.click("#logout").await;
+    b.wait_displayed("#login-form", true).await;
+    assert!(!b.displayed("#account-view").await);
+    assert_eq!(b.text("#message").await, "You are logged out.");
+    let left = b
+        .execute("return sessionStorage.getItem('smsauth.token')", json!([]))
+        .await;
+    assert!(left.is_null(), "token forgotten: {left}");
+    // The logout reached the server: that token is refused now.
+    let (status, _) = s.get("/api/v1/me", Some(&token)).await;
+    assert_eq!(status, 401);
+    b.quit().await;
+}
+
+/// The password tab: register with a code and a nickname, log out, log in by password,
+/// reset the password with a code, log in with the new one. The old one is refused in
+/// words. Also the page in Chinese, switched by hand and remembered across a reload.
+#[tokio::test]
+async fn password_tab_and_chinese_in_a_real_browser() {
+    if !browser_available("password_tab_and_chinese_in_a_real_browser") {
+        return;
+    }
+    let s = TestServer::start("[code]\nresend_interval_secs = 0\n").await;
+    let b = Browser::start(1200, 900).await;
+    b.goto(&s.url("/")).await;
+    b.wait_displayed("#login-form", true).await;
+
+    b.click("#tab-password").await;
+    b.wait_displayed("#password-modes", true).await;
+    // Password login needs no code.
+    assert!(!b.displayed("#code").await);
+    assert!(b.displayed("#password").await);
+    b.click("#mode-register").await;
+    b.wait_displayed("#nickname", true).await;
+    assert_eq!(b.text("#submit").await, "Create account");
+    b.type_into("#phone", "13912345678").await;
+    b.click("#send-code").await;
+    b.wait_text("#message", "code sent", |t| t.starts_with("Code sent."))
+        .await;
+    let code = s.take_code("+8613912345678");
+    b.type_into("#code", &code).await;
+    b.type_into("#password", "short").await;
+    b.type_into("#nickname", "小红").await;
+    b.click("#submit").await;
+    b.wait_text("#message", "the weak_password message", |t| {
+        t.starts_with("The password must be 8 to 128 characters")
+    })
+    .await;
+    b.type_into("#password", "correct horse battery").await;
+    b.click("#submit").await;
+    b.wait_text("#acct-nickname", "the nickname", |t| t == "小红")
+        .await;
+    assert_eq!(b.text("#acct-phone").await, "+8613912345678");
+    assert_eq!(b.text("#acct-methods").await, "SMS code, Password");
+    b.click("#logout").await;
+    b.wait_displayed("#login-form", true).await;
+
+    // The page remembers the last password mode; log in by password.
+    b.click("#tab-sms").await;
+    b.click("#tab-password").await;
+    b.click("#mode-pwlogin").await;
+    b.type_into("#phone", "13912345678").await;
+    b.type_into("#password", "correct horse battery").await;
+    b.click("#submit").await;
+    b.wait_text("#welcome", "the welcome", |t| t == "Welcome, 小红.")
+        .await;
+    b.click("#logout").await;
+    b.wait_displayed("#login-form", true).await;
+
+    // Reset, in Chinese.
+    b.click("#lang-switch").await;
+    b.wait_text("#title", "the Chinese title", |t| t == "登录")
+        .await;
+    assert_eq!(b.text("#lang-switch").await, "English");
+    b.goto(&s.url("/")).await;
+    b.wait_text("#title", "Chinese after a reload", |t| t == "登录")
+        .await;
+    let lang = b
+        .execute("return document.documentElement.lang", json!([]))
+        .await;
+    assert_eq!(lang, "zh-CN");
+    b.click("#tab-password").await;
+    b.click("#mode-reset").await;
+    b.wait_text("#submit", "the reset button", |t| t == "设置新密码")
+        .await;
+    b.type_into("#phone", "13912345678").await;
+    b.click("#send-code").await;
+    b.wait_text("#message", "code sent", |t| t.starts_with("验证码已发送"))
+        .await;
+    let code = s.take_code("+8613912345678");
+    b.type_into("#code", &code).await;
+    b.type_into("#password", "a brand new secret").await;
+    b.screenshot(&target_dir().join("screenshots/reset-zh.png"))
+        .await;
+    b.click("#submit").await;
+    b.wait_text("#message", "the reset message", |t| {
+        t == "密码已修改，请用新密码登录。"
+    })
+    .await;
+    // The page went to password login; the old password is refused, in words.
+    assert!(!b.displayed("#code").await);
+    b.type_into("#password", "correct horse battery").await;
+    b.click("#submit").await;
+    b.wait_text("#message", "invalid_credentials in Chinese", |t| {
+        t == "手机号或密码错误。"
+    })
+    .await;
+    b.type_into("#password", "a brand new secret").await;
+    b.click("#submit").await;
+    b.wait_text("#acct-nickname", "the account", |t| t == "小红")
+        .await;
+    assert_eq!(b.text("#acct-methods").await, "短信验证码、密码");
+    b.quit().await;
+}
+
+/// With `captcha.required`, the page shows the captcha when the server asks for it and
+/// says so; a wrong answer is refused in words and the picture is replaced.
+#[tokio::test]
+async fn captcha_in_a_real_browser() {
+    if !browser_available("captcha_in_a_real_browser") {
+        return;
+    }
+    let s = TestServer::start("[captcha]\nrequired = true\n").await;
+    let b = Browser::start(1200, 900).await;
+    b.goto(&s.url("/")).await;
+    b.wait_displayed("#login-form", true).await;
+    assert!(!b.displayed("#captcha-row").await);
+    b.type_into("#phone", "13812345678").await;
+    b.click("#send-code").await;
+    b.wait_text("#message", "the captcha_required message", |t| {
+        t == "Type the characters shown in the picture first."
+    })
+    .await;
+    b.wait_displayed("#captcha-row", true).await;
+    let src = "return document.getElementById('captcha-image').src";
+    let first = wait_for_image(&b, src, None).await;
+    b.screenshot(&target_dir().join("screenshots/captcha.png"))
+        .await;
+    // Nothing was sent.
+    assert!(
+        !s.log_lines()
+            .iter()
+            .any(|l| l["message"] == "verification code (log sender)")
+    );
+
+    b.type_into("#captcha-answer", "wrong").await;
+    b.click("#send-code").await;
+    b.wait_text("#message", "the captcha_invalid message", |t| {
+        t.starts_with("The characters did not match the picture")
+    })
+    .await;
+    // A captcha is single use: the page fetched a new one.
+    wait_for_image(&b, src, Some(&first)).await;
+    b.quit().await;
+}
+
+/// Waits until the captcha image is a data: PNG other than `not`; returns its src.
+async fn wait_for_image(b: &Browser, script: &str, not: Option<&str>) -> String {
+    let deadline = std::time::Instant::now() + common::webdriver::WAIT;
+    loop {
+        let src = b.execute(script, json!([])).await;
+        let src = src.as_str().unwrap_or_default();
+        if src.starts_with("data:image/png;base64,") && Some(src) != not {
+            return src.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new captcha image; src {src:.60}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// On a phone-sized screen the page fits the width (no sideways scrolling), every
+/// control is a large tap target, and it still logs in.
+#[tokio::test]
+async fn phone_sized_screen_in_a_real_browser() {
+    if !browser_available("phone_sized_screen_in_a_real_browser") {
+        return;
+    }
+    let s = TestServer::start("").await;
+    let b = Browser::start(390, 844).await;
+    let shots = target_dir().join("screenshots");
+    b.set_window_size(390, 844).await;
+    b.goto(&s.url("/")).await;
+    b.wait_displayed("#login-form", true).await;
+    let width = b.execute("return window.innerWidth", json!([])).await;
+    assert!(
+        width.as_u64().unwrap() <= 400,
+        "a phone-sized viewport: {width}"
+    );
+    b.type_into("#phone", "13812345679").await;
+    b.click("#send-code").await;
+    b.wait_text("#send-code", "a countdown", |t| t.starts_with("Resend in"))
+        .await;
+    let layout = b
+        .execute(
+            "const small = [...document.querySelectorAll('button, input')]
+               .filter((e) => e.offsetParent !== null)
+               .map((e) => [e.id, e.getBoundingClientRect().height])
+               .filter(([, h]) => h < 44);
+             return { fits: document.documentElement.scrollWidth <= window.innerWidth,
+                      small: small };",
+            json!([]),
+        )
+        .await;
+    assert_eq!(layout["fits"], true, "no sideways scrolling: {layout}");
+    assert_eq!(
+        layout["small"],
+        json!([]),
+        "tap targets under 44 px: {layout}"
+    );
+    b.screenshot(&shots.join("login-form-phone.png")).await;
+
+    let code = s.take_code("+8613812345679");
+    b.type_into("#code", &code).await;
+    b.click("#submit").await;
+    b.wait_text("#acct-phone", "the account", |t| t == "+8613812345679")
+        .await;
+    let fits = b
+        .execute(
+            "return document.documentElement.scrollWidth <= window.innerWidth",
+            json!([]),
+        )
+        .await;
+    assert_eq!(fits, true, "the account view fits too");
+    b.screenshot(&shots.join("login-page-phone.png")).await;
+    b.quit().await;
+}
