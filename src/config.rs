@@ -76,6 +76,15 @@ pub struct TokenConfig {
     pub secret: Secret,
     pub ttl_secs: u64,
     pub issuer: String,
+    /// Also hand the session to browsers as a cookie (HttpOnly, SameSite=Lax), which the
+    /// nginx `auth_request` check reads; state-changing requests authenticated by it must
+    /// come from the same origin.
+    pub cookie: bool,
+    pub cookie_name: String,
+    /// Empty: the cookie belongs to the exact host that set it.
+    pub cookie_domain: String,
+    /// Send the cookie over HTTPS only. Browsers treat http://localhost as secure too.
+    pub cookie_secure: bool,
 }
 
 impl Default for TokenConfig {
@@ -84,6 +93,10 @@ impl Default for TokenConfig {
             secret: Secret::default(),
             ttl_secs: 86_400,
             issuer: "smsauth".into(),
+            cookie: false,
+            cookie_name: "smsauth_session".into(),
+            cookie_domain: String::new(),
+            cookie_secure: true,
         }
     }
 }
@@ -607,6 +620,22 @@ impl Config {
         }
         if self.token.ttl_secs == 0 {
             return Err(key("token.ttl_secs", "must be at least 1"));
+        }
+        let cookie_safe = |v: &str| {
+            v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if self.token.cookie_name.is_empty() || !cookie_safe(&self.token.cookie_name) {
+            return Err(key(
+                "token.cookie_name",
+                "letters, digits, '-', '_' and '.' only",
+            ));
+        }
+        if !cookie_safe(&self.token.cookie_domain) {
+            return Err(key(
+                "token.cookie_domain",
+                "a domain name like \"example.com\", or empty",
+            ));
         }
         if self.token.issuer.is_empty() {
             return Err(key("token.issuer", "must not be empty"));

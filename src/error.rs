@@ -44,6 +44,9 @@ pub enum ApiError {
     CaptchaInvalid,
     #[error("the SMS could not be sent; try again later")]
     SmsFailed,
+    /// A cookie-authenticated change from another origin (CSRF).
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("no such resource")]
     NotFound,
     #[error("this method is not allowed here")]
@@ -73,6 +76,7 @@ impl ApiError {
             }
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::SmsFailed => StatusCode::BAD_GATEWAY,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -95,6 +99,7 @@ impl ApiError {
             ApiError::CaptchaRequired => "captcha_required",
             ApiError::CaptchaInvalid => "captcha_invalid",
             ApiError::SmsFailed => "sms_failed",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",

@@ -2,6 +2,7 @@
 //! the client address, and graceful shutdown.
 
 pub mod body;
+pub mod cookie;
 mod handlers;
 pub mod router;
 

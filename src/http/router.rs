@@ -40,6 +40,7 @@ pub enum Endpoint {
     SmsLogin,
     Verify,
     Logout,
+    AuthCheck,
     Register,
     PasswordLogin,
     PasswordReset,
@@ -57,6 +58,7 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("POST", "/api/v1/auth/sms-login", Endpoint::SmsLogin),
     ("POST", "/api/v1/auth/verify", Endpoint::Verify),
     ("POST", "/api/v1/auth/logout", Endpoint::Logout),
+    ("GET", "/api/v1/auth/check", Endpoint::AuthCheck),
     ("POST", "/api/v1/auth/register", Endpoint::Register),
     ("POST", "/api/v1/auth/login", Endpoint::PasswordLogin),
     (
@@ -91,6 +93,7 @@ pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, A
         Endpoint::SmsLogin => session::sms_login(app, req).await,
         Endpoint::Verify => codes::verify(app, req).await,
         Endpoint::Logout => session::logout(app, req).await,
+        Endpoint::AuthCheck => session::check(app, req).await,
         Endpoint::Register => password::register(app, req).await,
         Endpoint::PasswordLogin => password::login(app, req).await,
         Endpoint::PasswordReset => password::reset(app, req).await,
@@ -122,6 +125,7 @@ impl Endpoint {
             | Endpoint::Healthz
             | Endpoint::Metrics
             | Endpoint::Logout
+            | Endpoint::AuthCheck
             | Endpoint::GetMe
             | Endpoint::PatchMe => {}
         }

@@ -10,7 +10,7 @@ use crate::http::body::{Resp, json_response};
 use crate::http::router::Req;
 
 pub async fn get_me(app: &App, req: Req) -> Result<Resp, ApiError> {
-    let (user, _) = authenticate(app, &req.parts.headers)?;
+    let (user, _) = authenticate(app, &req.parts)?;
     Ok(json_response(StatusCode::OK, &UserView::load(app, &user)?))
 }
 
@@ -21,7 +21,7 @@ struct PatchMe {
 }
 
 pub async fn patch_me(app: &App, req: Req) -> Result<Resp, ApiError> {
-    let (user, _) = authenticate(app, &req.parts.headers)?;
+    let (user, _) = authenticate(app, &req.parts)?;
     let body: PatchMe = req.json(app).await?;
     let nickname = nickname(&body.nickname)?;
     let user = app

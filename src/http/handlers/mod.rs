@@ -9,14 +9,15 @@ pub mod page;
 pub mod password;
 pub mod session;
 
-use http::HeaderMap;
 use http::header::AUTHORIZATION;
+use http::request::Parts;
 use serde::Serialize;
 
 use crate::app::App;
 use crate::clock::rfc3339;
 use crate::codes::CodeError;
 use crate::error::ApiError;
+use crate::http::cookie;
 use crate::model::User;
 use crate::phone::Phone;
 use crate::token::Session;
@@ -140,18 +141,34 @@ pub fn nickname(input: &str) -> Result<String, ApiError> {
 
 const SESSION_REFUSED: &str = "the session token is missing, invalid, expired or ended";
 
-/// The user behind the request's bearer token, if the token is valid and the session
-/// current: not logged out, not ended by a session-generation bump, user not disabled.
-pub fn authenticate(app: &App, headers: &HeaderMap) -> Result<(User, Session), ApiError> {
-    let token = headers
+/// The user behind the request's session, if it is valid and current: not logged out,
+/// not ended by a session-generation bump, user not disabled. The session is the
+/// `Authorization: Bearer` token, or (with `token.cookie`) the session cookie; a change of
+/// state authenticated by the cookie must come from our own origin.
+pub fn authenticate(app: &App, head: &Parts) -> Result<(User, Session), ApiError> {
+    let bearer = head
+        .headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .map(str::trim)
-        .ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
+        .map(str::trim);
+    let token = match bearer {
+        Some(token) => token,
+        None if app.cfg.token.cookie => {
+            let token = cookie::read(&head.headers, &app.cfg.token.cookie_name)
+                .ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
+            if cookie::changes_state(&head.method) && !cookie::same_origin(&head.headers) {
+                return Err(ApiError::Forbidden(
+                    "a change authenticated by the session cookie must come from this site's own pages",
+                ));
+            }
+            token
+        }
+        None => return Err(ApiError::Unauthorized(SESSION_REFUSED)),
+    };
     let session = app
         .tokens
         .verify_session(token)

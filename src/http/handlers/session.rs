@@ -1,6 +1,7 @@
 //! POST /auth/sms-login and POST /auth/logout.
 
 use http::StatusCode;
+use http::header::{CACHE_CONTROL, HeaderValue, SET_COOKIE};
 use serde::{Deserialize, Serialize};
 
 use super::{UserView, authenticate, consume_code, parse_phone};
@@ -8,6 +9,7 @@ use crate::app::App;
 use crate::clock::now;
 use crate::error::ApiError;
 use crate::http::body::{Resp, json_response, no_content};
+use crate::http::cookie;
 use crate::http::router::Req;
 use crate::model::{LoginMethod, Method, Purpose, User};
 use crate::phone::{Phone, mask};
@@ -37,7 +39,12 @@ pub fn token_response(
         user: UserView::load(app, user)?,
         created,
     };
-    Ok(json_response(status, &body))
+    let mut resp = json_response(status, &body);
+    if app.cfg.token.cookie {
+        let cookie = cookie::set(&app.cfg.token, &body.access_token, body.expires_in);
+        resp.headers_mut().insert(SET_COOKIE, cookie);
+    }
+    Ok(resp)
 }
 
 /// The nickname a new account starts with: its national number with the middle masked.
@@ -99,8 +106,28 @@ pub async fn sms_login(app: &App, req: Req) -> Result<Resp, ApiError> {
 
 /// Ends the presented session; the token is refused from then on, restarts included.
 pub async fn logout(app: &App, req: Req) -> Result<Resp, ApiError> {
-    let (_, session) = authenticate(app, &req.parts.headers)?;
+    let (_, session) = authenticate(app, &req.parts)?;
     app.tokens.revoke(&session.jti, session.exp)?;
     app.store.flush().await?;
-    Ok(no_content())
+    let mut resp = no_content();
+    if app.cfg.token.cookie {
+        resp.headers_mut()
+            .insert(SET_COOKIE, cookie::clear(&app.cfg.token));
+    }
+    Ok(resp)
+}
+
+/// GET /auth/check, for nginx `auth_request`: 204 with who it is for a valid session
+/// (bearer or cookie), 401 otherwise. nginx passes the user on to the guarded site.
+pub async fn check(app: &App, req: Req) -> Result<Resp, ApiError> {
+    let (user, _) = authenticate(app, &req.parts)?;
+    let mut resp = no_content();
+    let headers = resp.headers_mut();
+    headers.insert("x-smsauth-user-id", HeaderValue::from(user.id));
+    // E.164 is ASCII: always a valid header value.
+    if let Ok(phone) = HeaderValue::from_str(&user.phone) {
+        headers.insert("x-smsauth-phone", phone);
+    }
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
 }

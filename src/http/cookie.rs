@@ -1,0 +1,138 @@
+//! The session cookie for browsers: set on login answers, cleared on logout, read where
+//! a bearer token is accepted. A cookie rides along with requests other sites make, so a
+//! state-changing request authenticated by it must prove it comes from our own origin.
+
+use http::header::{COOKIE, HOST, HeaderValue, ORIGIN};
+use http::{HeaderMap, Method};
+
+use crate::config::TokenConfig;
+
+/// The value of cookie `name`, if the request carries it.
+pub fn read<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+}
+
+fn attributes(cfg: &TokenConfig, max_age: u64) -> String {
+    let mut attrs = format!("; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax");
+    if !cfg.cookie_domain.is_empty() {
+        attrs.push_str("; Domain=");
+        attrs.push_str(&cfg.cookie_domain);
+    }
+    if cfg.cookie_secure {
+        attrs.push_str("; Secure");
+    }
+    attrs
+}
+
+/// `Set-Cookie` for a new session.
+pub fn set(cfg: &TokenConfig, token: &str, max_age: u64) -> HeaderValue {
+    let value = format!("{}={token}{}", cfg.cookie_name, attributes(cfg, max_age));
+    // Names and domains are checked at start-up; a JWT is base64url and dots.
+    HeaderValue::from_str(&value).expect("a valid Set-Cookie value")
+}
+
+/// `Set-Cookie` that removes the session cookie.
+pub fn clear(cfg: &TokenConfig) -> HeaderValue {
+    HeaderValue::from_str(&format!("{}={}", cfg.cookie_name, attributes(cfg, 0)))
+        .expect("a valid Set-Cookie value")
+}
+
+pub fn changes_state(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Whether the browser says the request comes from a page of our own origin: by
+/// `Sec-Fetch-Site` (every current browser sends it), else by `Origin` against `Host`.
+/// A request with neither is not trusted: browsers send one of them on every POST.
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if let Some(site) = header("sec-fetch-site") {
+        return site == "same-origin" || site == "none";
+    }
+    match (header(ORIGIN.as_str()), header(HOST.as_str())) {
+        (Some(origin), Some(host)) => origin
+            .split_once("://")
+            .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn reads_the_named_cookie_among_others() {
+        let h = headers(&[
+            ("cookie", "a=1; smsauth_session=tok.en; b=2"),
+            ("cookie", "c=3"),
+        ]);
+        assert_eq!(read(&h, "smsauth_session"), Some("tok.en"));
+        assert_eq!(read(&h, "c"), Some("3"));
+        assert_eq!(read(&h, "smsauth"), None);
+    }
+
+    #[test]
+    fn set_and_clear_carry_the_attributes() {
+        let cfg = TokenConfig {
+            cookie_domain: "example.com".into(),
+            ..Default::default()
+        };
+        let set = set(&cfg, "abc", 60);
+        assert_eq!(
+            set,
+            "smsauth_session=abc; Path=/; Max-Age=60; HttpOnly; SameSite=Lax; Domain=example.com; Secure"
+        );
+        let insecure = TokenConfig {
+            cookie_secure: false,
+            ..Default::default()
+        };
+        assert_eq!(
+            clear(&insecure),
+            "smsauth_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax"
+        );
+    }
+
+    #[test]
+    fn same_origin_rules() {
+        assert!(same_origin(&headers(&[("sec-fetch-site", "same-origin")])));
+        assert!(!same_origin(&headers(&[
+            ("sec-fetch-site", "cross-site"),
+            ("origin", "https://a.example"),
+            ("host", "a.example")
+        ])));
+        assert!(!same_origin(&headers(&[("sec-fetch-site", "same-site")])));
+        assert!(same_origin(&headers(&[
+            ("origin", "https://a.example:8443"),
+            ("host", "A.example:8443")
+        ])));
+        assert!(!same_origin(&headers(&[
+            ("origin", "https://evil.example"),
+            ("host", "a.example")
+        ])));
+        assert!(!same_origin(&headers(&[
+            ("origin", "null"),
+            ("host", "a.example")
+        ])));
+        assert!(!same_origin(&headers(&[("host", "a.example")])));
+    }
+}

@@ -1,0 +1,99 @@
+//! GET /metrics: Prometheus text with the series an operator watches.
+
+mod common;
+
+use common::TestServer;
+use serde_json::json;
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.strip_prefix(' '))
+                .map(|v| v.parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("{series} not in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_what_happened() {
+    let s = TestServer::start("").await;
+    s.sms_login("13812349001").await;
+    let (status, _) = s
+        .post("/api/v1/sms/code", json!({ "phone": "13812349001" }))
+        .await;
+    assert_eq!(status, 429);
+    let (status, _) = s
+        .post(
+            "/api/v1/auth/sms-login",
+            json!({ "phone": "13812349002", "code": "123456" }),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(s.get("/no/such/path", None).await.0, 404);
+
+    let resp = s.client.get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = resp.text().await.unwrap();
+    let v = |series: &str| value(&text, series);
+    assert_eq!(
+        v(r#"smsauth_http_requests_total{route="/api/v1/sms/code",method="POST",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"smsauth_http_requests_total{route="/api/v1/sms/code",method="POST",status="429"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(
+            r#"smsauth_http_requests_total{route="/api/v1/auth/sms-login",method="POST",status="200"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(r#"smsauth_http_requests_total{route="unmatched",method="GET",status="404"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"smsauth_http_request_duration_seconds_count{route="/api/v1/auth/sms-login"}"#),
+        2.0
+    );
+    let inf_bucket = text
+        .lines()
+        .find(|l| {
+            l.starts_with("smsauth_http_request_duration_seconds_bucket{")
+                && l.contains(r#"route="/api/v1/auth/sms-login""#)
+                && l.contains(r#"le="+Inf""#)
+        })
+        .expect("a +Inf bucket for sms-login");
+    assert!(inf_bucket.ends_with(" 2"), "{inf_bucket}");
+    assert_eq!(
+        v(r#"smsauth_sms_sends_total{provider="log",result="ok"}"#),
+        1.0
+    );
+    assert_eq!(v(r#"smsauth_code_verifications_total{result="ok"}"#), 1.0);
+    assert_eq!(
+        v(r#"smsauth_code_verifications_total{result="invalid"}"#),
+        1.0
+    );
+    assert_eq!(v(r#"smsauth_logins_total{method="sms"}"#), 1.0);
+    assert_eq!(v(r#"smsauth_registrations_total{method="sms"}"#), 1.0);
+    assert_eq!(
+        v(r#"smsauth_rate_limited_total{limit="resend_interval"}"#),
+        1.0
+    );
+    assert_eq!(v("smsauth_users"), 1.0);
+    assert!(v("smsauth_store_size_bytes") > 0.0);
+    assert_eq!(
+        v(r#"smsauth_limiter_tracked_addresses{limiter="send"}"#),
+        1.0
+    );
+    // Nothing personal in the metrics.
+    assert!(!text.contains("13812349001"));
+}
