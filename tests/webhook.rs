@@ -162,3 +162,57 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits_0() {
         .expect("the request in flight got its answer");
     assert_eq!(resp.status(), 200);
 }
+
+/// A reset code for a phone without an account sends nothing, but must not answer
+/// faster for it: it waits about as long as real sends have been taking.
+#[tokio::test]
+async fn a_reset_for_an_unknown_phone_takes_as_long_as_a_real_send() {
+    let (receiver, s) = setup("[code]\nresend_interval_secs = 0\n").await;
+    let slow = || Answer::Delay(Duration::from_millis(300));
+    receiver.script([slow(), slow(), slow()]);
+    // An account, whose reset code really goes out.
+    let (status, _) = s
+        .post("/api/v1/sms/code", json!({ "phone": "13812345010" }))
+        .await;
+    assert_eq!(status, 200);
+    let code = verified(&receiver.wait_for(1).await[0])["code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        s.post(
+            "/api/v1/auth/sms-login",
+            json!({ "phone": "13812345010", "code": code })
+        )
+        .await
+        .0,
+        200
+    );
+    let timed = |phone: &'static str| {
+        let s = &s;
+        async move {
+            let started = std::time::Instant::now();
+            let (status, body) = s
+                .post(
+                    "/api/v1/sms/code",
+                    json!({ "phone": phone, "purpose": "reset_password" }),
+                )
+                .await;
+            (status, body, started.elapsed())
+        }
+    };
+    let (status, known_body, known) = timed("13812345010").await;
+    assert_eq!(status, 200);
+    let (status, unknown_body, unknown) = timed("13812345011").await;
+    assert_eq!((status, &unknown_body), (200, &known_body));
+    assert_eq!(
+        receiver.received().len(),
+        2,
+        "nothing was sent for the unknown phone"
+    );
+    // Jitter is +-20 %; a nothing-sent answer would take a few ms against 300.
+    assert!(
+        unknown.as_secs_f64() > known.as_secs_f64() * 0.5,
+        "unknown {unknown:?} vs known {known:?}"
+    );
+}

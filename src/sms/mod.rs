@@ -8,6 +8,7 @@ mod ronglian;
 mod webhook;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::RngExt;
@@ -132,6 +133,9 @@ pub struct Sms {
     sender: Box<dyn Sender>,
     timeout: Duration,
     retries: u32,
+    /// Running average of successful sends, in microseconds: how long a request that
+    /// sends nothing waits so its timing matches one that sends (see [`Sms::imitate`]).
+    typical_micros: AtomicU64,
 }
 
 impl Sms {
@@ -148,7 +152,31 @@ impl Sms {
             sender,
             timeout,
             retries: cfg.retries,
+            typical_micros: AtomicU64::new(0),
         })
+    }
+
+    /// Takes about as long as a successful send, sending nothing. For answers that must
+    /// not tell, by their timing, whether a message went out (a reset code for a phone
+    /// without an account).
+    pub async fn imitate(&self) {
+        let typical = self.typical_micros.load(Ordering::Relaxed);
+        if typical > 0 {
+            let jittered = typical as f64 * rand::rng().random_range(0.8..1.2);
+            tokio::time::sleep(Duration::from_micros(jittered as u64)).await;
+        }
+    }
+
+    fn learn_duration(&self, took: Duration) {
+        let took = took.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.typical_micros.load(Ordering::Relaxed);
+        // An average over roughly the last 16 sends; races only blur it a little.
+        let new = if old == 0 {
+            took
+        } else {
+            old - old / 16 + took / 16
+        };
+        self.typical_micros.store(new, Ordering::Relaxed);
     }
 
     pub fn provider(&self) -> &'static str {
@@ -158,7 +186,11 @@ impl Sms {
     /// Sends within `timeout_secs`, retrying transport failures up to `retries` times,
     /// and writes one log line saying how it went.
     pub async fn send(&self, msg: &Outgoing<'_>) -> Result<(), SmsError> {
+        let started = Instant::now();
         let (result, attempts) = self.attempt_all(msg).await;
+        if result.is_ok() {
+            self.learn_duration(started.elapsed());
+        }
         self.record(msg, &result, attempts);
         result
     }

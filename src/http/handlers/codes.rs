@@ -57,9 +57,10 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
         }
     };
     if purpose == Purpose::ResetPassword && !has_account {
-        // Answer exactly as if a code went out (wait and quota included), so this
-        // endpoint does not tell who has an account; there is nothing to reset.
+        // Answer exactly as if a code went out (wait, quota and time taken included),
+        // so this endpoint does not tell who has an account; there is nothing to reset.
         app.store.flush().await?;
+        app.sms.imitate().await;
         return Ok(code_sent(app));
     }
     if let Err(e) = deliver(app, &phone, purpose).await {
