@@ -50,7 +50,7 @@ pub enum ApiError {
     #[error("no such resource")]
     NotFound,
     #[error("this method is not allowed here")]
-    MethodNotAllowed { allow: &'static str },
+    MethodNotAllowed { allow: String },
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the request body must be JSON (Content-Type: application/json)")]

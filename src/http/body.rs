@@ -90,9 +90,10 @@ pub fn error_response(err: &ApiError) -> Resp {
         resp.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(secs));
     }
-    if let ApiError::MethodNotAllowed { allow } = err {
-        resp.headers_mut()
-            .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    if let ApiError::MethodNotAllowed { allow } = err
+        && let Ok(allow) = HeaderValue::from_str(allow)
+    {
+        resp.headers_mut().insert(http::header::ALLOW, allow);
     }
     resp
 }
