@@ -80,7 +80,10 @@ fn every_error() -> Vec<ApiError> {
         ApiError::SmsFailed,
         ApiError::Forbidden(""),
         ApiError::NotFound,
-        ApiError::MethodNotAllowed { allow: "GET" },
+        // Default: whatever type `allow` has (it may become an owned String).
+        ApiError::MethodNotAllowed {
+            allow: Default::default(),
+        },
         ApiError::PayloadTooLarge { limit: 1 },
         ApiError::UnsupportedMediaType,
         ApiError::Internal(String::new()),
