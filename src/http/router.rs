@@ -35,6 +35,7 @@ pub enum Endpoint {
     Page,
     Healthz,
     Metrics,
+    OpenApi,
     Captcha,
     SendCode,
     SmsLogin,
@@ -53,6 +54,7 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/", Endpoint::Page),
     ("GET", "/healthz", Endpoint::Healthz),
     ("GET", "/metrics", Endpoint::Metrics),
+    ("GET", "/api/v1/openapi.json", Endpoint::OpenApi),
     ("POST", "/api/v1/captcha", Endpoint::Captcha),
     ("POST", "/api/v1/sms/code", Endpoint::SendCode),
     ("POST", "/api/v1/auth/sms-login", Endpoint::SmsLogin),
@@ -88,6 +90,7 @@ pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, A
         Endpoint::Page => Ok(page::index()),
         Endpoint::Healthz => ops::healthz(app).await,
         Endpoint::Metrics => ops::metrics(app).await,
+        Endpoint::OpenApi => Ok(ops::openapi()),
         Endpoint::Captcha => captcha::create(app).await,
         Endpoint::SendCode => codes::send_code(app, req).await,
         Endpoint::SmsLogin => session::sms_login(app, req).await,
@@ -124,6 +127,7 @@ impl Endpoint {
             Endpoint::Page
             | Endpoint::Healthz
             | Endpoint::Metrics
+            | Endpoint::OpenApi
             | Endpoint::Logout
             | Endpoint::AuthCheck
             | Endpoint::GetMe

@@ -38,3 +38,17 @@ pub async fn metrics(app: &App) -> Result<Resp, ApiError> {
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
 }
+
+/// The OpenAPI 3.1 description of the whole HTTP API (docs/openapi.json), embedded.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// GET /api/v1/openapi.json: the API description, as kept in the repository.
+pub fn openapi() -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // It changes with the binary: revalidate, never serve a stale copy.
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
