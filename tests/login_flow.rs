@@ -89,6 +89,20 @@ async fn logout_ends_only_that_session() {
 }
 
 #[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let s = TestServer::start("").await;
+    let login = s.sms_login("13812340005").await;
+    let token = login["access_token"].as_str().unwrap();
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let req = s
+            .client
+            .get(s.url("/api/v1/me"))
+            .header("authorization", format!("{scheme} {token}"));
+        assert_eq!(s.send(req).await.0, 200, "{scheme}");
+    }
+}
+
+#[tokio::test]
 async fn me_requires_a_token() {
     let s = TestServer::start("").await;
     for auth in [

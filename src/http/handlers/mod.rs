@@ -150,11 +150,10 @@ pub fn authenticate(app: &App, head: &Parts) -> Result<(User, Session), ApiError
         .headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+        .and_then(|v| v.split_once(' '))
+        // The scheme name is case-insensitive (RFC 9110).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     let token = match bearer {
         Some(token) => token,
         None if app.cfg.token.cookie => {
