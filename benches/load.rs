@@ -9,8 +9,12 @@
 //! target/bench/load-latest.json.
 //!
 //! Options (arguments after `--`, or variables):
-//!   --quick            BENCH_QUICK=1        1 s warm-up + 3 s per scenario: under a minute
-//!   --duration SECS    BENCH_DURATION       measured time per scenario (default 10)
+//!   --quick            BENCH_QUICK=1        short runs (0.5 s warm-up, 2 s in 2 slices): < 1 min
+//!   --duration SECS    BENCH_DURATION       measured time per scenario (default 9)
+//!   --rounds N         BENCH_ROUNDS         slices it is measured in, each right after a
+//!                                           slice of the ceiling (default 3)
+//!   --pool-rate N      BENCH_POOL_RATE      logins/s to prepare single-use codes for
+//!                                           (default 20,000; a row says if they ran out)
 //!   --warmup SECS      BENCH_WARMUP         warm-up per scenario (default 2)
 //!   --connections N    BENCH_CONNECTIONS    connections per scenario (default 64)
 //!   --scenarios A,B    BENCH_SCENARIOS      only scenarios whose name contains A or B
@@ -72,6 +76,10 @@ struct Opts {
     scale: bool,
     scale_users: u64,
     scale_codes: u64,
+    /// Slices each scenario is measured in, each after a slice of the ceiling.
+    rounds: u32,
+    /// Logins per second to prepare codes for (they are single use).
+    pool_rate: f64,
     log: bool,
 }
 
@@ -110,7 +118,7 @@ impl Opts {
             })
         };
         let quick = flag("quick");
-        let (duration, warmup) = if quick { (3.0, 1.0) } else { (10.0, 2.0) };
+        let (duration, warmup) = if quick { (2.0, 0.5) } else { (9.0, 2.0) };
         Opts {
             quick,
             duration: Duration::from_secs_f64(num("duration", duration)),
@@ -128,6 +136,8 @@ impl Opts {
             scale: flag("scale"),
             scale_users: num("scale_users", 1_000_000.0) as u64,
             scale_codes: num("scale_codes", 100_000.0) as u64,
+            rounds: num("rounds", if quick { 2.0 } else { 3.0 }) as u32,
+            pool_rate: num("pool_rate", 20_000.0),
             log: vars.get("log").is_none_or(|v| v != "0"),
         }
     }
@@ -146,6 +156,7 @@ type Body = Full<Bytes>;
 /// data is used up (the scenario then ends there and says so).
 type MakeRequest = Arc<dyn Fn(usize, u64) -> Option<Request<Body>> + Send + Sync>;
 
+#[derive(Clone)]
 struct Load {
     name: String,
     connections: usize,
@@ -177,6 +188,8 @@ struct Stats {
     /// The prepared data ran out before the end: the figures cover the time until then.
     #[serde(skip_serializing_if = "Option::is_none")]
     ran_out_after_s: Option<f64>,
+    /// The bare hyper server's rate in the slices next to this scenario's.
+    ceiling_rps: Option<f64>,
     ratio_to_ceiling: Option<f64>,
 }
 
@@ -215,7 +228,7 @@ async fn drive(
     loads: Vec<Load>,
     warmup: Duration,
     duration: Duration,
-) -> Vec<Stats> {
+) -> Vec<Raw> {
     let total: usize = loads.iter().map(|l| l.connections).sum();
     let ready = Arc::new(tokio::sync::Barrier::new(total + 1));
     let start: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
@@ -241,26 +254,69 @@ async fn drive(
     }
     ready.wait().await;
     start.get_or_init(Instant::now);
-    let mut stats = Vec::new();
+    let mut raws = Vec::new();
     for ((load, handles), out) in loads.iter().zip(tasks).zip(ran_out) {
-        let mut all = ConnOutcome::default();
+        let mut raw = Raw {
+            name: load.name.clone(),
+            connections: load.connections,
+            ..Default::default()
+        };
         for h in handles {
             let o = h.await.expect("connection task");
-            all.latencies_us.extend(o.latencies_us);
-            all.errors += o.errors;
-            if all.first_error.is_none() {
-                all.first_error = o.first_error;
+            raw.latencies_us.extend(o.latencies_us);
+            raw.errors += o.errors;
+            if raw.first_error.is_none() {
+                raw.first_error = o.first_error;
             }
         }
         let out_at = out.load(Ordering::SeqCst);
-        let measured_from = warmup;
         let measured_to = if out_at == u64::MAX {
             warmup + duration
         } else {
+            raw.ran_out_after_s = Some(
+                Duration::from_nanos(out_at)
+                    .saturating_sub(warmup)
+                    .as_secs_f64(),
+            );
             Duration::from_nanos(out_at).clamp(warmup, warmup + duration)
         };
-        let seconds = (measured_to - measured_from).as_secs_f64();
-        let mut lat = all.latencies_us;
+        raw.seconds = (measured_to - warmup).as_secs_f64();
+        raws.push(raw);
+    }
+    raws
+}
+
+/// What one load measured, before percentiles: rounds of a scenario add up.
+#[derive(Default)]
+struct Raw {
+    name: String,
+    connections: usize,
+    latencies_us: Vec<u32>,
+    seconds: f64,
+    errors: u64,
+    first_error: Option<String>,
+    ran_out_after_s: Option<f64>,
+}
+
+impl Raw {
+    fn add(&mut self, other: Raw) {
+        if self.name.is_empty() {
+            *self = other;
+            return;
+        }
+        self.latencies_us.extend(other.latencies_us);
+        self.seconds += other.seconds;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        if let Some(t) = other.ran_out_after_s {
+            self.ran_out_after_s = Some(self.seconds - other.seconds + t);
+        }
+    }
+
+    fn stats(mut self, ceiling_rps: Option<f64>) -> Stats {
+        let lat = &mut self.latencies_us;
         lat.sort_unstable();
         let pct = |p: f64| -> f64 {
             if lat.is_empty() {
@@ -269,31 +325,84 @@ async fn drive(
             let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
             lat[i] as f64 / 1000.0
         };
-        stats.push(Stats {
-            scenario: load.name.clone(),
-            connections: load.connections,
+        let rps = if self.seconds > 0.0 {
+            lat.len() as f64 / self.seconds
+        } else {
+            0.0
+        };
+        Stats {
+            scenario: self.name,
+            connections: self.connections,
             requests: lat.len() as u64,
-            seconds,
-            rps: if seconds > 0.0 {
-                lat.len() as f64 / seconds
-            } else {
-                0.0
-            },
+            seconds: self.seconds,
+            rps,
             p50_ms: pct(0.50),
             p90_ms: pct(0.90),
             p99_ms: pct(0.99),
             max_ms: lat.last().map_or(f64::NAN, |&m| m as f64 / 1000.0),
-            errors: all.errors,
-            first_error: all.first_error,
-            ran_out_after_s: (out_at != u64::MAX).then(|| {
-                Duration::from_nanos(out_at)
-                    .saturating_sub(warmup)
-                    .as_secs_f64()
-            }),
-            ratio_to_ceiling: None,
-        });
+            errors: self.errors,
+            first_error: self.first_error,
+            ran_out_after_s: self.ran_out_after_s,
+            ceiling_rps,
+            ratio_to_ceiling: ceiling_rps.map(|c| rps / c),
+        }
     }
-    stats
+}
+
+/// Measures `loads` in `rounds` slices, each right after a slice of the ceiling of the
+/// same length, so both see the same machine (other processes come and go). Returns
+/// the scenario's rows, each with the ceiling of its own slices, and the ceiling's raw
+/// samples.
+async fn measure(bench: &Bench, loads: Vec<Load>) -> (Vec<Stats>, Raw) {
+    let rounds = bench.opts.rounds.max(1);
+    let slice = bench.opts.duration / rounds;
+    let mut ceiling = Raw::default();
+    let mut sums: Vec<Raw> = Vec::new();
+    for round in 0..rounds {
+        // The first warm-up is the full one; later ones only open the connections again.
+        let warmup = if round == 0 {
+            bench.opts.warmup
+        } else {
+            bench.opts.warmup.min(Duration::from_millis(300))
+        };
+        let ceiling_load = Load {
+            name: "ceiling (bare hyper)".into(),
+            connections: loads.iter().map(|l| l.connections).sum(),
+            make: Arc::new(|_, _| Some(get("/"))),
+            expect: StatusCode::OK,
+        };
+        ceiling.add(
+            drive(bench.ceiling, vec![ceiling_load], warmup, slice)
+                .await
+                .remove(0),
+        );
+        let raws = drive(bench.addr, loads.clone(), warmup, slice).await;
+        let done = raws.iter().any(|r| r.ran_out_after_s.is_some());
+        if sums.is_empty() {
+            sums = raws;
+        } else {
+            for (sum, raw) in sums.iter_mut().zip(raws) {
+                sum.add(raw);
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    let ceiling_rps = ceiling.latencies_us.len() as f64 / ceiling.seconds;
+    (
+        sums.into_iter()
+            .map(|r| r.stats(Some(ceiling_rps)))
+            .collect(),
+        ceiling,
+    )
+}
+
+/// Where the two servers listen, and the options.
+struct Bench {
+    opts: Opts,
+    ceiling: SocketAddr,
+    addr: SocketAddr,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -366,7 +475,9 @@ async fn connection(
         let done = Instant::now();
         match answer {
             Ok((status, _)) if status == expect => {
-                if sent >= measure_from && done <= end {
+                // Counted if it completes in the measured window: a slow request
+                // (a queued password check) counts even if sent during the warm-up.
+                if done >= measure_from && done <= end {
                     let us = (done - sent).as_micros().min(u32::MAX as u128) as u32;
                     outcome.latencies_us.push(us);
                 }
@@ -662,8 +773,8 @@ fn fmt_ms(v: f64) -> String {
 
 fn table(rows: &[Stats]) -> String {
     let mut t = String::from(
-        "| scenario | conns | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | vs ceiling |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| scenario | conns | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | ceiling req/s | vs ceiling |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for s in rows {
         let note = s
@@ -671,7 +782,7 @@ fn table(rows: &[Stats]) -> String {
             .map(|t| format!(" (data ran out after {t:.1} s)"))
             .unwrap_or_default();
         t.push_str(&format!(
-            "| {}{} | {} | {:.0} | {} | {} | {} | {} | {} | {} |\n",
+            "| {}{} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
             s.scenario,
             note,
             s.connections,
@@ -681,6 +792,7 @@ fn table(rows: &[Stats]) -> String {
             fmt_ms(s.p99_ms),
             fmt_ms(s.max_ms),
             s.errors,
+            s.ceiling_rps.map_or("-".into(), |r| format!("{r:.0}")),
             s.ratio_to_ceiling.map_or("-".into(), |r| format!("{r:.2}"))
         ));
     }
@@ -780,29 +892,24 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         .to_string();
     let c = opts.connections;
     let phase = |name: &str| eprintln!("  {name}...");
-
-    phase("ceiling");
-    let ceiling_addr = ceiling_server().await;
-    let ceiling = drive(
-        ceiling_addr,
-        vec![Load {
-            name: "ceiling (bare hyper)".into(),
-            connections: c,
-            make: Arc::new(|_, _| Some(get("/"))),
-            expect: StatusCode::OK,
-        }],
-        opts.warmup,
-        opts.duration,
-    )
-    .await
-    .remove(0);
-    let ceiling_rps = ceiling.rps;
-    let mut rows = vec![ceiling];
+    let ceiling = ceiling_server().await;
+    let mut rows = Vec::new();
+    let mut ceiling_all = Raw::default();
     let mut raw_hash = None;
     let mut scale = None;
+    let one = |name: &str, make: MakeRequest| {
+        vec![Load {
+            name: name.into(),
+            connections: c,
+            make,
+            expect: StatusCode::OK,
+        }]
+    };
 
     if opts.scale {
-        scale = Some(scale_mode(&opts).await);
+        let (report, ceiling) = scale_mode(&opts, ceiling).await;
+        ceiling_all.add(ceiling);
+        scale = Some(report);
     } else {
         let dir = tempfile::tempdir().expect("temp dir");
         let cfg = load_config(
@@ -816,27 +923,27 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         );
         let password_cfg = cfg.password.clone();
         let server = Server::bind(cfg).await.expect("bind smsauth");
-        let addr = server.local_addr();
+        let bench = Bench {
+            opts: opts.clone(),
+            ceiling,
+            addr: server.local_addr(),
+        };
         let app = server.app().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(server.serve(async {
             let _ = stopped.await;
         }));
-        let warm_and_run = opts.warmup + opts.duration;
+        let mut record = |(stats, ceiling): (Vec<Stats>, Raw)| {
+            rows.extend(stats);
+            ceiling_all.add(ceiling);
+        };
 
         if opts.wants("healthz") {
             phase("healthz");
-            rows.extend(
-                drive(
-                    addr,
-                    vec![Load {
-                        name: "healthz".into(),
-                        connections: c,
-                        make: Arc::new(|_, _| Some(get("/healthz"))),
-                        expect: StatusCode::OK,
-                    }],
-                    opts.warmup,
-                    opts.duration,
+            record(
+                measure(
+                    &bench,
+                    one("healthz", Arc::new(|_, _| Some(get("/healthz")))),
                 )
                 .await,
             );
@@ -844,30 +951,18 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         if opts.wants("send-code") {
             phase("send-code");
             let next = Arc::new(AtomicU64::new(0));
-            rows.extend(
-                drive(
-                    addr,
-                    vec![Load {
-                        name: "send-code".into(),
-                        connections: c,
-                        make: Arc::new(move |_, _| {
-                            let n = next.fetch_add(1, Ordering::Relaxed);
-                            Some(post_json(
-                                "/api/v1/sms/code",
-                                format!(r#"{{"phone":"{}"}}"#, national(139, n)),
-                            ))
-                        }),
-                        expect: StatusCode::OK,
-                    }],
-                    opts.warmup,
-                    opts.duration,
-                )
-                .await,
-            );
+            let make: MakeRequest = Arc::new(move |_, _| {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                Some(post_json(
+                    "/api/v1/sms/code",
+                    format!(r#"{{"phone":"{}"}}"#, national(139, n)),
+                ))
+            });
+            record(measure(&bench, one("send-code", make)).await);
         }
-        // Logins consume their code: prepare enough for the whole run at a good fraction
-        // of the ceiling, bounded; if they run out the row says so.
-        let pool = ((ceiling_rps * 0.5 * warm_and_run.as_secs_f64()) as u64).clamp(5_000, 400_000);
+        // Logins consume their code: prepare enough for the whole run at `pool_rate`;
+        // if they run out, the row says so.
+        let pool = (opts.pool_rate * (opts.warmup + opts.duration).as_secs_f64()) as u64;
         if opts.wants("sms-login-existing") {
             phase("sms-login-existing: preparing");
             let store = app.store.clone();
@@ -879,20 +974,7 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
             phase("sms-login-existing");
             let phones = users.iter().map(|u| u.phone.clone()).collect();
             drop(users);
-            rows.extend(
-                drive(
-                    addr,
-                    vec![Load {
-                        name: "sms-login-existing".into(),
-                        connections: c,
-                        make: sms_logins(phones),
-                        expect: StatusCode::OK,
-                    }],
-                    opts.warmup,
-                    opts.duration,
-                )
-                .await,
-            );
+            record(measure(&bench, one("sms-login-existing", sms_logins(phones))).await);
         }
         if opts.wants("sms-login-new") {
             phase("sms-login-new: preparing");
@@ -900,20 +982,7 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
             put_codes(&app.codes, phones.iter().cloned()).await;
             app.store.flush().await.expect("flush");
             phase("sms-login-new");
-            rows.extend(
-                drive(
-                    addr,
-                    vec![Load {
-                        name: "sms-login-new".into(),
-                        connections: c,
-                        make: sms_logins(phones),
-                        expect: StatusCode::OK,
-                    }],
-                    opts.warmup,
-                    opts.duration,
-                )
-                .await,
-            );
+            record(measure(&bench, one("sms-login-new", sms_logins(phones))).await);
         }
         let want_me = opts.wants("me");
         let want_pw = opts.wants("password");
@@ -935,20 +1004,7 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         };
         if want_me && opts.wants("me") {
             phase("me");
-            rows.extend(
-                drive(
-                    addr,
-                    vec![Load {
-                        name: "me".into(),
-                        connections: c,
-                        make: me_requests(tokens.clone()),
-                        expect: StatusCode::OK,
-                    }],
-                    opts.warmup,
-                    opts.duration,
-                )
-                .await,
-            );
+            record(measure(&bench, one("me", me_requests(tokens.clone()))).await);
         }
         if want_pw {
             phase("password: preparing");
@@ -964,7 +1020,7 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
                 n => n,
             };
             phase("raw argon2id rate");
-            let hash_time = if opts.quick { 2.0 } else { 5.0 };
+            let hash_time = if opts.quick { 1.0 } else { 5.0 };
             let pcfg = password_cfg.clone();
             let rate = tokio::task::spawn_blocking(move || {
                 raw_hash_rate(&pcfg, slots, Duration::from_secs_f64(hash_time))
@@ -979,48 +1035,27 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
             });
             if opts.wants("password-login") {
                 phase("password-login");
-                let s = drive(
-                    addr,
-                    vec![Load {
-                        name: "password-login".into(),
-                        connections: c,
-                        make: password_logins(137, pw_users),
-                        expect: StatusCode::OK,
-                    }],
-                    opts.warmup,
-                    opts.duration,
+                let (s, ceiling) = measure(
+                    &bench,
+                    one("password-login", password_logins(137, pw_users)),
                 )
                 .await;
                 if let (Some(r), Some(s)) = (raw_hash.as_mut(), s.first()) {
                     r.password_logins_per_s = Some(s.rps);
                     r.ratio = Some(s.rps / r.hashes_per_s);
                 }
-                rows.extend(s);
+                record((s, ceiling));
             }
             if want_me && opts.wants("me-under-password-load") {
                 phase("me-under-password-load");
-                rows.extend(
-                    drive(
-                        addr,
-                        vec![
-                            Load {
-                                name: "me-under-password-load".into(),
-                                connections: c,
-                                make: me_requests(tokens.clone()),
-                                expect: StatusCode::OK,
-                            },
-                            Load {
-                                name: "(password-login beside it)".into(),
-                                connections: MIXED_PASSWORD_CONNECTIONS,
-                                make: password_logins(137, pw_users),
-                                expect: StatusCode::OK,
-                            },
-                        ],
-                        opts.warmup,
-                        opts.duration,
-                    )
-                    .await,
-                );
+                let mut loads = one("me-under-password-load", me_requests(tokens.clone()));
+                loads.push(Load {
+                    name: "(password-login beside it)".into(),
+                    connections: MIXED_PASSWORD_CONNECTIONS,
+                    make: password_logins(137, pw_users),
+                    expect: StatusCode::OK,
+                });
+                record(measure(&bench, loads).await);
             }
         }
         let _ = stop.send(());
@@ -1029,23 +1064,24 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
             .expect("server task")
             .expect("server stopped cleanly");
     }
-
-    for s in rows
-        .iter_mut()
-        .chain(scale.iter_mut().flat_map(|s| s.scenarios.iter_mut()))
-    {
-        s.ratio_to_ceiling = Some(s.rps / ceiling_rps);
-    }
+    let ceiling_rps = ceiling_all.latencies_us.len() as f64 / ceiling_all.seconds.max(1e-9);
+    rows.insert(0, {
+        let mut c = ceiling_all;
+        c.name = "ceiling (bare hyper), all slices".into();
+        c.connections = opts.connections;
+        c.stats(None)
+    });
     let targets = targets(&rows);
     let loadavg_after = loadavg();
 
     println!(
-        "\n## smsauth load benchmark, {date}\n\n{cores} cores, load average {} before / {} after; {} connections; {:.0} s warm-up + {:.0} s measured per scenario; client in the same process.\n",
+        "\n## smsauth load benchmark, {date}\n\n{cores} cores, load average {} before / {} after; {} connections; {:.1} s warm-up + {:.1} s measured per scenario in {} slices, each after a slice of the ceiling; client in the same process.\n",
         loadavg_before.as_deref().unwrap_or("?"),
         loadavg_after.as_deref().unwrap_or("?"),
         c,
         opts.warmup.as_secs_f64(),
-        opts.duration.as_secs_f64()
+        opts.duration.as_secs_f64(),
+        opts.rounds
     );
     println!("{}", table(&rows));
     if let Some(r) = &raw_hash {
@@ -1145,7 +1181,7 @@ async fn healthy(addr: SocketAddr) -> bool {
     matches!(sender.send_request(get("/healthz")).await, Ok(r) if r.status() == StatusCode::OK)
 }
 
-async fn scale_mode(opts: &Opts) -> ScaleReport {
+async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     const SECRET: &str = "bench-token-secret-of-at-least-32-characters";
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
@@ -1243,42 +1279,37 @@ async fn scale_mode(opts: &Opts) -> ScaleReport {
     report.start_to_serving_ms = spawned.elapsed().as_secs_f64() * 1000.0;
     report.rss_serving_mib = status_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
 
-    let c = opts.connections;
+    let bench = Bench {
+        opts: opts.clone(),
+        ceiling,
+        addr,
+    };
+    let one = |name: &str, make: MakeRequest| {
+        vec![Load {
+            name: name.into(),
+            connections: opts.connections,
+            make,
+            expect: StatusCode::OK,
+        }]
+    };
+    let mut ceiling_all = Raw::default();
     eprintln!("  scale: me");
-    report.scenarios.extend(
-        drive(
-            addr,
-            vec![Load {
-                name: "scale: me".into(),
-                connections: c,
-                make: me_requests(Arc::new(tokens)),
-                expect: StatusCode::OK,
-            }],
-            opts.warmup,
-            opts.duration,
-        )
-        .await,
-    );
+    let (rows, c) = measure(&bench, one("scale: me", me_requests(Arc::new(tokens)))).await;
+    report.scenarios.extend(rows);
+    ceiling_all.add(c);
     eprintln!("  scale: sms-login-existing");
-    report.scenarios.extend(
-        drive(
-            addr,
-            vec![Load {
-                name: "scale: sms-login-existing".into(),
-                connections: c,
-                make: sms_logins(login_phones),
-                expect: StatusCode::OK,
-            }],
-            opts.warmup,
-            opts.duration,
-        )
-        .await,
-    );
+    let (rows, c) = measure(
+        &bench,
+        one("scale: sms-login-existing", sms_logins(login_phones)),
+    )
+    .await;
+    report.scenarios.extend(rows);
+    ceiling_all.add(c);
     report.rss_peak_mib = status_kib(pid, "VmHWM:").unwrap_or(f64::NAN) / 1024.0;
     report.rss_after_mib = status_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
     let _ = child.wait();
-    report
+    (report, ceiling_all)
 }

@@ -121,6 +121,31 @@ fn tokens_and_users(c: &mut Criterion) {
     });
 }
 
+/// What every durable answer waits for: one small write made durable, alone (no other
+/// writer to share the flush with).
+fn flush(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let rec = smsauth::model::PendingCode {
+        hash: [3; 32],
+        sent_at: 1,
+        expires_at: 2,
+        attempts: 0,
+    };
+    let mut group = c.benchmark_group("store");
+    group.sample_size(20);
+    group.bench_function("one write + flush", |b| {
+        b.iter(|| {
+            store
+                .save_code("+8613800000000", Purpose::Login, &rec)
+                .unwrap();
+            rt.block_on(store.flush()).unwrap();
+        })
+    });
+    group.finish();
+}
+
 fn captcha(c: &mut Criterion) {
     let length = CaptchaConfig::default().length;
     c.bench_function("captcha generation (PNG)", |b| {
@@ -144,5 +169,5 @@ fn argon2(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codes, tokens_and_users, captcha, argon2);
+criterion_group!(benches, codes, tokens_and_users, flush, captcha, argon2);
 criterion_main!(benches);
