@@ -206,6 +206,12 @@ impl Store for SledStore {
         new: NewUser<'_>,
         methods: &[LoginMethod],
     ) -> Result<(User, bool), StoreError> {
+        // Most calls are logins of existing users: answer those with two plain reads. A
+        // sled transaction waits for any flush in progress (sled's global concurrency
+        // lock), and stalls every other store call queued behind it meanwhile.
+        if let Some(user) = self.user_by_phone(new.phone)? {
+            return Ok((user, false));
+        }
         let _gate = self.write_gate();
         let outcome = (&self.meta, &self.users, &self.phones, &self.methods)
             .transaction(|(meta, users, phones, methods_tree)| {
