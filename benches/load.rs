@@ -376,6 +376,7 @@ async fn measure(bench: &Bench, loads: Vec<Load>) -> (Vec<Stats>, Raw) {
                 .await
                 .remove(0),
         );
+        eprintln!("    slice {}/{rounds}: {}", round + 1, loads[0].name);
         let raws = drive(bench.addr, loads.clone(), warmup, slice).await;
         let done = raws.iter().any(|r| r.ran_out_after_s.is_some());
         if sums.is_empty() {
