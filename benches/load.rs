@@ -1017,7 +1017,7 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
                 .expect("users");
             app.store.flush().await.expect("flush");
             let slots = match password_cfg.max_concurrent_hashes {
-                0 => cores,
+                0 => smsauth::password::default_slots(),
                 n => n,
             };
             phase("raw argon2id rate");
