@@ -56,13 +56,20 @@ pub fn check_rules(password: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// One hash per core but one (at least one): a hash holds its core for tens of
+/// milliseconds, and with every core hashing the async workers wait their turn, so
+/// GET /me and code logins slowed down 4x at p99 under a password flood (2 cores).
+pub fn default_slots() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+}
+
 impl Passwords {
     pub fn new(cfg: &PasswordConfig) -> Result<Self, PasswordError> {
         let params = Params::new(cfg.memory_kib, cfg.iterations, cfg.parallelism, None)
             .map_err(|e| PasswordError::Internal(e.to_string()))?;
         let argon = Arc::new(Argon2::new(Algorithm::Argon2id, Version::V0x13, params));
         let slots = if cfg.max_concurrent_hashes == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            default_slots()
         } else {
             cfg.max_concurrent_hashes
         };

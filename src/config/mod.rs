@@ -150,7 +150,8 @@ pub struct PasswordConfig {
     pub memory_kib: u32,
     pub iterations: u32,
     pub parallelism: u32,
-    /// Hashes computed at once; 0 means one per CPU core.
+    /// Hashes computed at once; 0 means one per CPU core but one (at least one), so
+    /// hashing never takes every core from the requests that do not hash.
     pub max_concurrent_hashes: usize,
     /// Requests that may wait for a hashing slot; past that, 429 at once.
     pub max_queued_hashes: usize,

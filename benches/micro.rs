@@ -1,0 +1,173 @@
+//! Micro-benchmarks of the hot paths, one at a time, on the real types with the default
+//! configuration: `cargo bench --bench micro` (criterion; add a filter such as `jwt` to
+//! run some). The whole-server figures are in `benches/load.rs`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+
+use smsauth::codes::Codes;
+use smsauth::config::{CaptchaConfig, CodeConfig, PasswordConfig, TokenConfig};
+use smsauth::model::{LoginMethod, Method, Purpose};
+use smsauth::password::Passwords;
+use smsauth::phone::Phone;
+use smsauth::store::{NewUser, SledStore, Store};
+use smsauth::token::Tokens;
+
+/// A phone of its own for each call: codes are single use.
+fn phone(n: u64) -> Phone {
+    Phone::from_e164(format!("+86138{n:08}"))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+    Arc::new(SledStore::open(dir.path(), 64).expect("open store"))
+}
+
+fn codes(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let codes = rt
+        .block_on(Codes::open(
+            CodeConfig::default(),
+            None,
+            vec![7; 32],
+            store.clone(),
+        ))
+        .unwrap();
+    let next = AtomicU64::new(0);
+    // Generate a code and store it (moka + sled write; the flush is the group commit's,
+    // measured by the load benchmark).
+    c.bench_function("code issue (generate + store)", |b| {
+        b.iter(|| {
+            let p = phone(next.fetch_add(1, Ordering::Relaxed));
+            let code = codes.generate();
+            rt.block_on(codes.put(&p, Purpose::Login, &code)).unwrap();
+        })
+    });
+    // Verify and consume: every iteration spends a code put there beforehand (not timed).
+    let issued = next.load(Ordering::Relaxed);
+    let fixed = "123456";
+    let mut prepared = 0u64;
+    c.bench_function("code verify + consume", |b| {
+        b.iter_custom(|iters| {
+            let first = issued + prepared;
+            for i in 0..iters {
+                rt.block_on(codes.put(&phone(first + i), Purpose::Login, fixed))
+                    .unwrap();
+            }
+            prepared += iters;
+            let start = std::time::Instant::now();
+            for i in 0..iters {
+                rt.block_on(codes.consume(&phone(first + i), Purpose::Login, fixed))
+                    .unwrap();
+            }
+            start.elapsed()
+        })
+    });
+}
+
+fn tokens_and_users(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    for n in 0..10_000u64 {
+        let p = phone(n);
+        store
+            .create_user_if_absent(
+                NewUser {
+                    phone: p.as_str(),
+                    nickname: "bench".into(),
+                    created_at: 1,
+                    last_login_at: None,
+                },
+                &[LoginMethod {
+                    method: Method::Sms,
+                    identification: p.as_str().into(),
+                    access_code: None,
+                }],
+            )
+            .unwrap();
+    }
+    let tokens = Tokens::new(&[9; 32], &TokenConfig::default(), store.clone()).unwrap();
+    let user = store.user_by_phone(phone(42).as_str()).unwrap().unwrap();
+    c.bench_function("jwt sign (session)", |b| {
+        b.iter(|| black_box(tokens.issue_session(black_box(&user))))
+    });
+    // A few thousand revocations, so the check looks into a map of a realistic size.
+    for n in 0..5_000u64 {
+        tokens
+            .revoke(&format!("{n:032x}"), smsauth::clock::now() + 3600)
+            .unwrap();
+    }
+    let token = tokens.issue_session(&user).token;
+    c.bench_function("jwt verify + revocation check", |b| {
+        b.iter(|| black_box(tokens.verify_session(black_box(&token)).unwrap()))
+    });
+    let mut n = 0u64;
+    c.bench_function("user lookup by phone (10k users)", |b| {
+        b.iter(|| {
+            n = (n + 7919) % 10_000;
+            black_box(store.user_by_phone(phone(n).as_str()).unwrap().unwrap())
+        })
+    });
+}
+
+/// What every durable answer waits for: one small write made durable, alone (no other
+/// writer to share the flush with).
+fn flush(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let rec = smsauth::model::PendingCode {
+        hash: [3; 32],
+        sent_at: 1,
+        expires_at: 2,
+        attempts: 0,
+    };
+    let mut group = c.benchmark_group("store");
+    group.sample_size(20);
+    group.bench_function("one write + flush", |b| {
+        b.iter(|| {
+            store
+                .save_code("+8613800000000", Purpose::Login, &rec)
+                .unwrap();
+            rt.block_on(store.flush()).unwrap();
+        })
+    });
+    group.finish();
+}
+
+fn captcha(c: &mut Criterion) {
+    let length = CaptchaConfig::default().length;
+    c.bench_function("captcha generation (PNG)", |b| {
+        b.iter(|| black_box(smsauth::captcha::render(length).unwrap()))
+    });
+}
+
+fn argon2(c: &mut Criterion) {
+    let rt = runtime();
+    let passwords = Passwords::new(&PasswordConfig::default()).unwrap();
+    let mut group = c.benchmark_group("argon2id");
+    group.sample_size(10);
+    group.bench_function("hash at the configured parameters", |b| {
+        b.iter(|| {
+            black_box(
+                rt.block_on(passwords.hash("correct horse battery"))
+                    .unwrap(),
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codes, tokens_and_users, flush, captcha, argon2);
+criterion_main!(benches);
