@@ -106,7 +106,15 @@ async fn nginx_auth_request_guards_a_site_with_the_session_cookie() {
     );
     assert!(app.received().is_empty());
     // Metrics stay private; the login page comes through nginx.
-    assert_eq!(client.get(format!("{base}/metrics")).send().await.unwrap().status(), 403);
+    assert_eq!(
+        client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
     let page = client.get(format!("{base}/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
 
