@@ -142,7 +142,12 @@ fn extract_glyph(c: char) -> Glyph {
     let inked = |x: usize, y: usize| ink(x, y) > 60;
     let xs: Vec<usize> = (0..w).filter(|&x| (0..h).any(|y| inked(x, y))).collect();
     let ys: Vec<usize> = (0..h).filter(|&y| (0..w).any(|x| inked(x, y))).collect();
-    let (x0, x1, y0, y1) = (xs[0], *xs.last().unwrap(), ys[0], *ys.last().unwrap());
+    // Every character of the font has ink; an empty glyph would be a broken font.
+    let (Some(&x0), Some(&x1), Some(&y0), Some(&y1)) =
+        (xs.first(), xs.last(), ys.first(), ys.last())
+    else {
+        panic!("the captcha font has no ink for {c:?}");
+    };
     let (width, height) = (x1 - x0 + 1, y1 - y0 + 1);
     let ink = (y0..=y1)
         .flat_map(|y| (x0..=x1).map(move |x| (x, y)))
