@@ -38,9 +38,8 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -500,12 +499,8 @@ async fn ceiling_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .max_buf_size(64 * 1024)
-            .keep_alive(true);
+        // The server's own connection settings, so the ceiling differs only in the work.
+        let builder = smsauth::http::connection_builder();
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;

@@ -28,16 +28,24 @@ use router::Req;
 /// How long requests in flight may take to finish once shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight
-/// finish (up to [`SHUTDOWN_GRACE`]).
-pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let graceful = GracefulShutdown::new();
+/// HTTP/1.1 connection settings: keep-alive, a 10 s limit for a request's headers (a
+/// timer is required for it), 64 KiB read buffers. Public so the load benchmark's ceiling
+/// is served exactly the same way.
+pub fn connection_builder() -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
         .max_buf_size(64 * 1024)
         .keep_alive(true);
+    builder
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight
+/// finish (up to [`SHUTDOWN_GRACE`]).
+pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    let builder = connection_builder();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
