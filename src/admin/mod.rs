@@ -55,13 +55,10 @@ impl Op {
 /// A user as an operator sees it. Never a secret: login methods show how, not with what.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserInfo {
-    pub id: u64,
-    pub phone: String,
-    pub nickname: String,
-    pub created_at: i64,
-    pub last_login_at: Option<i64>,
-    pub disabled: bool,
-    pub session_gen: u32,
+    /// The stored record itself (it holds no secret); flattened, so the socket's JSON
+    /// lists its fields beside `login_methods`.
+    #[serde(flatten)]
+    pub user: User,
     /// Filled by `show` only (the list would pay one scan per user).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login_methods: Option<Vec<MethodInfo>>,
@@ -76,13 +73,7 @@ pub struct MethodInfo {
 impl From<&User> for UserInfo {
     fn from(u: &User) -> Self {
         UserInfo {
-            id: u.id,
-            phone: u.phone.clone(),
-            nickname: u.nickname.clone(),
-            created_at: u.created_at,
-            last_login_at: u.last_login_at,
-            disabled: u.disabled,
-            session_gen: u.session_gen,
+            user: u.clone(),
             login_methods: None,
         }
     }
@@ -210,7 +201,7 @@ pub fn render(answer: &Answer) -> String {
     match answer {
         Answer::Users { users } => {
             let mut out = String::from("id\tphone\tnickname\tcreated\tlast_login\tdisabled\n");
-            for u in users {
+            for UserInfo { user: u, .. } in users {
                 out.push_str(&format!(
                     "{}\t{}\t{}\t{}\t{}\t{}\n",
                     u.id,
@@ -223,7 +214,8 @@ pub fn render(answer: &Answer) -> String {
             }
             out
         }
-        Answer::User { user: u } => {
+        Answer::User { user: info } => {
+            let u = &info.user;
             let mut out = format!(
                 "id:            {}\nphone:         {}\nnickname:      {}\ncreated:       {}\nlast login:    {}\ndisabled:      {}\nsession gen:   {}\nlogin methods:",
                 u.id,
@@ -234,7 +226,7 @@ pub fn render(answer: &Answer) -> String {
                 yes_no(u.disabled),
                 u.session_gen,
             );
-            let methods = u.login_methods.as_deref().unwrap_or_default();
+            let methods = info.login_methods.as_deref().unwrap_or_default();
             if methods.is_empty() {
                 out.push_str(" none");
             }
@@ -250,7 +242,10 @@ pub fn render(answer: &Answer) -> String {
             changed,
         } => {
             let already = if *changed { "" } else { "already " };
-            format!("user {} ({}) {already}{done}\n", user.id, user.phone)
+            format!(
+                "user {} ({}) {already}{done}\n",
+                user.user.id, user.user.phone
+            )
         }
     }
 }
@@ -274,15 +269,41 @@ mod tests {
     }
 
     #[test]
+    fn a_user_travels_the_socket_as_flat_json() {
+        let user = User {
+            id: 3,
+            phone: "+8613812345678".into(),
+            nickname: "n".into(),
+            created_at: 1,
+            last_login_at: Some(2),
+            disabled: false,
+            session_gen: 4,
+        };
+        let answer = Answer::User {
+            user: UserInfo {
+                user: user.clone(),
+                login_methods: Some(vec![]),
+            },
+        };
+        let json = serde_json::to_value(&answer).unwrap();
+        assert_eq!(json["user"]["phone"], "+8613812345678");
+        assert_eq!(json["user"]["session_gen"], 4);
+        assert_eq!(json["user"]["login_methods"], serde_json::json!([]));
+        assert_eq!(serde_json::from_value::<Answer>(json).unwrap(), answer);
+    }
+
+    #[test]
     fn list_renders_one_line_per_user_with_a_header() {
         let u = UserInfo {
-            id: 7,
-            phone: "+8613812345678".into(),
-            nickname: "a\tb".into(),
-            created_at: 0,
-            last_login_at: None,
-            disabled: true,
-            session_gen: 0,
+            user: User {
+                id: 7,
+                phone: "+8613812345678".into(),
+                nickname: "a\tb".into(),
+                created_at: 0,
+                last_login_at: None,
+                disabled: true,
+                session_gen: 0,
+            },
             login_methods: None,
         };
         let text = render(&Answer::Users { users: vec![u] });
