@@ -166,4 +166,11 @@ async fn kill9_with_registrations_in_flight_loses_no_acknowledged_user() {
             "two phones share an id"
         );
     }
+    // The count was not closed cleanly, so the restart counted users anew: every phone
+    // has one, and no half-made create is counted.
+    let (_, metrics) = s.get_text("/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l == format!("smsauth_users {N}")),
+        "smsauth_users is not {N}: {metrics}"
+    );
 }

@@ -56,8 +56,8 @@ pub trait Store: Send + Sync + 'static {
     fn login_methods(&self, id: UserId) -> Result<Vec<LoginMethod>, StoreError>;
     fn put_login_method(&self, id: UserId, method: &LoginMethod) -> Result<(), StoreError>;
     fn remove_login_method(&self, id: UserId, method: Method) -> Result<(), StoreError>;
-    /// Stores `method` and bumps the user's session generation in one transaction, so a
-    /// new password is never in place while the sessions it should end still work.
+    /// Bumps the user's session generation, then stores `method`: a new password is never
+    /// in place while the sessions it should end still work, crashes included.
     fn put_login_method_ending_sessions(
         &self,
         id: UserId,
@@ -106,8 +106,8 @@ pub trait Store: Send + Sync + 'static {
     fn prune_counters(&self, oldest_kept: &dyn Fn(Counter) -> i64) -> Result<usize, StoreError>;
     /// Every user, in id order (admin listing).
     fn users(&self) -> Result<Vec<User>, StoreError>;
-    /// Removes the user, its phone index entry and its login methods in one step, and
-    /// counts it out of `users_total`. Ids are never given out again, so an old token
+    /// Removes the user, its phone index entry and its login methods (gone for every
+    /// reader at once, crashes included), and counts it out of `users_total`. Ids are never given out again, so an old token
     /// cannot pass for a later user. None if there was no such user.
     fn delete_user(&self, id: UserId) -> Result<Option<User>, StoreError>;
     /// Hands every stored record to `sink` as (tree, key, value), tree by tree in key

@@ -2,7 +2,7 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `meta` | name | `schema_version` u32 BE, `next_user_id` / `users_total` u64 BE |
+//! | `meta` | name | `schema_version` u32 BE; `next_user_id`, `users_total`, `first_id_of_run` u64 BE; `closed_cleanly` |
 //! | `userid_user` | user id u64 BE | codec([`User`]) |
 //! | `phone_userid` | E.164 bytes | user id u64 BE |
 //! | `useridmethod_login` | user id u64 BE, method byte | codec([`LoginMethod`]) |
@@ -10,8 +10,25 @@
 //! | `jti_exp` | token id bytes | expiry unix secs i64 BE |
 //! | `counter_count` | counter byte, window i64 BE, subject bytes | count u64 BE |
 //!
-//! User ids come from our own counter, bumped inside the create transaction: sled's
-//! `generate_id` jumps by two million at every reopen.
+//! No sled transaction or batch is ever used. The first one switches sled 0.34 into a
+//! mode where every operation takes a process-wide lock that transactions take
+//! exclusively and a flush holds while it waits for the disk, so one registration would
+//! stall every reader behind every group commit. Multi-key changes are instead ordered so
+//! that each prefix of them is harmless, and one write is the commit point: sled recovers
+//! a prefix of its log, so after a crash a later write of one thread is never present
+//! without the earlier ones.
+//!
+//! - Creating a user writes the user record and its login methods, then the phone index
+//!   entry, which commits it: a user is reachable only through the index. Of two creates
+//!   for one phone, a per-phone lock lets one in.
+//! - User ids come from an in-memory counter, set at open past the highest stored id and
+//!   past `next_user_id`, which a deletion records so ids are never given out again
+//!   (sled's own `generate_id` jumps by two million at every reopen).
+//! - A crash can leave records of a create without its index entry (orphans). Only ids
+//!   handed out since the last open can be one, so an open after a crash checks those
+//!   (`first_id_of_run` onwards) and removes the orphans.
+//! - The user count lives in memory; it is stored with `closed_cleanly` when the store
+//!   closes, and an open that does not find that marker counts the phone index instead.
 //!
 //! sled has no snapshot across trees, so writes pass a gate: every write method holds a
 //! read guard of `gate` while it changes trees, and [`Store::snapshot`] holds the write
@@ -19,12 +36,10 @@
 //! atomic operation when no snapshot runs); a snapshot waits for changes in flight and
 //! then sees none start until it is done.
 
+use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard};
-
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use super::codec::{decode, encode, read_i64, read_u64, u64_key};
 use super::{BoxFuture, NewUser, RecordSink, Store, StoreError};
@@ -34,6 +49,10 @@ const SCHEMA_VERSION: u32 = 1;
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_NEXT_ID: &[u8] = b"next_user_id";
 const META_USERS: &[u8] = b"users_total";
+const META_FIRST_ID_OF_RUN: &[u8] = b"first_id_of_run";
+const META_CLOSED_CLEANLY: &[u8] = b"closed_cleanly";
+/// Locks for creating and deleting users, picked by phone.
+const PHONE_LOCKS: usize = 64;
 /// sled's own unnamed tree, which we never use.
 const DEFAULT_TREE: &str = "__sled__default";
 
@@ -49,6 +68,10 @@ pub struct SledStore {
     commit: GroupCommit,
     /// Read-held by every write, write-held by a snapshot (see the module doc).
     gate: RwLock<()>,
+    next_id: AtomicU64,
+    users_total: AtomicU64,
+    phone_locks: [Mutex<()>; PHONE_LOCKS],
+    phone_lock_hasher: RandomState,
 }
 
 impl From<sled::Error> for StoreError {
@@ -91,9 +114,61 @@ impl SledStore {
                 log_file,
             },
             gate: RwLock::new(()),
+            next_id: AtomicU64::new(1),
+            users_total: AtomicU64::new(0),
+            phone_locks: std::array::from_fn(|_| Mutex::new(())),
+            phone_lock_hasher: RandomState::new(),
         };
         store.migrate()?;
+        store.recover()?;
         Ok(store)
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        self.meta.get(key)?.map(|v| read_u64(&v)).transpose()
+    }
+
+    /// Sets the id counter and the user count; after a crash, first removes the orphans
+    /// of creates that did not reach their commit point (see the module doc).
+    fn recover(&self) -> Result<(), StoreError> {
+        let closed_cleanly = self.meta.get(META_CLOSED_CLEANLY)?.is_some();
+        if !closed_cleanly && let Some(first) = self.meta_u64(META_FIRST_ID_OF_RUN)? {
+            for kv in self.users.range(u64_key(first)..) {
+                let (k, v) = kv?;
+                let user: User = decode(&v)?;
+                if self.phones.get(user.phone.as_bytes())?.as_deref() != Some(&k[..]) {
+                    for method in METHODS {
+                        self.methods.remove(method_key(user.id, method))?;
+                    }
+                    self.users.remove(&k)?;
+                }
+            }
+        }
+        let highest = match self.users.last()? {
+            Some((k, _)) => read_u64(&k)?,
+            None => 0,
+        };
+        let next = (highest + 1).max(self.meta_u64(META_NEXT_ID)?.unwrap_or(1));
+        self.next_id.store(next, Ordering::SeqCst);
+        let total = match self.meta_u64(META_USERS)? {
+            Some(n) if closed_cleanly => n,
+            _ => self.phones.len() as u64,
+        };
+        self.users_total.store(total, Ordering::SeqCst);
+        self.meta.insert(META_USERS, &u64_key(total))?;
+        // Until the next clean close, the stored count is stale and ids from `next` on may
+        // have orphans. sled keeps order, so this is durable before any later write is.
+        self.meta.insert(META_FIRST_ID_OF_RUN, &u64_key(next))?;
+        self.meta.remove(META_CLOSED_CLEANLY)?;
+        Ok(())
+    }
+
+    fn phone_lock(&self, phone: &str) -> MutexGuard<'_, ()> {
+        let i = self.phone_lock_hasher.hash_one(phone) as usize % PHONE_LOCKS;
+        // Nothing is kept under the lock, so a panic elsewhere leaves it usable.
+        self.phone_locks[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Numbered migrations run at open; version 1 is the first layout, so there is
@@ -136,6 +211,33 @@ impl SledStore {
     /// leave the unit value inconsistent, so a poisoned gate is still a good gate.
     fn write_gate(&self) -> RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// [`Store::update_user`] for a caller that holds the write gate already.
+    fn change_user(
+        &self,
+        id: UserId,
+        change: &mut dyn FnMut(&mut User),
+    ) -> Result<Option<User>, StoreError> {
+        let mut failure = None;
+        let updated = self.users.update_and_fetch(u64_key(id), |old| {
+            let old = old?;
+            match decode::<User>(old) {
+                Ok(mut user) => {
+                    change(&mut user);
+                    Some(encode(&user))
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    Some(old.to_vec())
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        self.wrote();
+        updated.map(|v| decode(&v)).transpose()
     }
 
     fn wrote(&self) {
@@ -198,13 +300,6 @@ fn counter_key(counter: Counter, window: i64, subject: &str) -> Vec<u8> {
     k
 }
 
-fn tx_err(e: TransactionError<StoreError>) -> StoreError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => e.into(),
-    }
-}
-
 impl Store for SledStore {
     fn user(&self, id: UserId) -> Result<Option<User>, StoreError> {
         self.users.get(u64_key(id))?.map(|v| decode(&v)).transpose()
@@ -222,61 +317,34 @@ impl Store for SledStore {
         new: NewUser<'_>,
         methods: &[LoginMethod],
     ) -> Result<(User, bool), StoreError> {
-        // Most calls are logins of existing users: answer those with two plain reads. A
-        // sled transaction waits for any flush in progress (sled's global concurrency
-        // lock), and stalls every other store call queued behind it meanwhile.
+        // Most calls are logins of existing users: two plain reads, no lock.
         if let Some(user) = self.user_by_phone(new.phone)? {
             return Ok((user, false));
         }
         let _gate = self.write_gate();
-        let outcome = (&self.meta, &self.users, &self.phones, &self.methods)
-            .transaction(|(meta, users, phones, methods_tree)| {
-                if let Some(id) = phones.get(new.phone.as_bytes())? {
-                    let id = read_u64(&id).map_err(ConflictableTransactionError::Abort)?;
-                    return Ok(Err(id));
-                }
-                let counter =
-                    |key: &[u8],
-                     default: u64|
-                     -> Result<u64, ConflictableTransactionError<StoreError>> {
-                        match meta.get(key)? {
-                            Some(v) => read_u64(&v).map_err(ConflictableTransactionError::Abort),
-                            None => Ok(default),
-                        }
-                    };
-                let id = counter(META_NEXT_ID, 1)?;
-                let total = counter(META_USERS, 0)?;
-                meta.insert(META_NEXT_ID, &u64_key(id + 1))?;
-                meta.insert(META_USERS, &u64_key(total + 1))?;
-                let user = User {
-                    id,
-                    phone: new.phone.to_owned(),
-                    nickname: new.nickname.clone(),
-                    created_at: new.created_at,
-                    last_login_at: new.last_login_at,
-                    disabled: false,
-                    session_gen: 0,
-                };
-                users.insert(&u64_key(id), encode(&user))?;
-                phones.insert(new.phone.as_bytes(), &u64_key(id))?;
-                for m in methods {
-                    methods_tree.insert(&method_key(id, m.method), encode(m))?;
-                }
-                Ok(Ok(user))
-            })
-            .map_err(tx_err)?;
-        match outcome {
-            Ok(user) => {
-                self.wrote();
-                Ok((user, true))
-            }
-            Err(id) => {
-                let user = self.user(id)?.ok_or_else(|| {
-                    StoreError::Corrupt(format!("phone index names missing user {id}"))
-                })?;
-                Ok((user, false))
-            }
+        let _phone = self.phone_lock(new.phone);
+        if let Some(user) = self.user_by_phone(new.phone)? {
+            return Ok((user, false));
         }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let user = User {
+            id,
+            phone: new.phone.to_owned(),
+            nickname: new.nickname,
+            created_at: new.created_at,
+            last_login_at: new.last_login_at,
+            disabled: false,
+            session_gen: 0,
+        };
+        self.users.insert(u64_key(id), encode(&user))?;
+        for m in methods {
+            self.methods.insert(method_key(id, m.method), encode(m))?;
+        }
+        // The commit point (see the module doc).
+        self.phones.insert(new.phone.as_bytes(), &u64_key(id))?;
+        self.users_total.fetch_add(1, Ordering::SeqCst);
+        self.wrote();
+        Ok((user, true))
     }
 
     fn update_user(
@@ -285,25 +353,7 @@ impl Store for SledStore {
         change: &mut dyn FnMut(&mut User),
     ) -> Result<Option<User>, StoreError> {
         let _gate = self.write_gate();
-        let mut failure = None;
-        let updated = self.users.update_and_fetch(u64_key(id), |old| {
-            let old = old?;
-            match decode::<User>(old) {
-                Ok(mut user) => {
-                    change(&mut user);
-                    Some(encode(&user))
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    Some(old.to_vec())
-                }
-            }
-        })?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        self.wrote();
-        updated.map(|v| decode(&v)).transpose()
+        self.change_user(id, change)
     }
 
     fn login_methods(&self, id: UserId) -> Result<Vec<LoginMethod>, StoreError> {
@@ -339,30 +389,24 @@ impl Store for SledStore {
         method: &LoginMethod,
     ) -> Result<Option<User>, StoreError> {
         let _gate = self.write_gate();
-        let updated = (&self.users, &self.methods)
-            .transaction(|(users, methods)| {
-                let Some(old) = users.get(u64_key(id))? else {
-                    return Ok(None);
-                };
-                let mut user: User = decode(&old).map_err(ConflictableTransactionError::Abort)?;
-                user.session_gen = user.session_gen.wrapping_add(1);
-                users.insert(&u64_key(id), encode(&user))?;
-                methods.insert(&method_key(id, method.method), encode(method))?;
-                Ok(Some(user))
-            })
-            .map_err(tx_err)?;
+        // Sessions end first: a crash between the two writes leaves the old password with
+        // its sessions ended (the caller got no answer and tries again), never the new
+        // password with the old sessions still working.
+        let Some(user) = self.change_user(id, &mut |u| {
+            u.session_gen = u.session_gen.wrapping_add(1);
+        })?
+        else {
+            return Ok(None);
+        };
+        self.methods
+            .insert(method_key(id, method.method), encode(method))?;
         self.wrote();
-        Ok(updated)
+        Ok(Some(user))
     }
 
     fn user_count(&self) -> Result<u64, StoreError> {
-        self.meta
-            .get(META_USERS)?
-            .map(|v| read_u64(&v))
-            .transpose()
-            .map(|n| n.unwrap_or(0))
+        Ok(self.users_total.load(Ordering::SeqCst))
     }
-
     fn save_code(
         &self,
         phone: &str,
@@ -503,38 +547,28 @@ impl Store for SledStore {
 
     fn delete_user(&self, id: UserId) -> Result<Option<User>, StoreError> {
         let _gate = self.write_gate();
-        // Transactional trees cannot scan, so the method keys are listed first; under the
-        // gate's read guard a login method added meanwhile would be for a user that is
-        // going away, and put_login_method is only called for existing users.
-        let method_keys = self
-            .methods
-            .scan_prefix(u64_key(id))
-            .keys()
-            .collect::<Result<Vec<_>, _>>()?;
-        let removed = (&self.meta, &self.users, &self.phones, &self.methods)
-            .transaction(|(meta, users, phones, methods)| {
-                let Some(old) = users.remove(&u64_key(id))? else {
-                    return Ok(None);
-                };
-                let user: User = decode(&old).map_err(ConflictableTransactionError::Abort)?;
-                if phones.get(user.phone.as_bytes())?.as_deref() == Some(&u64_key(id)[..]) {
-                    phones.remove(user.phone.as_bytes())?;
-                }
-                for k in &method_keys {
-                    methods.remove(k)?;
-                }
-                let total = match meta.get(META_USERS)? {
-                    Some(v) => read_u64(&v).map_err(ConflictableTransactionError::Abort)?,
-                    None => 0,
-                };
-                meta.insert(META_USERS, &u64_key(total.saturating_sub(1)))?;
-                Ok(Some(user))
-            })
-            .map_err(tx_err)?;
-        if removed.is_some() {
-            self.wrote();
+        let Some(user) = self.user(id)? else {
+            return Ok(None);
+        };
+        let _phone = self.phone_lock(&user.phone);
+        // Recorded first, so the id is never given out again even if it was the highest.
+        let next = self.next_id.load(Ordering::SeqCst);
+        self.meta.insert(META_NEXT_ID, &u64_key(next))?;
+        // Removing the index entry is the commit point: from here the user is gone.
+        let indexed = self.phones.compare_and_swap(
+            user.phone.as_bytes(),
+            Some(&u64_key(id)[..]),
+            None as Option<&[u8]>,
+        )?;
+        if indexed.is_ok() {
+            self.users_total.fetch_sub(1, Ordering::SeqCst);
         }
-        Ok(removed)
+        for method in METHODS {
+            self.methods.remove(method_key(id, method))?;
+        }
+        self.users.remove(u64_key(id))?;
+        self.wrote();
+        Ok(Some(user))
     }
 
     fn snapshot(&self, sink: &mut RecordSink<'_>) -> Result<(), StoreError> {
@@ -548,10 +582,17 @@ impl Store for SledStore {
             .filter(|n| n != DEFAULT_TREE)
             .collect();
         names.sort();
+        let fail = |e: std::io::Error| StoreError::Engine(format!("snapshot: {e}"));
         for name in names {
             for kv in self.db.open_tree(&name)?.iter() {
                 let (k, v) = kv?;
-                sink(&name, &k, &v).map_err(|e| StoreError::Engine(format!("snapshot: {e}")))?;
+                // The stored count is only brought up to date at close; give the live one.
+                if name == "meta" && &k[..] == META_USERS {
+                    let live = u64_key(self.users_total.load(Ordering::SeqCst));
+                    sink(&name, &k, &live).map_err(fail)?;
+                } else {
+                    sink(&name, &k, &v).map_err(fail)?;
+                }
             }
         }
         Ok(())
@@ -562,7 +603,10 @@ impl Store for SledStore {
         if tree == DEFAULT_TREE {
             return Err(StoreError::Corrupt(format!("record for tree {tree}")));
         }
-        self.db.open_tree(tree)?.insert(key, value)?;
+        let old = self.db.open_tree(tree)?.insert(key, value)?;
+        if tree == "phone_userid" && old.is_none() {
+            self.users_total.fetch_add(1, Ordering::SeqCst);
+        }
         self.wrote();
         Ok(())
     }
@@ -597,6 +641,22 @@ impl Store for SledStore {
 
     fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+impl Drop for SledStore {
+    /// Stores the user count and marks the close as clean, so the next open need not
+    /// count. Not reached after a crash; the next open then counts (see the module doc).
+    fn drop(&mut self) {
+        let close = || -> Result<(), StoreError> {
+            let total = self.users_total.load(Ordering::SeqCst);
+            self.meta.insert(META_USERS, &u64_key(total))?;
+            self.meta.insert(META_CLOSED_CLEANLY, &[1u8][..])?;
+            self.flush_blocking()
+        };
+        if let Err(e) = close() {
+            tracing::warn!(error = %e, "could not record a clean close; the next start counts users");
+        }
     }
 }
 
@@ -673,6 +733,42 @@ mod tests {
             2
         );
         assert_eq!(s.user_count().unwrap(), 2);
+    }
+
+    /// What a kill -9 in the middle of a create leaves: a user record without its index
+    /// entry, and no clean-close marker. The next open removes it and counts anew.
+    #[test]
+    fn an_open_after_a_crash_removes_orphans_and_recounts() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path(), 8).unwrap();
+            s.create_user_if_absent(new_user("+861"), &[]).unwrap();
+            let orphan = User {
+                id: 2,
+                phone: "+862".into(),
+                nickname: "n".into(),
+                created_at: 1,
+                last_login_at: None,
+                disabled: false,
+                session_gen: 0,
+            };
+            s.users.insert(u64_key(2), encode(&orphan)).unwrap();
+        }
+        {
+            let raw = sled::open(dir.path().join("db")).unwrap();
+            let meta = raw.open_tree("meta").unwrap();
+            meta.remove(META_CLOSED_CLEANLY).unwrap();
+            meta.insert(META_USERS, &u64_key(7)).unwrap();
+            raw.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        assert_eq!(s.user(2).unwrap(), None, "the orphan is gone");
+        assert_eq!(s.user_count().unwrap(), 1, "counted, not the stale 7");
+        assert_eq!(s.users().unwrap().len(), 1);
+        assert_eq!(
+            s.create_user_if_absent(new_user("+863"), &[]).unwrap().0.id,
+            2
+        );
     }
 
     #[test]
