@@ -70,7 +70,7 @@ pub struct SledStore {
     gate: RwLock<()>,
     next_id: AtomicU64,
     users_total: AtomicU64,
-    phone_locks: [Mutex<()>; PHONE_LOCKS],
+    phone_locks: Box<[Mutex<()>]>,
     phone_lock_hasher: RandomState,
 }
 
@@ -116,7 +116,7 @@ impl SledStore {
             gate: RwLock::new(()),
             next_id: AtomicU64::new(1),
             users_total: AtomicU64::new(0),
-            phone_locks: std::array::from_fn(|_| Mutex::new(())),
+            phone_locks: (0..PHONE_LOCKS).map(|_| Mutex::new(())).collect(),
             phone_lock_hasher: RandomState::new(),
         };
         store.migrate()?;
