@@ -42,7 +42,7 @@ impl From<anyhow::Error> for CommandError {
 /// Where the command's action runs.
 enum Target {
     /// No server holds the data dir: the store, opened here.
-    Direct(SledStore),
+    Direct(Box<SledStore>),
     /// A server holds it: its admin socket.
     Server(PathBuf),
 }
@@ -57,7 +57,7 @@ fn open(cfg: &Config) -> Result<Target, CommandError> {
         )));
     }
     match SledStore::open(dir, cfg.storage.cache_capacity_mb) {
-        Ok(store) => Ok(Target::Direct(store)),
+        Ok(store) => Ok(Target::Direct(Box::new(store))),
         Err(StoreError::Locked(_)) => Ok(Target::Server(socket::socket_path(dir))),
         Err(e) => Err(fail(format!(
             "cannot open the store in {}: {e}",
@@ -87,7 +87,7 @@ pub async fn user(cfg: &Config, op: Op) -> Result<String, CommandError> {
     let answer = match open(cfg)? {
         Target::Direct(store) => {
             let phones = PhoneParser::new(&cfg.phone).map_err(|e| fail(e.to_string()))?;
-            let answer = super::execute(&store, &phones, &op).await;
+            let answer = super::execute(&*store, &phones, &op).await;
             drop(store);
             keep_owner(&cfg.storage.data_dir);
             answer?
@@ -103,7 +103,7 @@ pub async fn user(cfg: &Config, op: Op) -> Result<String, CommandError> {
 pub async fn backup(cfg: &Config, file: &Path) -> Result<String, CommandError> {
     let (snapshot, via) = match open(cfg)? {
         Target::Direct(store) => {
-            let records = backup::snapshot_records(&store)
+            let records = backup::snapshot_records(&*store)
                 .map_err(|e| fail(format!("cannot read the store: {e}")))?;
             (records, "the store")
         }
