@@ -97,3 +97,28 @@ async fn metrics_count_what_happened() {
     // Nothing personal in the metrics.
     assert!(!text.contains("13812349001"));
 }
+
+/// Every API request gets its log line; a probe or scrape that went well does not (at
+/// the default info level), so the lines that matter are not buried under them.
+#[tokio::test]
+async fn requests_are_logged_but_healthy_probes_are_not() {
+    let s = TestServer::start("").await;
+    assert_eq!(s.get_text("/healthz").await.0, 200);
+    assert_eq!(s.get_text("/metrics").await.0, 200);
+    assert_eq!(s.get("/api/v1/me", None).await.0, 401);
+    let is_request =
+        |l: &serde_json::Value, path: &str| l["message"] == "request" && l["path"] == path;
+    let me = s.wait_for_log(|l| is_request(l, "/api/v1/me"));
+    assert_eq!(
+        (me["status"].as_u64(), me["method"].as_str()),
+        (Some(401), Some("GET"))
+    );
+    // The probes were answered before /me was asked, so their lines would be out by now.
+    let lines = s.log_lines();
+    for probe in ["/healthz", "/metrics"] {
+        assert!(
+            !lines.iter().any(|l| is_request(l, probe)),
+            "{probe} was logged"
+        );
+    }
+}

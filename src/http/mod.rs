@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use crate::app::App;
 use crate::metrics::{LimitLabels, RequestLabels, RouteLabels};
 use body::{Resp, error_response};
-use router::Req;
+use router::{Endpoint, Req};
 
 /// How long requests in flight may take to finish once shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -93,6 +93,9 @@ async fn handle(
     let path: String = parts.uri.path().chars().take(128).collect();
     let resolved = router::resolve(parts.method.as_str(), parts.uri.path());
     let route = resolved.as_ref().map_or("unmatched", |e| e.path());
+    let probe = resolved
+        .as_ref()
+        .is_ok_and(|e| matches!(e, Endpoint::Healthz | Endpoint::Metrics));
     let result = match resolved {
         Ok(endpoint) => router::dispatch(&app, endpoint, Req { parts, body, ip }).await,
         Err(e) => Err(e),
@@ -120,14 +123,14 @@ async fn handle(
         .latency
         .get_or_create(&RouteLabels { route })
         .observe(elapsed.as_secs_f64());
-    tracing::info!(
-        method,
-        path = %path,
-        status,
-        latency_ms = elapsed.as_micros() as f64 / 1000.0,
-        ip = %ip,
-        "request"
-    );
+    let latency_ms = elapsed.as_micros() as f64 / 1000.0;
+    if probe && status == 200 {
+        // A probe or a scrape every few seconds that went well tells an operator nothing;
+        // at info level it would bury the lines that do (and cost as much as the answer).
+        tracing::debug!(method, path = %path, status, latency_ms, ip = %ip, "request");
+    } else {
+        tracing::info!(method, path = %path, status, latency_ms, ip = %ip, "request");
+    }
     Ok(response)
 }
 
