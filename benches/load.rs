@@ -626,7 +626,6 @@ async fn put_codes(codes: &Codes, phones: impl Iterator<Item = String>) {
     for p in phones {
         codes
             .put(&Phone::from_e164(p), Purpose::Login, FIXED_CODE)
-            .await
             .expect("put code");
     }
 }
@@ -1216,7 +1215,6 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
             code_key,
             store.clone(),
         )
-        .await
         .expect("codes");
         let step = (report.users / report.pending_codes.max(1)).max(1) as usize;
         let login_phones: Vec<String> = users

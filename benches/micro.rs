@@ -33,17 +33,9 @@ fn store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
 }
 
 fn codes(c: &mut Criterion) {
-    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir);
-    let codes = rt
-        .block_on(Codes::open(
-            CodeConfig::default(),
-            None,
-            vec![7; 32],
-            store.clone(),
-        ))
-        .unwrap();
+    let codes = Codes::open(CodeConfig::default(), None, vec![7; 32], store.clone()).unwrap();
     let next = AtomicU64::new(0);
     // Generate a code and store it (moka + sled write; the flush is the group commit's,
     // measured by the load benchmark).
@@ -51,7 +43,7 @@ fn codes(c: &mut Criterion) {
         b.iter(|| {
             let p = phone(next.fetch_add(1, Ordering::Relaxed));
             let code = codes.generate();
-            rt.block_on(codes.put(&p, Purpose::Login, &code)).unwrap();
+            codes.put(&p, Purpose::Login, &code).unwrap();
         })
     });
     // Verify and consume: every iteration spends a code put there beforehand (not timed).
@@ -62,13 +54,13 @@ fn codes(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let first = issued + prepared;
             for i in 0..iters {
-                rt.block_on(codes.put(&phone(first + i), Purpose::Login, fixed))
-                    .unwrap();
+                codes.put(&phone(first + i), Purpose::Login, fixed).unwrap();
             }
             prepared += iters;
             let start = std::time::Instant::now();
             for i in 0..iters {
-                rt.block_on(codes.consume(&phone(first + i), Purpose::Login, fixed))
+                codes
+                    .consume(&phone(first + i), Purpose::Login, fixed)
                     .unwrap();
             }
             start.elapsed()

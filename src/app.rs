@@ -44,7 +44,7 @@ impl App {
         };
         let code_key = keys::load_or_create(dir, "code.key")?;
         let fixed = Some(cfg.sms.fixed_code.clone()).filter(|c| !c.is_empty());
-        let codes = Codes::open(cfg.code.clone(), fixed, code_key, store.clone()).await?;
+        let codes = Codes::open(cfg.code.clone(), fixed, code_key, store.clone())?;
         let tokens = Tokens::new(&token_secret, &cfg.token, store.clone())?;
         let phones = PhoneParser::new(&cfg.phone)?;
         let sms = Sms::from_config(&cfg.sms)?;
@@ -68,7 +68,7 @@ impl App {
     /// Periodic clean-up: revocations of expired tokens, expired code records, idle
     /// limiter entries and counters of past windows.
     pub async fn housekeeping(&self) {
-        self.codes.housekeeping().await;
+        self.codes.housekeeping();
         if let Err(e) = self.limits.prune() {
             tracing::warn!(error = %e, "pruning counters failed");
         }

@@ -3,17 +3,20 @@
 //!
 //! Pending codes live in a moka cache (per-entry expiry) written through to the store, so
 //! a restart, kill -9 included, loses none; the cache is reloaded at start. Every change
-//! to one phone+purpose runs under moka's per-key lock (`and_compute_with`), which is what
-//! makes "of many concurrent tries with the right code exactly one wins". Expiry is decided
-//! by `expires_at` in the record; moka's timer only frees memory.
+//! to one phone runs under a lock of that phone's (one of [`PHONE_LOCKS`], picked by
+//! hash), which is what makes "of many concurrent tries with the right code exactly one
+//! wins". The work under it is short and never waits for I/O beyond one store write, so
+//! the lock is a plain mutex: moka's own per-key `and_compute_with` cost more than the
+//! rest of a login. Expiry is decided by `expires_at` in the record; moka's timer only
+//! frees memory.
 
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
-use moka::future::Cache;
 use moka::notification::RemovalCause;
-use moka::ops::compute::Op;
+use moka::sync::Cache;
 use rand::RngExt;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -27,6 +30,11 @@ use crate::store::{Store, StoreError};
 /// Upper bound on pending codes held in memory; past it, records are still in the store
 /// and read from there on a miss.
 const CACHE_CAPACITY: u64 = 200_000;
+/// Locks that serialize the changes to one phone's codes and resend reservation.
+const PHONE_LOCKS: usize = 256;
+/// Keys are phones, which clients choose; foldhash is seeded per process, and a phone is
+/// a short run of digits, so colliding keys cannot be chosen from outside.
+type Hasher = foldhash::fast::RandomState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodeError {
@@ -51,10 +59,19 @@ struct CodeKey {
     purpose: Purpose,
 }
 
+fn key(phone: &Phone, purpose: Purpose) -> CodeKey {
+    CodeKey {
+        phone: phone.as_str().to_owned(),
+        purpose,
+    }
+}
+
 pub struct Codes {
-    pending: Cache<CodeKey, PendingCode>,
+    pending: Cache<CodeKey, PendingCode, Hasher>,
     /// Phone -> unix time of its last send, for the resend interval.
-    last_sent: Cache<String, i64>,
+    last_sent: Cache<String, i64, Hasher>,
+    phone_locks: Box<[Mutex<()>]>,
+    hasher: Hasher,
     store: Arc<dyn Store>,
     hash_key: Vec<u8>,
     cfg: CodeConfig,
@@ -90,7 +107,7 @@ fn remaining(v: &PendingCode) -> Duration {
 impl Codes {
     /// Builds the cache and reloads the store's unexpired codes into it (expired ones are
     /// deleted).
-    pub async fn open(
+    pub fn open(
         cfg: CodeConfig,
         fixed_code: Option<String>,
         hash_key: Vec<u8>,
@@ -108,14 +125,16 @@ impl Codes {
                     tracing::warn!(error = %e, "could not delete an expired code");
                 }
             })
-            .build();
+            .build_with_hasher(Hasher::default());
         let last_sent = Cache::builder()
             .max_capacity(CACHE_CAPACITY)
             .time_to_live(Duration::from_secs(cfg.resend_interval_secs.max(1)))
-            .build();
+            .build_with_hasher(Hasher::default());
         let codes = Codes {
             pending,
             last_sent,
+            phone_locks: (0..PHONE_LOCKS).map(|_| Mutex::new(())).collect(),
+            hasher: Hasher::default(),
             store,
             hash_key,
             cfg,
@@ -128,15 +147,23 @@ impl Codes {
                 continue;
             }
             if now - rec.sent_at < codes.cfg.resend_interval_secs as i64 {
-                let newest = codes.last_sent.get(&phone).await.unwrap_or(i64::MIN);
+                let newest = codes.last_sent.get(&phone).unwrap_or(i64::MIN);
                 codes
                     .last_sent
-                    .insert(phone.clone(), newest.max(rec.sent_at))
-                    .await;
+                    .insert(phone.clone(), newest.max(rec.sent_at));
             }
-            codes.pending.insert(CodeKey { phone, purpose }, rec).await;
+            codes.pending.insert(CodeKey { phone, purpose }, rec);
         }
         Ok(codes)
+    }
+
+    /// Held while one phone's codes or reservation change. Nothing is kept under the
+    /// lock itself, so one poisoned by a panic elsewhere is still good.
+    fn lock(&self, phone: &Phone) -> MutexGuard<'_, ()> {
+        let i = self.hasher.hash_one(phone.as_str()) as usize % PHONE_LOCKS;
+        self.phone_locks[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn ttl_secs(&self) -> u64 {
@@ -160,37 +187,31 @@ impl Codes {
 
     /// Claims the right to send to `phone` now. Err(seconds to wait) inside the resend
     /// interval. Atomic per phone, so two racing requests cannot both send.
-    pub async fn reserve_send(&self, phone: &Phone) -> Result<(), u64> {
+    pub fn reserve_send(&self, phone: &Phone) -> Result<(), u64> {
         let interval = self.cfg.resend_interval_secs as i64;
         if interval == 0 {
             return Ok(());
         }
         let now = now();
-        let mut wait = None;
-        self.last_sent
-            .entry(phone.as_str().to_owned())
-            .and_compute_with(|entry| {
-                let op = match entry.map(|e| e.into_value()) {
-                    Some(at) if now - at < interval => {
-                        wait = Some((interval - (now - at)) as u64);
-                        Op::Nop
-                    }
-                    _ => Op::Put(now),
-                };
-                std::future::ready(op)
-            })
-            .await;
-        wait.map_or(Ok(()), Err)
+        let _phone = self.lock(phone);
+        match self.last_sent.get(phone.as_str()) {
+            Some(at) if now - at < interval => Err((interval - (now - at)) as u64),
+            _ => {
+                self.last_sent.insert(phone.as_str().to_owned(), now);
+                Ok(())
+            }
+        }
     }
 
     /// Gives back a reservation whose send failed: a failed send costs the user no wait.
-    pub async fn release_send(&self, phone: &Phone) {
-        self.last_sent.invalidate(phone.as_str()).await;
+    pub fn release_send(&self, phone: &Phone) {
+        let _phone = self.lock(phone);
+        self.last_sent.invalidate(phone.as_str());
     }
 
     /// Records `code` as the pending code for phone+purpose, replacing any older one.
     /// Durable after the next store flush.
-    pub async fn put(&self, phone: &Phone, purpose: Purpose, code: &str) -> Result<(), StoreError> {
+    pub fn put(&self, phone: &Phone, purpose: Purpose, code: &str) -> Result<(), StoreError> {
         let now = now();
         let rec = PendingCode {
             hash: self.hash(phone, purpose, code),
@@ -198,122 +219,80 @@ impl Codes {
             expires_at: now + self.cfg.ttl_secs as i64,
             attempts: 0,
         };
-        let key = CodeKey {
-            phone: phone.as_str().to_owned(),
-            purpose,
-        };
-        let mut result = Ok(());
-        self.pending
-            .entry(key)
-            .and_compute_with(|_| {
-                result = self.store.save_code(phone.as_str(), purpose, &rec);
-                std::future::ready(if result.is_ok() {
-                    Op::Put(rec)
-                } else {
-                    Op::Nop
-                })
-            })
-            .await;
-        result
+        let _phone = self.lock(phone);
+        self.store.save_code(phone.as_str(), purpose, &rec)?;
+        self.pending.insert(key(phone, purpose), rec);
+        Ok(())
     }
 
     /// Drops the pending code of phone+purpose (its SMS could not be sent).
-    pub async fn discard(&self, phone: &Phone, purpose: Purpose) -> Result<(), StoreError> {
-        let key = CodeKey {
-            phone: phone.as_str().to_owned(),
-            purpose,
-        };
-        let mut result = Ok(());
-        self.pending
-            .entry(key)
-            .and_compute_with(|_| {
-                result = self.store.delete_code(phone.as_str(), purpose);
-                std::future::ready(Op::Remove)
-            })
-            .await;
-        result
+    pub fn discard(&self, phone: &Phone, purpose: Purpose) -> Result<(), StoreError> {
+        let _phone = self.lock(phone);
+        self.pending.invalidate(&key(phone, purpose));
+        self.store.delete_code(phone.as_str(), purpose)
     }
 
     /// Checks `code` and uses it up if right. A wrong try counts against the code; the
     /// attempt that reaches `max_attempts` kills it. Durable after the next store flush.
-    pub async fn consume(
-        &self,
-        phone: &Phone,
-        purpose: Purpose,
-        code: &str,
-    ) -> Result<(), CodeError> {
-        let key = CodeKey {
-            phone: phone.as_str().to_owned(),
-            purpose,
-        };
+    pub fn consume(&self, phone: &Phone, purpose: Purpose, code: &str) -> Result<(), CodeError> {
         let presented = self.hash(phone, purpose, code);
-        let mut outcome: Result<(), CodeError> = Err(CodeError::Invalid);
-        let store = &self.store;
-        let max_attempts = self.cfg.max_attempts;
-        self.pending
-            .entry(key)
-            .and_compute_with(|entry| {
-                let now = now();
-                let current = match entry {
-                    Some(e) => Ok(Some(e.into_value())),
-                    // Not in memory: pushed out for space, so the store is authoritative.
-                    None => store.load_code(phone.as_str(), purpose),
-                };
-                let op = match current {
-                    Err(e) => {
-                        outcome = Err(e.into());
-                        Op::Nop
-                    }
-                    Ok(None) => Op::Nop,
-                    Ok(Some(rec)) if rec.expires_at <= now => {
-                        outcome = store
-                            .delete_code(phone.as_str(), purpose)
-                            .map_err(Into::into)
-                            .and(Err(CodeError::Invalid));
-                        Op::Remove
-                    }
-                    Ok(Some(rec)) if rec.attempts >= max_attempts => {
-                        outcome = Err(CodeError::Dead {
-                            retry_after: (rec.expires_at - now) as u64,
-                            guessed: false,
-                        });
-                        Op::Nop
-                    }
-                    Ok(Some(rec)) if bool::from(rec.hash.ct_eq(&presented)) => {
-                        outcome = store
-                            .delete_code(phone.as_str(), purpose)
-                            .map_err(Into::into);
-                        Op::Remove
-                    }
-                    Ok(Some(mut rec)) => {
-                        rec.attempts += 1;
-                        outcome = match store.save_code(phone.as_str(), purpose, &rec) {
-                            Err(e) => Err(e.into()),
-                            Ok(()) if rec.attempts >= max_attempts => Err(CodeError::Dead {
-                                retry_after: (rec.expires_at - now) as u64,
-                                guessed: true,
-                            }),
-                            Ok(()) => Err(CodeError::Wrong),
-                        };
-                        Op::Put(rec)
-                    }
-                };
-                std::future::ready(op)
+        let key = key(phone, purpose);
+        let _phone = self.lock(phone);
+        let now = now();
+        let rec = match self.pending.get(&key) {
+            Some(rec) => rec,
+            // Not in memory: pushed out for space, so the store is authoritative.
+            None => match self.store.load_code(phone.as_str(), purpose)? {
+                Some(rec) => rec,
+                None => return Err(CodeError::Invalid),
+            },
+        };
+        if rec.expires_at <= now {
+            self.pending.invalidate(&key);
+            self.store.delete_code(phone.as_str(), purpose)?;
+            return Err(CodeError::Invalid);
+        }
+        let retry_after = (rec.expires_at - now) as u64;
+        if rec.attempts >= self.cfg.max_attempts {
+            return Err(CodeError::Dead {
+                retry_after,
+                guessed: false,
+            });
+        }
+        if bool::from(rec.hash.ct_eq(&presented)) {
+            // Gone from memory first: a failed store write then leaves the code usable
+            // only through the store, never the other way round.
+            self.pending.invalidate(&key);
+            self.store.delete_code(phone.as_str(), purpose)?;
+            return Ok(());
+        }
+        let rec = PendingCode {
+            attempts: rec.attempts + 1,
+            ..rec
+        };
+        self.store.save_code(phone.as_str(), purpose, &rec)?;
+        let dead = rec.attempts >= self.cfg.max_attempts;
+        self.pending.insert(key, rec);
+        if dead {
+            Err(CodeError::Dead {
+                retry_after,
+                guessed: true,
             })
-            .await;
-        outcome
+        } else {
+            Err(CodeError::Wrong)
+        }
     }
 
     /// Pending codes held in memory. moka counts lazily, so its deferred work runs first.
-    pub async fn pending_count(&self) -> u64 {
-        self.pending.run_pending_tasks().await;
+    pub fn pending_count(&self) -> u64 {
+        self.pending.run_pending_tasks();
         self.pending.entry_count()
     }
 
     /// Lets moka run its deferred work now (expiry clean-up, listener calls).
-    pub async fn housekeeping(&self) {
-        self.pending.run_pending_tasks().await;
-        self.last_sent.run_pending_tasks().await;
+    pub fn housekeeping(&self) {
+        self.pending.run_pending_tasks();
+        self.last_sent.run_pending_tasks();
     }
 
     /// HMAC-SHA256 over phone, purpose and code, so a stored hash says nothing about the
@@ -337,7 +316,7 @@ mod tests {
     async fn codes(cfg: CodeConfig) -> (tempfile::TempDir, Codes) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8).unwrap());
-        let codes = Codes::open(cfg, None, vec![7; 32], store).await.unwrap();
+        let codes = Codes::open(cfg, None, vec![7; 32], store).unwrap();
         (dir, codes)
     }
 
@@ -366,14 +345,14 @@ mod tests {
     #[tokio::test]
     async fn right_code_works_once_and_only_for_its_purpose() {
         let (_d, c) = codes(CodeConfig::default()).await;
-        c.put(&phone(), Purpose::Login, "123456").await.unwrap();
+        c.put(&phone(), Purpose::Login, "123456").unwrap();
         assert!(matches!(
-            c.consume(&phone(), Purpose::Register, "123456").await,
+            c.consume(&phone(), Purpose::Register, "123456"),
             Err(CodeError::Invalid)
         ));
-        c.consume(&phone(), Purpose::Login, "123456").await.unwrap();
+        c.consume(&phone(), Purpose::Login, "123456").unwrap();
         assert!(matches!(
-            c.consume(&phone(), Purpose::Login, "123456").await,
+            c.consume(&phone(), Purpose::Login, "123456"),
             Err(CodeError::Invalid)
         ));
     }
@@ -385,19 +364,19 @@ mod tests {
             ..Default::default()
         })
         .await;
-        c.put(&phone(), Purpose::Login, "123456").await.unwrap();
+        c.put(&phone(), Purpose::Login, "123456").unwrap();
         for _ in 0..2 {
             assert!(matches!(
-                c.consume(&phone(), Purpose::Login, "000000").await,
+                c.consume(&phone(), Purpose::Login, "000000"),
                 Err(CodeError::Wrong)
             ));
         }
         assert!(matches!(
-            c.consume(&phone(), Purpose::Login, "000000").await,
+            c.consume(&phone(), Purpose::Login, "000000"),
             Err(CodeError::Dead { guessed: true, .. })
         ));
         assert!(matches!(
-            c.consume(&phone(), Purpose::Login, "123456").await,
+            c.consume(&phone(), Purpose::Login, "123456"),
             Err(CodeError::Dead { guessed: false, .. })
         ));
     }
@@ -405,19 +384,19 @@ mod tests {
     #[tokio::test]
     async fn new_code_replaces_old() {
         let (_d, c) = codes(CodeConfig::default()).await;
-        c.put(&phone(), Purpose::Login, "111111").await.unwrap();
-        c.put(&phone(), Purpose::Login, "222222").await.unwrap();
-        assert!(c.consume(&phone(), Purpose::Login, "111111").await.is_err());
-        c.consume(&phone(), Purpose::Login, "222222").await.unwrap();
+        c.put(&phone(), Purpose::Login, "111111").unwrap();
+        c.put(&phone(), Purpose::Login, "222222").unwrap();
+        assert!(c.consume(&phone(), Purpose::Login, "111111").is_err());
+        c.consume(&phone(), Purpose::Login, "222222").unwrap();
     }
 
     #[tokio::test]
     async fn resend_interval_is_reserved_atomically() {
         let (_d, c) = codes(CodeConfig::default()).await;
-        assert!(c.reserve_send(&phone()).await.is_ok());
-        let wait = c.reserve_send(&phone()).await.unwrap_err();
+        assert!(c.reserve_send(&phone()).is_ok());
+        let wait = c.reserve_send(&phone()).unwrap_err();
         assert!((59..=60).contains(&wait), "{wait}");
-        c.release_send(&phone()).await;
-        assert!(c.reserve_send(&phone()).await.is_ok());
+        c.release_send(&phone());
+        assert!(c.reserve_send(&phone()).is_ok());
     }
 }

@@ -47,12 +47,11 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
     }
     app.codes
         .reserve_send(&phone)
-        .await
         .map_err(|wait| ApiError::rate_limited("resend_interval", wait))?;
     let quota = match app.limits.take_send_quota(&phone) {
         Ok(quota) => quota,
         Err(limited) => {
-            app.codes.release_send(&phone).await;
+            app.codes.release_send(&phone);
             return Err(limited.into());
         }
     };
@@ -64,7 +63,7 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
         return Ok(code_sent(app));
     }
     if let Err(e) = deliver(app, &phone, purpose).await {
-        app.codes.release_send(&phone).await;
+        app.codes.release_send(&phone);
         app.limits.give_back(quota)?;
         return Err(e);
     }
@@ -74,7 +73,7 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
 /// Makes, stores (durably) and sends a code. On failure nothing is kept.
 async fn deliver(app: &App, phone: &crate::phone::Phone, purpose: Purpose) -> Result<(), ApiError> {
     let code = app.codes.generate();
-    app.codes.put(phone, purpose, &code).await?;
+    app.codes.put(phone, purpose, &code)?;
     app.store.flush().await?;
     let outgoing = Outgoing {
         phone,
@@ -95,7 +94,7 @@ async fn deliver(app: &App, phone: &crate::phone::Phone, purpose: Purpose) -> Re
     let Err(e) = sent else {
         return Ok(());
     };
-    app.codes.discard(phone, purpose).await?;
+    app.codes.discard(phone, purpose)?;
     Err(match e {
         SmsError::InvalidPhone(_) => ApiError::InvalidPhone,
         SmsError::RateLimited(_) => {

@@ -74,7 +74,7 @@ pub async fn consume_code(
         app.metrics.verification("invalid");
         return Err(ApiError::InvalidCode);
     }
-    let result = app.codes.consume(phone, purpose, code).await;
+    let result = app.codes.consume(phone, purpose, code);
     if let Err(CodeError::Wrong | CodeError::Dead { guessed: true, .. }) = result {
         // A guess at a live code: it counts toward the phone's hourly lockout, and must
         // stay counted across a crash, like the code's own attempt count.

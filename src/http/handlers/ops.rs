@@ -25,7 +25,7 @@ pub async fn metrics(app: &App) -> Result<Resp, ApiError> {
     let m = &app.metrics;
     m.users.set(app.store.user_count()? as i64);
     m.store_bytes.set(app.store.size_on_disk() as i64);
-    m.pending_codes.set(app.codes.pending_count().await as i64);
+    m.pending_codes.set(app.codes.pending_count() as i64);
     for (limiter, tracked) in app.limits.tracked_addresses() {
         m.tracked_addresses
             .get_or_create(&crate::metrics::LimiterLabels { limiter })
