@@ -68,7 +68,9 @@ impl App {
     /// Periodic clean-up: revocations of expired tokens, expired code records, idle
     /// limiter entries and counters of past windows.
     pub async fn housekeeping(&self) {
-        self.codes.housekeeping();
+        if let Err(e) = self.codes.housekeeping() {
+            tracing::warn!(error = %e, "sweeping expired codes failed");
+        }
         if let Err(e) = self.limits.prune() {
             tracing::warn!(error = %e, "pruning counters failed");
         }

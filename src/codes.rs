@@ -2,7 +2,10 @@
 //! a purpose, single use, dead after `max_attempts` wrong tries, one per phone and purpose.
 //!
 //! Pending codes live in a moka cache (per-entry expiry) written through to the store, so
-//! a restart, kill -9 included, loses none; the cache is reloaded at start. Every change
+//! a restart, kill -9 included, loses none. The store is the authority: a code not in the
+//! cache (after a restart, or pushed out for space) is read from it, so the cache is not
+//! refilled at start, where 100,000 pending codes would cost 75 MiB before the first
+//! request. Expired records leave the store in the periodic sweep. Every change
 //! to one phone runs under a lock of that phone's (one of [`PHONE_LOCKS`], picked by
 //! hash), which is what makes "of many concurrent tries with the right code exactly one
 //! wins". The work under it is short and never waits for I/O beyond one store write, so
@@ -11,11 +14,11 @@
 //! frees memory.
 
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
-use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use rand::RngExt;
 use sha2::Sha256;
@@ -29,7 +32,10 @@ use crate::store::{Store, StoreError};
 
 /// Upper bound on pending codes held in memory; past it, records are still in the store
 /// and read from there on a miss.
-const CACHE_CAPACITY: u64 = 200_000;
+const CACHE_CAPACITY: u64 = 50_000;
+/// Upper bound on phones whose resend interval is remembered (a phone pushed out can be
+/// sent to again before its interval is over; the daily cap still holds).
+const RESEND_CAPACITY: u64 = 200_000;
 /// Locks that serialize the changes to one phone's codes and resend reservation.
 const PHONE_LOCKS: usize = 256;
 /// Keys are phones, which clients choose; foldhash is seeded per process, and a phone is
@@ -72,6 +78,8 @@ pub struct Codes {
     last_sent: Cache<String, i64, Hasher>,
     phone_locks: Box<[Mutex<()>]>,
     hasher: Hasher,
+    /// Code records in the store; expired ones count until the sweep removes them.
+    stored: AtomicU64,
     store: Arc<dyn Store>,
     hash_key: Vec<u8>,
     cfg: CodeConfig,
@@ -105,29 +113,20 @@ fn remaining(v: &PendingCode) -> Duration {
 }
 
 impl Codes {
-    /// Builds the cache and reloads the store's unexpired codes into it (expired ones are
-    /// deleted).
+    /// Builds the caches, deletes expired codes from the store and restores the resend
+    /// interval of phones sent to recently.
     pub fn open(
         cfg: CodeConfig,
         fixed_code: Option<String>,
         hash_key: Vec<u8>,
         store: Arc<dyn Store>,
     ) -> Result<Self, StoreError> {
-        let listener_store = store.clone();
         let pending = Cache::builder()
             .max_capacity(CACHE_CAPACITY)
             .expire_after(UntilExpiresAt)
-            .eviction_listener(move |k: Arc<CodeKey>, v: PendingCode, cause| {
-                // Only expiry ends a code; a record pushed out for space stays in the store.
-                if cause == RemovalCause::Expired
-                    && let Err(e) = listener_store.delete_code_if(&k.phone, k.purpose, &v)
-                {
-                    tracing::warn!(error = %e, "could not delete an expired code");
-                }
-            })
             .build_with_hasher(Hasher::default());
         let last_sent = Cache::builder()
-            .max_capacity(CACHE_CAPACITY)
+            .max_capacity(RESEND_CAPACITY)
             .time_to_live(Duration::from_secs(cfg.resend_interval_secs.max(1)))
             .build_with_hasher(Hasher::default());
         let codes = Codes {
@@ -135,25 +134,23 @@ impl Codes {
             last_sent,
             phone_locks: (0..PHONE_LOCKS).map(|_| Mutex::new(())).collect(),
             hasher: Hasher::default(),
+            stored: AtomicU64::new(0),
             store,
             hash_key,
             cfg,
             fixed: fixed_code,
         };
         let now = now();
-        for (phone, purpose, rec) in codes.store.pending_codes()? {
-            if rec.expires_at <= now {
-                codes.store.delete_code(&phone, purpose)?;
-                continue;
-            }
-            if now - rec.sent_at < codes.cfg.resend_interval_secs as i64 {
-                let newest = codes.last_sent.get(&phone).unwrap_or(i64::MIN);
+        let interval = codes.cfg.resend_interval_secs as i64;
+        let live = codes.store.sweep_codes(now, &mut |phone, rec| {
+            if now - rec.sent_at < interval {
+                let newest = codes.last_sent.get(phone).unwrap_or(i64::MIN);
                 codes
                     .last_sent
-                    .insert(phone.clone(), newest.max(rec.sent_at));
+                    .insert(phone.to_owned(), newest.max(rec.sent_at));
             }
-            codes.pending.insert(CodeKey { phone, purpose }, rec);
-        }
+        })?;
+        codes.stored.store(live, Ordering::Relaxed);
         Ok(codes)
     }
 
@@ -220,7 +217,9 @@ impl Codes {
             attempts: 0,
         };
         let _phone = self.lock(phone);
-        self.store.save_code(phone.as_str(), purpose, &rec)?;
+        if self.store.save_code(phone.as_str(), purpose, &rec)? {
+            self.stored.fetch_add(1, Ordering::Relaxed);
+        }
         self.pending.insert(key(phone, purpose), rec);
         Ok(())
     }
@@ -229,7 +228,14 @@ impl Codes {
     pub fn discard(&self, phone: &Phone, purpose: Purpose) -> Result<(), StoreError> {
         let _phone = self.lock(phone);
         self.pending.invalidate(&key(phone, purpose));
-        self.store.delete_code(phone.as_str(), purpose)
+        self.delete_stored(phone, purpose)
+    }
+
+    fn delete_stored(&self, phone: &Phone, purpose: Purpose) -> Result<(), StoreError> {
+        if self.store.delete_code(phone.as_str(), purpose)? {
+            self.stored.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Checks `code` and uses it up if right. A wrong try counts against the code; the
@@ -249,7 +255,7 @@ impl Codes {
         };
         if rec.expires_at <= now {
             self.pending.invalidate(&key);
-            self.store.delete_code(phone.as_str(), purpose)?;
+            self.delete_stored(phone, purpose)?;
             return Err(CodeError::Invalid);
         }
         let retry_after = (rec.expires_at - now) as u64;
@@ -263,7 +269,7 @@ impl Codes {
             // Gone from memory first: a failed store write then leaves the code usable
             // only through the store, never the other way round.
             self.pending.invalidate(&key);
-            self.store.delete_code(phone.as_str(), purpose)?;
+            self.delete_stored(phone, purpose)?;
             return Ok(());
         }
         let rec = PendingCode {
@@ -283,16 +289,19 @@ impl Codes {
         }
     }
 
-    /// Pending codes held in memory. moka counts lazily, so its deferred work runs first.
+    /// Codes sent and not yet used; expired ones count until the next sweep.
     pub fn pending_count(&self) -> u64 {
-        self.pending.run_pending_tasks();
-        self.pending.entry_count()
+        self.stored.load(Ordering::Relaxed)
     }
 
-    /// Lets moka run its deferred work now (expiry clean-up, listener calls).
-    pub fn housekeeping(&self) {
+    /// Deletes expired codes from the store and lets moka do its deferred work. A full
+    /// pass over the stored codes: run it from the periodic clean-up, not per request.
+    pub fn housekeeping(&self) -> Result<(), StoreError> {
+        let live = self.store.sweep_codes(now(), &mut |_, _| {})?;
+        self.stored.store(live, Ordering::Relaxed);
         self.pending.run_pending_tasks();
         self.last_sent.run_pending_tasks();
+        Ok(())
     }
 
     /// HMAC-SHA256 over phone, purpose and code, so a stored hash says nothing about the

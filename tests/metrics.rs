@@ -122,3 +122,22 @@ async fn requests_are_logged_but_healthy_probes_are_not() {
         );
     }
 }
+
+async fn pending(s: &TestServer) -> f64 {
+    value(&s.get_text("/metrics").await.1, "smsauth_pending_codes")
+}
+
+/// The pending-code gauge follows the store: a send adds one, a login uses it up, and a
+/// restart (the codes are not reloaded into memory) still counts the one left.
+#[tokio::test]
+async fn pending_codes_are_counted_across_a_restart() {
+    let s = TestServer::start("").await;
+    let code = s.send_code("13812349101", "login").await;
+    s.send_code("13812349102", "login").await;
+    assert_eq!(pending(&s).await, 2.0);
+    let login = json!({ "phone": "13812349101", "code": code });
+    assert_eq!(s.post("/api/v1/auth/sms-login", login).await.0, 200);
+    assert_eq!(pending(&s).await, 1.0);
+    let s = s.restart().await;
+    assert_eq!(pending(&s).await, 1.0);
+}

@@ -65,22 +65,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<User>, StoreError>;
     fn user_count(&self) -> Result<u64, StoreError>;
 
+    /// Stores the pending code of phone+purpose, replacing any; true if there was none.
     fn save_code(
         &self,
         phone: &str,
         purpose: Purpose,
         code: &PendingCode,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     fn load_code(&self, phone: &str, purpose: Purpose) -> Result<Option<PendingCode>, StoreError>;
-    fn delete_code(&self, phone: &str, purpose: Purpose) -> Result<(), StoreError>;
-    /// Deletes the record only if it is still `expected` (a newer code must survive the
-    /// late clean-up of an older one).
-    fn delete_code_if(
+    /// True if there was a code to delete.
+    fn delete_code(&self, phone: &str, purpose: Purpose) -> Result<bool, StoreError>;
+    /// Deletes every code that expired before `now`; `each_live` sees the others. Returns
+    /// how many are left.
+    fn sweep_codes(
         &self,
-        phone: &str,
-        purpose: Purpose,
-        expected: &PendingCode,
-    ) -> Result<(), StoreError>;
+        now: i64,
+        each_live: &mut dyn FnMut(&str, &PendingCode),
+    ) -> Result<u64, StoreError>;
     fn pending_codes(&self) -> Result<Vec<(String, Purpose, PendingCode)>, StoreError>;
 
     /// Marks a token id as used up until `exp`. True if it was not marked before: the

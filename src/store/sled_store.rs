@@ -412,11 +412,11 @@ impl Store for SledStore {
         phone: &str,
         purpose: Purpose,
         code: &PendingCode,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let _gate = self.write_gate();
-        self.codes.insert(code_key(phone, purpose), encode(code))?;
+        let old = self.codes.insert(code_key(phone, purpose), encode(code))?;
         self.wrote();
-        Ok(())
+        Ok(old.is_none())
     }
 
     fn load_code(&self, phone: &str, purpose: Purpose) -> Result<Option<PendingCode>, StoreError> {
@@ -426,29 +426,41 @@ impl Store for SledStore {
             .transpose()
     }
 
-    fn delete_code(&self, phone: &str, purpose: Purpose) -> Result<(), StoreError> {
+    fn delete_code(&self, phone: &str, purpose: Purpose) -> Result<bool, StoreError> {
         let _gate = self.write_gate();
-        self.codes.remove(code_key(phone, purpose))?;
-        self.wrote();
-        Ok(())
-    }
-
-    fn delete_code_if(
-        &self,
-        phone: &str,
-        purpose: Purpose,
-        expected: &PendingCode,
-    ) -> Result<(), StoreError> {
-        let _gate = self.write_gate();
-        let swapped = self.codes.compare_and_swap(
-            code_key(phone, purpose),
-            Some(encode(expected)),
-            None as Option<&[u8]>,
-        )?;
-        if swapped.is_ok() {
+        let old = self.codes.remove(code_key(phone, purpose))?;
+        if old.is_some() {
             self.wrote();
         }
-        Ok(())
+        Ok(old.is_some())
+    }
+
+    fn sweep_codes(
+        &self,
+        now: i64,
+        each_live: &mut dyn FnMut(&str, &PendingCode),
+    ) -> Result<u64, StoreError> {
+        let mut live = 0;
+        let mut swept = false;
+        for kv in self.codes.iter() {
+            let (k, v) = kv?;
+            let code: PendingCode = decode(&v)?;
+            if code.expires_at <= now {
+                let _gate = self.write_gate();
+                // Only if unchanged: a new code for the phone may have replaced it meanwhile.
+                swept |= self
+                    .codes
+                    .compare_and_swap(&k, Some(v), None as Option<&[u8]>)?
+                    .is_ok();
+            } else if let Some((phone, _)) = parse_code_key(&k) {
+                each_live(&phone, &code);
+                live += 1;
+            }
+        }
+        if swept {
+            self.wrote();
+        }
+        Ok(live)
     }
 
     fn pending_codes(&self) -> Result<Vec<(String, Purpose, PendingCode)>, StoreError> {
@@ -788,33 +800,50 @@ mod tests {
     }
 
     #[test]
-    fn code_keys_round_trip_and_conditional_delete() {
+    fn code_keys_round_trip_and_the_sweep_takes_only_expired_codes() {
         let (_dir, s) = store();
-        let old = PendingCode {
+        let expired = PendingCode {
             hash: [1; 32],
             sent_at: 1,
             expires_at: 2,
             attempts: 0,
         };
-        let new = PendingCode {
-            hash: [2; 32],
-            ..old.clone()
+        let live = PendingCode {
+            expires_at: 100,
+            ..expired.clone()
         };
-        s.save_code("+8613800000000", Purpose::ResetPassword, &new)
-            .unwrap();
-        s.delete_code_if("+8613800000000", Purpose::ResetPassword, &old)
-            .unwrap();
-        let all = s.pending_codes().unwrap();
-        assert_eq!(
-            all,
-            vec![(
-                "+8613800000000".to_string(),
-                Purpose::ResetPassword,
-                new.clone()
-            )]
+        assert!(
+            s.save_code("+8613800000001", Purpose::Login, &expired)
+                .unwrap()
         );
-        s.delete_code_if("+8613800000000", Purpose::ResetPassword, &new)
+        assert!(
+            s.save_code("+8613800000000", Purpose::ResetPassword, &expired)
+                .unwrap()
+        );
+        assert!(
+            !s.save_code("+8613800000000", Purpose::ResetPassword, &live)
+                .unwrap()
+        );
+        let mut seen = Vec::new();
+        let left = s
+            .sweep_codes(50, &mut |phone, code| {
+                seen.push((phone.to_owned(), code.clone()))
+            })
             .unwrap();
+        assert_eq!(left, 1);
+        assert_eq!(seen, vec![("+8613800000000".to_string(), live.clone())]);
+        assert_eq!(
+            s.pending_codes().unwrap(),
+            vec![("+8613800000000".to_string(), Purpose::ResetPassword, live)]
+        );
+        assert!(
+            s.delete_code("+8613800000000", Purpose::ResetPassword)
+                .unwrap()
+        );
+        assert!(
+            !s.delete_code("+8613800000000", Purpose::ResetPassword)
+                .unwrap()
+        );
         assert!(s.pending_codes().unwrap().is_empty());
     }
 
