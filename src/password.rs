@@ -1,10 +1,12 @@
 //! Passwords: argon2id (OWASP parameters by default), stored as PHC strings so parameters
-//! can change and old hashes still verify; hashing runs on the blocking pool behind a
-//! concurrency cap, so a flood of password logins queues there instead of starving the
-//! async runtime (code logins, /me, /healthz keep their threads).
+//! can change and old hashes still verify; hashing runs on threads of its own, one per
+//! slot of a concurrency cap and at a lower CPU priority, so a flood of password logins
+//! queues there instead of starving the async runtime (code logins, /me, /healthz keep
+//! their threads and get the CPU first).
 
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
@@ -34,6 +36,7 @@ pub struct Checked {
 
 pub struct Passwords {
     argon: Arc<Argon2<'static>>,
+    threads: HashThreads,
     permits: Semaphore,
     waiting: AtomicUsize,
     max_waiting: usize,
@@ -76,6 +79,7 @@ impl Passwords {
         let dummy = hash_with(&argon, "smsauth dummy password for equal timing")?;
         Ok(Passwords {
             argon,
+            threads: HashThreads::start(slots),
             permits: Semaphore::new(slots),
             waiting: AtomicUsize::new(0),
             max_waiting: cfg.max_queued_hashes,
@@ -86,7 +90,7 @@ impl Passwords {
     pub async fn hash(&self, password: &str) -> Result<String, PasswordError> {
         let argon = self.argon.clone();
         let password = password.to_owned();
-        self.on_blocking_pool(move || hash_with(&argon, &password))
+        self.on_hash_threads(move || hash_with(&argon, &password))
             .await?
     }
 
@@ -103,7 +107,7 @@ impl Passwords {
             Some(s) => (s.to_owned(), true),
             None => (self.dummy.clone(), false),
         };
-        self.on_blocking_pool(move || {
+        self.on_hash_threads(move || {
             let Ok(parsed) = PasswordHash::new(&phc) else {
                 return Checked {
                     matches: false,
@@ -125,9 +129,9 @@ impl Passwords {
         .await
     }
 
-    /// Runs `work` on tokio's blocking pool once a hashing slot is free; refuses at once
+    /// Runs `work` on a hashing thread once a hashing slot is free; refuses at once
     /// when the queue for slots is full, so memory stays bounded under a flood.
-    async fn on_blocking_pool<T: Send + 'static>(
+    async fn on_hash_threads<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, PasswordError> {
@@ -141,9 +145,76 @@ impl Passwords {
                     .map_err(|e| PasswordError::Internal(e.to_string()))?
             }
         };
-        tokio::task::spawn_blocking(work)
+        self.threads.run(work).await
+    }
+}
+
+/// How much lower than the request threads the hashing threads run (a nice value).
+const HASH_NICE: i32 = 10;
+
+/// Threads that only hash, one per slot, at a lower CPU priority than the threads that
+/// answer requests: when password logins keep every slot busy, the scheduler still gives
+/// the other requests the CPU first, so a flood of logins slows logins, not the site.
+/// (Tokio's blocking pool would not do: a thread's priority cannot be raised back without
+/// privileges, and its threads also run other work.)
+struct HashThreads {
+    jobs: mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl HashThreads {
+    fn start(count: usize) -> Self {
+        let (jobs, queue) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..count {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("smsauth-hash-{i}"))
+                .spawn(move || {
+                    lower_priority();
+                    // Ends when the sender goes, with the Passwords that own it.
+                    while let Ok(job) = {
+                        let queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+                        queue.recv()
+                    } {
+                        // A panic drops the job's reply, which its caller sees as an error;
+                        // the thread goes on with the next job.
+                        let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                    }
+                })
+                .expect("start a hashing thread");
+        }
+        HashThreads { jobs }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, PasswordError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = reply.send(work());
+            }))
+            .map_err(|_| PasswordError::Internal("the hashing threads are gone".into()))?;
+        answer
             .await
-            .map_err(|e| PasswordError::Internal(e.to_string()))
+            .map_err(|_| PasswordError::Internal("a password hash failed".into()))
+    }
+}
+
+/// Lowers the calling thread's priority. On Linux a nice value belongs to one thread
+/// (setpriority with its thread id); elsewhere this would lower the whole process, so
+/// it is left alone there.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpriority_process, setpriority_process};
+        let me = Some(rustix::thread::gettid());
+        let lowered = getpriority_process(me)
+            .and_then(|nice| setpriority_process(me, (nice + HASH_NICE).min(19)));
+        if let Err(e) = lowered {
+            tracing::warn!(error = %e, "could not lower the priority of a hashing thread");
+        }
     }
 }
 
@@ -184,6 +255,21 @@ mod tests {
             iterations: 1,
             ..Default::default()
         }
+    }
+
+    /// The hashing threads run below the priority of the thread that asks.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn hashing_threads_run_at_a_lower_priority() {
+        use rustix::process::getpriority_process;
+        use rustix::thread::gettid;
+        let p = Passwords::new(&cheap()).unwrap();
+        let mine = getpriority_process(Some(gettid())).unwrap();
+        let theirs = p
+            .on_hash_threads(|| getpriority_process(Some(gettid())).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(theirs, (mine + HASH_NICE).min(19));
     }
 
     #[test]
