@@ -90,7 +90,8 @@ async fn handle(
     let (parts, body) = req.into_parts();
     let ip = client_ip(app.cfg.server.trust_proxy, peer, &parts.headers);
     let method = method_label(&parts.method);
-    let path: String = parts.uri.path().chars().take(128).collect();
+    // A shared handle on the request's path bytes (no copy), for the log line.
+    let uri = parts.uri.clone();
     let resolved = router::resolve(parts.method.as_str(), parts.uri.path());
     let route = resolved.as_ref().map_or("unmatched", |e| e.path());
     let probe = resolved
@@ -124,6 +125,7 @@ async fn handle(
         .get_or_create(&RouteLabels { route })
         .observe(elapsed.as_secs_f64());
     let latency_ms = elapsed.as_micros() as f64 / 1000.0;
+    let path = first_chars(uri.path(), 128);
     if probe && status == 200 {
         // A probe or a scrape every few seconds that went well tells an operator nothing;
         // at info level it would bury the lines that do (and cost as much as the answer).
@@ -132,6 +134,11 @@ async fn handle(
         tracing::info!(method, path = %path, status, latency_ms, ip = %ip, "request");
     }
     Ok(response)
+}
+
+/// At most `n` characters of `s`, so one request cannot write a huge log line.
+fn first_chars(s: &str, n: usize) -> &str {
+    s.char_indices().nth(n).map_or(s, |(end, _)| &s[..end])
 }
 
 /// Methods as a bounded set of label values: a client cannot mint new metric series.
@@ -170,6 +177,13 @@ fn client_ip(trust_proxy: bool, peer: SocketAddr, headers: &HeaderMap) -> IpAddr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_paths_are_cut_at_a_character_boundary() {
+        assert_eq!(first_chars("/api/v1/me", 128), "/api/v1/me");
+        assert_eq!(first_chars("/abcdef", 3), "/ab");
+        assert_eq!(first_chars("/é€x", 3), "/é€");
+    }
 
     #[test]
     fn proxy_headers_only_when_trusted() {
