@@ -98,7 +98,7 @@ fn contents(data: &Path) -> Contents {
         .collect();
     let methods = users
         .iter()
-        .map(|u| store.login_methods(u.id).unwrap())
+        .map(|u| store.login_methods(u).unwrap())
         .collect();
     let mut revocations = store.revocations().unwrap();
     revocations.sort();

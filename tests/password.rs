@@ -436,7 +436,7 @@ async fn changed_hash_parameters_rehash_at_the_next_login() {
         let store = smsauth::store::SledStore::open(dir, 8).unwrap();
         use smsauth::store::Store;
         let user = store.user_by_phone("+8613812346019").unwrap().unwrap();
-        let methods = store.login_methods(user.id).unwrap();
+        let methods = store.login_methods(&user).unwrap();
         methods.into_iter().find_map(|m| m.access_code).unwrap()
     };
     let data = dir.path().join("data");

@@ -151,7 +151,7 @@ pub async fn execute(
         Op::Show { .. } => {
             let mut info = UserInfo::from(&user);
             let mut methods: Vec<MethodInfo> = store
-                .login_methods(user.id)?
+                .login_methods(&user)?
                 .into_iter()
                 .map(|m| MethodInfo {
                     method: m.method.as_str().into(),

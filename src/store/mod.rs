@@ -10,7 +10,7 @@ use std::pin::Pin;
 
 pub use sled_store::SledStore;
 
-use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
+use crate::model::{Counter, LoginMethod, PendingCode, Purpose, User, UserId};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -53,9 +53,11 @@ pub trait Store: Send + Sync + 'static {
         id: UserId,
         change: &mut dyn FnMut(&mut User),
     ) -> Result<Option<User>, StoreError>;
-    fn login_methods(&self, id: UserId) -> Result<Vec<LoginMethod>, StoreError>;
+    /// The user's login methods: `sms` always (every account was made by proving its
+    /// phone, so the method is implied by the user record and not stored), then the
+    /// stored ones.
+    fn login_methods(&self, user: &User) -> Result<Vec<LoginMethod>, StoreError>;
     fn put_login_method(&self, id: UserId, method: &LoginMethod) -> Result<(), StoreError>;
-    fn remove_login_method(&self, id: UserId, method: Method) -> Result<(), StoreError>;
     /// Bumps the user's session generation, then stores `method`: a new password is never
     /// in place while the sessions it should end still work, crashes included.
     fn put_login_method_ending_sessions(

@@ -45,7 +45,8 @@ use super::codec::{decode, encode, read_i64, read_u64, u64_key};
 use super::{BoxFuture, NewUser, RecordSink, Store, StoreError};
 use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
 
-const SCHEMA_VERSION: u32 = 1;
+/// 1: the first layout. 2: `sms` login methods are implied, no longer stored.
+const SCHEMA_VERSION: u32 = 2;
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_NEXT_ID: &[u8] = b"next_user_id";
 const META_USERS: &[u8] = b"users_total";
@@ -137,7 +138,7 @@ impl SledStore {
                 let (k, v) = kv?;
                 let user: User = decode(&v)?;
                 if self.phones.get(user.phone.as_bytes())?.as_deref() != Some(&k[..]) {
-                    for method in METHODS {
+                    for method in STORED_METHODS {
                         self.methods.remove(method_key(user.id, method))?;
                     }
                     self.users.remove(&k)?;
@@ -171,8 +172,8 @@ impl SledStore {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Numbered migrations run at open; version 1 is the first layout, so there is
-    /// nothing to convert yet, only a newer store to refuse.
+    /// Numbered migrations run at open, each from one version to the next; a newer
+    /// store is refused.
     fn migrate(&self) -> Result<(), StoreError> {
         let found = match self.meta.get(META_SCHEMA)? {
             None => 0,
@@ -187,12 +188,28 @@ impl SledStore {
                 "the data dir has schema version {found}, this smsauth knows up to {SCHEMA_VERSION}; use a newer release"
             )));
         }
-        if found < SCHEMA_VERSION {
-            self.meta
-                .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-            self.db.flush()?;
+        if found == SCHEMA_VERSION {
+            return Ok(());
         }
-        Ok(())
+        if found == 1 {
+            // Version 2 implies the `sms` method from the user record: drop the stored
+            // ones (a third of the keys of a store of code-login users).
+            let mut dropped = 0u64;
+            for key in self.methods.iter().keys() {
+                let key = key?;
+                if key.last() == Some(&method_byte(Method::Sms)) {
+                    self.methods.remove(key)?;
+                    dropped += 1;
+                }
+            }
+            tracing::info!(
+                dropped,
+                "store migrated to schema 2: sms login methods are implied"
+            );
+        }
+        self.meta
+            .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+        self.flush_blocking()
     }
 
     /// Makes every write durable, from a plain thread (no async runtime needed): for
@@ -245,16 +262,20 @@ impl SledStore {
     }
 }
 
-/// Every login method, in key order; keep in step with `method_key`.
-const METHODS: [Method; 2] = [Method::Sms, Method::Password];
+/// Login methods with a stored record, in key order (`sms` is implied, never stored).
+const STORED_METHODS: [Method; 1] = [Method::Password];
+
+fn method_byte(method: Method) -> u8 {
+    match method {
+        Method::Sms => 1,
+        Method::Password => 2,
+    }
+}
 
 fn method_key(id: UserId, method: Method) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[..8].copy_from_slice(&u64_key(id));
-    k[8] = match method {
-        Method::Sms => 1,
-        Method::Password => 2,
-    };
+    k[8] = method_byte(method);
     k
 }
 
@@ -337,7 +358,7 @@ impl Store for SledStore {
             session_gen: 0,
         };
         self.users.insert(u64_key(id), encode(&user))?;
-        for m in methods {
+        for m in methods.iter().filter(|m| m.method != Method::Sms) {
             self.methods.insert(method_key(id, m.method), encode(m))?;
         }
         // The commit point (see the module doc).
@@ -356,12 +377,16 @@ impl Store for SledStore {
         self.change_user(id, change)
     }
 
-    fn login_methods(&self, id: UserId) -> Result<Vec<LoginMethod>, StoreError> {
-        // Point reads of the few possible keys, in key order: in sled a prefix scan costs
-        // several times a get, and GET /me reads this on every call.
-        let mut found = Vec::with_capacity(METHODS.len());
-        for method in METHODS {
-            if let Some(v) = self.methods.get(method_key(id, method))? {
+    fn login_methods(&self, user: &User) -> Result<Vec<LoginMethod>, StoreError> {
+        let mut found = vec![LoginMethod {
+            method: Method::Sms,
+            identification: user.phone.clone(),
+            access_code: None,
+        }];
+        // Point reads of the few possible keys: in sled a prefix scan costs several times
+        // a get, and GET /me reads this on every call.
+        for method in STORED_METHODS {
+            if let Some(v) = self.methods.get(method_key(user.id, method))? {
                 found.push(decode(&v)?);
             }
         }
@@ -369,16 +394,12 @@ impl Store for SledStore {
     }
 
     fn put_login_method(&self, id: UserId, method: &LoginMethod) -> Result<(), StoreError> {
+        if method.method == Method::Sms {
+            return Ok(()); // implied
+        }
         let _gate = self.write_gate();
         self.methods
             .insert(method_key(id, method.method), encode(method))?;
-        self.wrote();
-        Ok(())
-    }
-
-    fn remove_login_method(&self, id: UserId, method: Method) -> Result<(), StoreError> {
-        let _gate = self.write_gate();
-        self.methods.remove(method_key(id, method))?;
         self.wrote();
         Ok(())
     }
@@ -575,7 +596,7 @@ impl Store for SledStore {
         if indexed.is_ok() {
             self.users_total.fetch_sub(1, Ordering::SeqCst);
         }
-        for method in METHODS {
+        for method in STORED_METHODS {
             self.methods.remove(method_key(id, method))?;
         }
         self.users.remove(u64_key(id))?;
@@ -783,6 +804,55 @@ mod tests {
         );
     }
 
+    /// A version 1 store kept an `sms` method record per user; opening it drops them
+    /// and the method is still there, implied.
+    #[test]
+    fn schema_1_stores_lose_their_sms_method_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = User {
+            id: 1,
+            phone: "+861".into(),
+            nickname: "n".into(),
+            created_at: 1,
+            last_login_at: None,
+            disabled: false,
+            session_gen: 0,
+        };
+        let sms = LoginMethod {
+            method: Method::Sms,
+            identification: "+861".into(),
+            access_code: None,
+        };
+        let password = LoginMethod {
+            method: Method::Password,
+            access_code: Some("$argon2id$x".into()),
+            ..sms.clone()
+        };
+        {
+            let raw = sled::open(dir.path().join("db")).unwrap();
+            let tree = |name: &str| raw.open_tree(name).unwrap();
+            tree("meta")
+                .insert(META_SCHEMA, &1u32.to_be_bytes())
+                .unwrap();
+            tree("userid_user")
+                .insert(u64_key(1), encode(&user))
+                .unwrap();
+            tree("phone_userid").insert("+861", &u64_key(1)).unwrap();
+            let methods = tree("useridmethod_login");
+            methods
+                .insert(method_key(1, Method::Sms), encode(&sms))
+                .unwrap();
+            methods
+                .insert(method_key(1, Method::Password), encode(&password))
+                .unwrap();
+            raw.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        assert_eq!(s.methods.len(), 1, "only the password record is left");
+        assert_eq!(s.login_methods(&user).unwrap(), vec![sms, password]);
+        assert_eq!(s.user_count().unwrap(), 1);
+    }
+
     #[test]
     fn concurrent_creates_make_one_user() {
         let (_dir, s) = store();
@@ -885,15 +955,22 @@ mod tests {
             ..sms.clone()
         };
         let (a, _) = s
-            .create_user_if_absent(new_user("+861"), &[sms.clone(), password])
+            .create_user_if_absent(new_user("+861"), &[sms.clone(), password.clone()])
             .unwrap();
-        let (b, _) = s.create_user_if_absent(new_user("+862"), &[sms]).unwrap();
+        let (b, _) = s
+            .create_user_if_absent(new_user("+862"), std::slice::from_ref(&sms))
+            .unwrap();
+        assert_eq!(s.login_methods(&a).unwrap(), vec![sms.clone(), password]);
         assert_eq!(s.delete_user(a.id).unwrap(), Some(a.clone()));
         assert_eq!(s.delete_user(a.id).unwrap(), None);
         assert_eq!(s.user(a.id).unwrap(), None);
         assert_eq!(s.user_by_phone("+861").unwrap(), None);
-        assert!(s.login_methods(a.id).unwrap().is_empty());
-        assert_eq!(s.login_methods(b.id).unwrap().len(), 1);
+        assert_eq!(s.methods.scan_prefix(u64_key(a.id)).count(), 0);
+        let sms_b = LoginMethod {
+            identification: "+862".into(),
+            ..sms
+        };
+        assert_eq!(s.login_methods(&b).unwrap(), vec![sms_b]);
         assert_eq!(s.user_count().unwrap(), 1);
         assert_eq!(s.users().unwrap(), vec![b]);
         // The id is not given out again.
@@ -917,9 +994,9 @@ mod tests {
                     for i in 0..300 {
                         let phone = format!("+86{t}{i:05}");
                         let m = LoginMethod {
-                            method: Method::Sms,
+                            method: Method::Password,
                             identification: phone.clone(),
-                            access_code: None,
+                            access_code: Some("$argon2id$x".into()),
                         };
                         s.create_user_if_absent(new_user(&phone), &[m]).unwrap();
                     }

@@ -37,7 +37,7 @@ impl UserView {
     pub fn load(app: &App, user: &User) -> Result<Self, ApiError> {
         let mut methods: Vec<&'static str> = app
             .store
-            .login_methods(user.id)?
+            .login_methods(user)?
             .iter()
             .map(|m| m.method.as_str())
             .collect();

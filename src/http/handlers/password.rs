@@ -90,7 +90,7 @@ pub async fn login(app: &App, req: Req) -> Result<Resp, ApiError> {
     let stored = match &user {
         Some(u) => app
             .store
-            .login_methods(u.id)?
+            .login_methods(u)?
             .into_iter()
             .find(|m| m.method == Method::Password)
             .and_then(|m| m.access_code),
