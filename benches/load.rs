@@ -734,6 +734,8 @@ struct ScaleReport {
     db_bytes: u64,
     start_to_serving_ms: f64,
     rss_serving_mib: f64,
+    /// VmHWM after the read-only `me` run, before the logins write.
+    rss_peak_after_reads_mib: f64,
     rss_peak_mib: f64,
     rss_after_mib: f64,
     scenarios: Vec<Stats>,
@@ -1095,13 +1097,15 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
             "### Scale: {} users, {} pending codes (server as a child process)\n\n\
              - fill through the store API: {:.1} s, {:.0} MiB on disk\n\
              - start to serving (spawn to first 200 on /healthz): {:.0} ms\n\
-             - RSS when serving: {:.1} MiB; peak (VmHWM) after the runs below: {:.1} MiB\n",
+             - RSS when serving: {:.1} MiB; peak (VmHWM) after the `me` run: {:.1} MiB, \
+             after the sms-login run too: {:.1} MiB\n",
             s.users,
             s.pending_codes,
             s.fill_s,
             s.db_bytes as f64 / 1048576.0,
             s.start_to_serving_ms,
             s.rss_serving_mib,
+            s.rss_peak_after_reads_mib,
             s.rss_peak_mib,
         );
         println!("{}", table(&s.scenarios));
@@ -1291,6 +1295,7 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     let (rows, c) = measure(&bench, one("scale: me", me_requests(Arc::new(tokens)))).await;
     report.scenarios.extend(rows);
     ceiling_all.add(c);
+    report.rss_peak_after_reads_mib = status_kib(pid, "VmHWM:").unwrap_or(f64::NAN) / 1024.0;
     eprintln!("  scale: sms-login-existing");
     let (rows, c) = measure(
         &bench,
