@@ -100,8 +100,17 @@ fn tokens_and_users(c: &mut Criterion) {
             .revoke(&format!("{n:032x}"), smsauth::clock::now() + 3600)
             .unwrap();
     }
+    // A token's first check (base64, JSON, HMAC) and a later one (remembered: expiry and
+    // revocation only).
+    c.bench_function("jwt verify + revocation check, first use", |b| {
+        b.iter_batched(
+            || tokens.issue_session(&user).token,
+            |token| black_box(tokens.verify_session(&token).unwrap()),
+            criterion::BatchSize::SmallInput,
+        )
+    });
     let token = tokens.issue_session(&user).token;
-    c.bench_function("jwt verify + revocation check", |b| {
+    c.bench_function("jwt verify + revocation check, seen before", |b| {
         b.iter(|| black_box(tokens.verify_session(black_box(&token)).unwrap()))
     });
     let mut n = 0u64;
