@@ -859,9 +859,7 @@ fn main() {
         // making each line is counted, not the terminal's.
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-            .json()
-            .flatten_event(true)
-            .with_target(false)
+            .event_format(smsauth::logging::JsonLines)
             .with_writer(std::io::sink)
             .init();
     }
