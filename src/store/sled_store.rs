@@ -740,6 +740,21 @@ mod tests {
         (dir, s)
     }
 
+    /// The two login methods of an account with a password.
+    fn sms_and_password(phone: &str) -> (LoginMethod, LoginMethod) {
+        let sms = LoginMethod {
+            method: Method::Sms,
+            identification: phone.into(),
+            access_code: None,
+        };
+        let password = LoginMethod {
+            method: Method::Password,
+            access_code: Some("$argon2id$x".into()),
+            ..sms.clone()
+        };
+        (sms, password)
+    }
+
     fn new_user(phone: &str) -> NewUser<'_> {
         NewUser {
             phone,
@@ -818,16 +833,7 @@ mod tests {
             disabled: false,
             session_gen: 0,
         };
-        let sms = LoginMethod {
-            method: Method::Sms,
-            identification: "+861".into(),
-            access_code: None,
-        };
-        let password = LoginMethod {
-            method: Method::Password,
-            access_code: Some("$argon2id$x".into()),
-            ..sms.clone()
-        };
+        let (sms, password) = sms_and_password("+861");
         {
             let raw = sled::open(dir.path().join("db")).unwrap();
             let tree = |name: &str| raw.open_tree(name).unwrap();
@@ -944,16 +950,7 @@ mod tests {
     #[test]
     fn delete_user_removes_record_index_methods_and_counts_it_out() {
         let (_dir, s) = store();
-        let sms = LoginMethod {
-            method: Method::Sms,
-            identification: "+861".into(),
-            access_code: None,
-        };
-        let password = LoginMethod {
-            method: Method::Password,
-            access_code: Some("$argon2id$x".into()),
-            ..sms.clone()
-        };
+        let (sms, password) = sms_and_password("+861");
         let (a, _) = s
             .create_user_if_absent(new_user("+861"), &[sms.clone(), password.clone()])
             .unwrap();
