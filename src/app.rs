@@ -66,8 +66,9 @@ impl App {
     }
 
     /// Periodic clean-up: revocations of expired tokens, expired code records, idle
-    /// limiter entries and counters of past windows.
-    pub async fn housekeeping(&self) {
+    /// limiter entries and counters of past windows. Scans whole trees: run it on a
+    /// blocking thread, not on the async runtime.
+    pub fn housekeeping(&self) {
         if let Err(e) = self.codes.housekeeping() {
             tracing::warn!(error = %e, "sweeping expired codes failed");
         }

@@ -14,7 +14,7 @@
 //! frees memory.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -78,8 +78,9 @@ pub struct Codes {
     last_sent: Cache<String, i64, Hasher>,
     phone_locks: Box<[Mutex<()>]>,
     hasher: Hasher,
-    /// Code records in the store; expired ones count until the sweep removes them.
-    stored: AtomicU64,
+    /// Code records in the store; expired ones count until the sweep removes them. Signed:
+    /// a sweep's count can race a deletion and leave it one short for a while.
+    stored: AtomicI64,
     store: Arc<dyn Store>,
     hash_key: Vec<u8>,
     cfg: CodeConfig,
@@ -134,7 +135,7 @@ impl Codes {
             last_sent,
             phone_locks: (0..PHONE_LOCKS).map(|_| Mutex::new(())).collect(),
             hasher: Hasher::default(),
-            stored: AtomicU64::new(0),
+            stored: AtomicI64::new(0),
             store,
             hash_key,
             cfg,
@@ -150,7 +151,7 @@ impl Codes {
                     .insert(phone.to_owned(), newest.max(rec.sent_at));
             }
         })?;
-        codes.stored.store(live, Ordering::Relaxed);
+        codes.stored.store(live as i64, Ordering::Relaxed);
         Ok(codes)
     }
 
@@ -291,14 +292,14 @@ impl Codes {
 
     /// Codes sent and not yet used; expired ones count until the next sweep.
     pub fn pending_count(&self) -> u64 {
-        self.stored.load(Ordering::Relaxed)
+        self.stored.load(Ordering::Relaxed).max(0) as u64
     }
 
     /// Deletes expired codes from the store and lets moka do its deferred work. A full
     /// pass over the stored codes: run it from the periodic clean-up, not per request.
     pub fn housekeeping(&self) -> Result<(), StoreError> {
         let live = self.store.sweep_codes(now(), &mut |_, _| {})?;
-        self.stored.store(live, Ordering::Relaxed);
+        self.stored.store(live as i64, Ordering::Relaxed);
         self.pending.run_pending_tasks();
         self.last_sent.run_pending_tasks();
         Ok(())

@@ -78,7 +78,10 @@ impl Server {
                 let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
                 loop {
                     tick.tick().await;
-                    app.housekeeping().await;
+                    let app = app.clone();
+                    if let Err(e) = tokio::task::spawn_blocking(move || app.housekeeping()).await {
+                        tracing::warn!(error = %e, "housekeeping failed");
+                    }
                 }
             })
         };
