@@ -395,8 +395,8 @@ fn build(backup: &Backup<'_>, staging: &Path, cache_capacity_mb: u64) -> anyhow:
         store.flush_blocking()?;
     }
     // Reopen: runs the schema check and migrations as a server start would.
-    let store =
-        SledStore::open(staging, cache_capacity_mb).context("the restored store does not open")?;
+    let store = SledStore::reopen(staging, cache_capacity_mb)
+        .context("the restored store does not open")?;
     let users = store.user_count()?;
     let listed = store.users()?.len() as u64;
     if users != listed {

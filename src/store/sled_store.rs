@@ -125,6 +125,21 @@ impl SledStore {
         Ok(store)
     }
 
+    /// [`SledStore::open`] for a store this process has just closed: sled lets go of its
+    /// file lock only when its last background task is done, a moment after the close,
+    /// so a lock held meanwhile is waited for (up to two seconds) instead of refused.
+    pub fn reopen(dir: &Path, cache_capacity_mb: u64) -> Result<Self, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match Self::open(dir, cache_capacity_mb) {
+                Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
         self.meta.get(key)?.map(|v| read_u64(&v)).transpose()
     }
@@ -740,6 +755,22 @@ mod tests {
         (dir, s)
     }
 
+    /// sled itself on a store just closed (see [`SledStore::reopen`]).
+    fn raw_reopen(dir: &std::path::Path) -> sled::Db {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match sled::open(dir.join("db")) {
+                Ok(db) => return db,
+                Err(e)
+                    if std::time::Instant::now() < deadline && e.to_string().contains("lock") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     /// The two login methods of an account with a password.
     fn sms_and_password(phone: &str) -> (LoginMethod, LoginMethod) {
         let sms = LoginMethod {
@@ -775,7 +806,7 @@ mod tests {
             );
             s.db.flush().unwrap();
         }
-        let s = SledStore::open(dir.path(), 8).unwrap();
+        let s = SledStore::reopen(dir.path(), 8).unwrap();
         assert_eq!(
             s.create_user_if_absent(new_user("+862"), &[]).unwrap().0.id,
             2
@@ -803,13 +834,13 @@ mod tests {
             s.users.insert(u64_key(2), encode(&orphan)).unwrap();
         }
         {
-            let raw = sled::open(dir.path().join("db")).unwrap();
+            let raw = raw_reopen(dir.path());
             let meta = raw.open_tree("meta").unwrap();
             meta.remove(META_CLOSED_CLEANLY).unwrap();
             meta.insert(META_USERS, &u64_key(7)).unwrap();
             raw.flush().unwrap();
         }
-        let s = SledStore::open(dir.path(), 8).unwrap();
+        let s = SledStore::reopen(dir.path(), 8).unwrap();
         assert_eq!(s.user(2).unwrap(), None, "the orphan is gone");
         assert_eq!(s.user_count().unwrap(), 1, "counted, not the stale 7");
         assert_eq!(s.users().unwrap().len(), 1);
@@ -853,7 +884,7 @@ mod tests {
                 .unwrap();
             raw.flush().unwrap();
         }
-        let s = SledStore::open(dir.path(), 8).unwrap();
+        let s = SledStore::reopen(dir.path(), 8).unwrap();
         assert_eq!(s.methods.len(), 1, "only the password record is left");
         assert_eq!(s.login_methods(&user).unwrap(), vec![sms, password]);
         assert_eq!(s.user_count().unwrap(), 1);
