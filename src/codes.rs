@@ -13,9 +13,8 @@
 //! rest of a login. Expiry is decided by `expires_at` in the record; moka's timer only
 //! frees memory.
 
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -26,6 +25,7 @@ use subtle::ConstantTimeEq;
 
 use crate::clock::now;
 use crate::config::CodeConfig;
+use crate::key_locks::KeyLocks;
 use crate::model::{PendingCode, Purpose};
 use crate::phone::Phone;
 use crate::store::{Store, StoreError};
@@ -38,8 +38,9 @@ const CACHE_CAPACITY: u64 = 50_000;
 const RESEND_CAPACITY: u64 = 200_000;
 /// Locks that serialize the changes to one phone's codes and resend reservation.
 const PHONE_LOCKS: usize = 256;
-/// Keys are phones, which clients choose; foldhash is seeded per process, and a phone is
-/// a short run of digits, so colliding keys cannot be chosen from outside.
+/// The caches' hasher. Keys are phones, which clients choose; foldhash is seeded per
+/// process, and a phone is a short run of digits, so colliding keys cannot be chosen
+/// from outside.
 type Hasher = foldhash::fast::RandomState;
 
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +77,7 @@ pub struct Codes {
     pending: Cache<CodeKey, PendingCode, Hasher>,
     /// Phone -> unix time of its last send, for the resend interval.
     last_sent: Cache<String, i64, Hasher>,
-    phone_locks: Box<[Mutex<()>]>,
-    hasher: Hasher,
+    phone_locks: KeyLocks,
     /// Code records in the store; expired ones count until the sweep removes them. Signed:
     /// a sweep's count can race a deletion and leave it one short for a while.
     stored: AtomicI64,
@@ -133,8 +133,7 @@ impl Codes {
         let codes = Codes {
             pending,
             last_sent,
-            phone_locks: (0..PHONE_LOCKS).map(|_| Mutex::new(())).collect(),
-            hasher: Hasher::default(),
+            phone_locks: KeyLocks::new(PHONE_LOCKS),
             stored: AtomicI64::new(0),
             store,
             hash_key,
@@ -155,13 +154,9 @@ impl Codes {
         Ok(codes)
     }
 
-    /// Held while one phone's codes or reservation change. Nothing is kept under the
-    /// lock itself, so one poisoned by a panic elsewhere is still good.
+    /// Held while one phone's codes or reservation change.
     fn lock(&self, phone: &Phone) -> MutexGuard<'_, ()> {
-        let i = self.hasher.hash_one(phone.as_str()) as usize % PHONE_LOCKS;
-        self.phone_locks[i]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.phone_locks.lock(phone.as_str())
     }
 
     pub fn ttl_secs(&self) -> u64 {

@@ -22,6 +22,7 @@ pub mod codes;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod key_locks;
 pub mod keys;
 pub mod limits;
 pub mod logging;

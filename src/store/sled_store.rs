@@ -36,13 +36,13 @@
 //! atomic operation when no snapshot runs); a snapshot waits for changes in flight and
 //! then sees none start until it is done.
 
-use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 use super::codec::{decode, encode, read_i64, read_u64, u64_key};
 use super::{BoxFuture, NewUser, RecordSink, Store, StoreError};
+use crate::key_locks::KeyLocks;
 use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
 
 /// 1: the first layout. 2: `sms` login methods are implied, no longer stored.
@@ -71,8 +71,8 @@ pub struct SledStore {
     gate: RwLock<()>,
     next_id: AtomicU64,
     users_total: AtomicU64,
-    phone_locks: Box<[Mutex<()>]>,
-    phone_lock_hasher: RandomState,
+    /// Serialize the creation and deletion of one phone's user.
+    phone_locks: KeyLocks,
 }
 
 impl From<sled::Error> for StoreError {
@@ -117,8 +117,7 @@ impl SledStore {
             gate: RwLock::new(()),
             next_id: AtomicU64::new(1),
             users_total: AtomicU64::new(0),
-            phone_locks: (0..PHONE_LOCKS).map(|_| Mutex::new(())).collect(),
-            phone_lock_hasher: RandomState::new(),
+            phone_locks: KeyLocks::new(PHONE_LOCKS),
         };
         store.migrate()?;
         store.recover()?;
@@ -177,14 +176,6 @@ impl SledStore {
         self.meta.insert(META_FIRST_ID_OF_RUN, &u64_key(next))?;
         self.meta.remove(META_CLOSED_CLEANLY)?;
         Ok(())
-    }
-
-    fn phone_lock(&self, phone: &str) -> MutexGuard<'_, ()> {
-        let i = self.phone_lock_hasher.hash_one(phone) as usize % PHONE_LOCKS;
-        // Nothing is kept under the lock, so a panic elsewhere leaves it usable.
-        self.phone_locks[i]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Numbered migrations run at open, each from one version to the next; a newer
@@ -358,7 +349,7 @@ impl Store for SledStore {
             return Ok((user, false));
         }
         let _gate = self.write_gate();
-        let _phone = self.phone_lock(new.phone);
+        let _phone = self.phone_locks.lock(new.phone);
         if let Some(user) = self.user_by_phone(new.phone)? {
             return Ok((user, false));
         }
@@ -598,7 +589,7 @@ impl Store for SledStore {
         let Some(user) = self.user(id)? else {
             return Ok(None);
         };
-        let _phone = self.phone_lock(&user.phone);
+        let _phone = self.phone_locks.lock(&user.phone);
         // Recorded first, so the id is never given out again even if it was the highest.
         let next = self.next_id.load(Ordering::SeqCst);
         self.meta.insert(META_NEXT_ID, &u64_key(next))?;
