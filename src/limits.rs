@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -47,6 +47,8 @@ impl Limited {
 /// One in-memory per-address limiter whose memory stays bounded.
 struct AddressLimiter {
     quota: Option<Quota>,
+    /// Replaced whole when it outgrows its bound; the lock only guards that swap, so one
+    /// poisoned by a panic elsewhere still holds a good limiter and is used as it is.
     limiter: RwLock<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
     max_keys: usize,
 }
@@ -65,7 +67,11 @@ impl AddressLimiter {
         if self.quota.is_none() {
             return Ok(());
         }
-        let limiter = self.limiter.read().expect("limiter lock").clone();
+        let limiter = self
+            .limiter
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let result = limiter
             .check_key(&ip)
             .map_err(|not_until| Limited::Address {
@@ -84,7 +90,11 @@ impl AddressLimiter {
     /// addresses), starts over empty: per-address limits fail open for a moment, while
     /// the persisted per-phone and global caps still hold.
     fn prune(&self) {
-        let limiter = self.limiter.read().expect("limiter lock").clone();
+        let limiter = self
+            .limiter
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         limiter.retain_recent();
         limiter.shrink_to_fit();
         if limiter.len() > self.max_keys
@@ -94,12 +104,16 @@ impl AddressLimiter {
                 tracked = limiter.len(),
                 "address limiter over its bound; starting over"
             );
-            *self.limiter.write().expect("limiter lock") = Arc::new(RateLimiter::keyed(q));
+            *self.limiter.write().unwrap_or_else(PoisonError::into_inner) =
+                Arc::new(RateLimiter::keyed(q));
         }
     }
 
     fn len(&self) -> usize {
-        self.limiter.read().expect("limiter lock").len()
+        self.limiter
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 

@@ -7,7 +7,7 @@
 //! or an admin can end all of a user's sessions without listing them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
 use rand::RngExt;
@@ -61,7 +61,9 @@ pub struct Tokens {
     validation: Validation,
     issuer: String,
     ttl_secs: u64,
-    /// jti -> exp of revoked tokens, mirrored from the store for a lock-light check.
+    /// jti -> exp of revoked tokens, mirrored from the store for a lock-light check. Each
+    /// change is one map operation, so a lock poisoned by a panic elsewhere still holds a
+    /// whole map and is used as it is (a request must not panic on it).
     revoked: RwLock<HashMap<String, i64>>,
     /// Session tokens already checked, by their exact text: a client sends the same one
     /// with every request, and checking it anew (base64, JSON, HMAC) was a fifth of the
@@ -134,7 +136,10 @@ impl Tokens {
     }
 
     fn is_revoked(&self, jti: &str) -> bool {
-        self.revoked.read().expect("revoked lock").contains_key(jti)
+        self.revoked
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(jti)
     }
 
     pub fn issue_verification(&self, phone: &str, purpose: Purpose) -> Issued {
@@ -170,7 +175,7 @@ impl Tokens {
         let fresh = self.store.revoke(jti, exp)?;
         self.revoked
             .write()
-            .expect("revoked lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(jti.to_owned(), exp);
         Ok(fresh)
     }
@@ -180,7 +185,7 @@ impl Tokens {
         let now = now();
         self.revoked
             .write()
-            .expect("revoked lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, exp| *exp >= now);
         self.store.prune_revocations(now)
     }
