@@ -128,15 +128,10 @@ impl SledStore {
     /// file lock only when its last background task is done, a moment after the close,
     /// so a lock held meanwhile is waited for (up to two seconds) instead of refused.
     pub fn reopen(dir: &Path, cache_capacity_mb: u64) -> Result<Self, StoreError> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        loop {
-            match Self::open(dir, cache_capacity_mb) {
-                Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                other => return other,
-            }
-        }
+        retry_while_locked(
+            || Self::open(dir, cache_capacity_mb),
+            |e| matches!(e, StoreError::Locked(_)),
+        )
     }
 
     fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
@@ -265,6 +260,23 @@ impl SledStore {
 
     fn wrote(&self) {
         self.commit.written.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Calls `open` again while it fails with a lock this process is letting go of (see
+/// [`SledStore::reopen`]), for up to two seconds.
+fn retry_while_locked<T, E>(
+    mut open: impl FnMut() -> Result<T, E>,
+    locked: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match open() {
+            Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -748,18 +760,11 @@ mod tests {
 
     /// sled itself on a store just closed (see [`SledStore::reopen`]).
     fn raw_reopen(dir: &std::path::Path) -> sled::Db {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        loop {
-            match sled::open(dir.join("db")) {
-                Ok(db) => return db,
-                Err(e)
-                    if std::time::Instant::now() < deadline && e.to_string().contains("lock") =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
+        retry_while_locked(
+            || sled::open(dir.join("db")),
+            |e| e.to_string().contains("lock"),
+        )
+        .unwrap()
     }
 
     /// The two login methods of an account with a password.

@@ -35,13 +35,13 @@ pub struct UserView {
 
 impl UserView {
     pub fn load(app: &App, user: &User) -> Result<Self, ApiError> {
-        let mut methods: Vec<&'static str> = app
+        // In the store's order: sms first, then the stored ones in key order.
+        let methods = app
             .store
             .login_methods(user)?
             .iter()
             .map(|m| m.method.as_str())
             .collect();
-        methods.sort_unstable_by_key(|m| (*m != "sms", *m));
         Ok(UserView {
             id: user.id,
             phone: user.phone.clone(),
