@@ -40,6 +40,8 @@ pub struct NewUser<'a> {
 pub trait Store: Send + Sync + 'static {
     fn user(&self, id: UserId) -> Result<Option<User>, StoreError>;
     fn user_by_phone(&self, phone: &str) -> Result<Option<User>, StoreError>;
+    /// Whether the phone has an account: one read of the phone index, not of the user.
+    fn has_user(&self, phone: &str) -> Result<bool, StoreError>;
     /// Creates the user unless the phone already has one, atomically: of two racing
     /// calls for one phone exactly one creates. Returns the user and whether it was created.
     fn create_user_if_absent(

@@ -351,6 +351,10 @@ impl Store for SledStore {
         }
     }
 
+    fn has_user(&self, phone: &str) -> Result<bool, StoreError> {
+        Ok(self.phones.contains_key(phone.as_bytes())?)
+    }
+
     fn create_user_if_absent(
         &self,
         new: NewUser<'_>,
@@ -989,6 +993,7 @@ mod tests {
         assert_eq!(s.delete_user(a.id).unwrap(), None);
         assert_eq!(s.user(a.id).unwrap(), None);
         assert_eq!(s.user_by_phone("+861").unwrap(), None);
+        assert!(!s.has_user("+861").unwrap() && s.has_user("+862").unwrap());
         assert_eq!(s.methods.scan_prefix(u64_key(a.id)).count(), 0);
         let sms_b = LoginMethod {
             identification: "+862".into(),

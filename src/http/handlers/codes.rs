@@ -41,7 +41,7 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
             return Err(ApiError::CaptchaInvalid);
         }
     }
-    let has_account = app.store.user_by_phone(phone.as_str())?.is_some();
+    let has_account = app.store.has_user(phone.as_str())?;
     if purpose == Purpose::Register && has_account {
         return Err(ApiError::PhoneTaken);
     }
