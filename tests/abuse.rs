@@ -81,10 +81,7 @@ async fn a_required_captcha_guards_sending_and_is_single_use() {
         json!({ "phone": phone, "captcha_answer": "x" }),
     ] {
         let (status, got) = send_code(&s, body).await;
-        assert_eq!(
-            (status, got["error"].as_str()),
-            (400, Some("captcha_required"))
-        );
+        assert_error(status, &got, 400, "captcha_required");
     }
     // Unknown id, and a wrong answer, which uses the captcha up.
     let (status, got) = send_code(
@@ -92,10 +89,7 @@ async fn a_required_captcha_guards_sending_and_is_single_use() {
         json!({ "phone": phone, "captcha_id": "0".repeat(32), "captcha_answer": "ABCDE" }),
     )
     .await;
-    assert_eq!(
-        (status, got["error"].as_str()),
-        (400, Some("captcha_invalid"))
-    );
+    assert_error(status, &got, 400, "captcha_invalid");
     let (id, answer, _) = new_captcha(&s).await;
     let wrong = if answer == "XXXXX" { "YYYYY" } else { "XXXXX" };
     let (status, got) = send_code(
@@ -103,10 +97,7 @@ async fn a_required_captcha_guards_sending_and_is_single_use() {
         json!({ "phone": phone, "captcha_id": id, "captcha_answer": wrong }),
     )
     .await;
-    assert_eq!(
-        (status, got["error"].as_str()),
-        (400, Some("captcha_invalid"))
-    );
+    assert_error(status, &got, 400, "captcha_invalid");
     let (status, _) = send_code(
         &s,
         json!({ "phone": phone, "captcha_id": id, "captcha_answer": answer }),
@@ -131,10 +122,7 @@ async fn a_required_captcha_guards_sending_and_is_single_use() {
         json!({ "phone": "13812347002", "captcha_id": id, "captcha_answer": answer }),
     )
     .await;
-    assert_eq!(
-        (status, got["error"].as_str()),
-        (400, Some("captcha_invalid"))
-    );
+    assert_error(status, &got, 400, "captcha_invalid");
 }
 
 #[tokio::test]
@@ -168,7 +156,7 @@ async fn the_captcha_comes_before_anything_about_the_account() {
     let (id, answer, _) = new_captcha(&s).await;
     let (status, got) =
         send_code(&s, json!({ "phone": "13812347003", "purpose": "register", "captcha_id": id, "captcha_answer": answer })).await;
-    assert_eq!((status, got["error"].as_str()), (409, Some("phone_taken")));
+    assert_error(status, &got, 409, "phone_taken");
 }
 
 #[tokio::test]
@@ -185,9 +173,14 @@ async fn an_expired_captcha_is_refused() {
         json!({ "phone": "13812347004", "captcha_id": id, "captcha_answer": answer }),
     )
     .await;
+    assert_error(status, &got, 400, "captcha_invalid");
+}
+
+fn assert_error(status: u16, got: &Value, want_status: u16, want: &str) {
     assert_eq!(
         (status, got["error"].as_str()),
-        (400, Some("captcha_invalid"))
+        (want_status, Some(want)),
+        "{got}"
     );
 }
 
