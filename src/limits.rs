@@ -2,10 +2,14 @@
 //! forget them; they only slow one source down). Per phone and for the whole service:
 //! counters in the store, in fixed windows (UTC day, clock hour), so a restart does not
 //! reset what costs money (SMS) or guards codes (wrong-guess lockout).
+//!
+//! The service's daily budget is one counter that every send in the service changes, so
+//! it is counted in memory and stored ahead in blocks ([`DailyBudget`]); the per-phone
+//! counters are many and each is changed rarely, so they are counted in the store.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -117,8 +121,98 @@ impl AddressLimiter {
     }
 }
 
+/// The service's sends per UTC day. One counter that every send changes would make one
+/// stored key the hottest in the service (a compare-and-swap on it per send, retried
+/// under contention), so it is counted here and stored ahead: before the count passes
+/// what is stored, the store is set to the count plus a block, and the send's flush makes
+/// that durable with the rest of the send. A restart after a crash starts from what is
+/// stored, so it can count up to a block too many, never too few: the cap outlives
+/// crashes. A clean shutdown stores the exact count ([`Limits::close`]).
+struct DailyBudget {
+    limit: u64,
+    block: u64,
+    day: Mutex<BudgetDay>,
+}
+
+struct BudgetDay {
+    /// i64::MIN until the first send of this run reads the stored count.
+    day: i64,
+    used: u64,
+    stored: u64,
+}
+
+impl DailyBudget {
+    fn new(limit: u64) -> Self {
+        DailyBudget {
+            limit,
+            block: budget_block(limit),
+            day: Mutex::new(BudgetDay {
+                day: i64::MIN,
+                used: 0,
+                stored: 0,
+            }),
+        }
+    }
+
+    /// Takes one send of `day`. Ok(false) when the budget is used up.
+    fn take(&self, store: &dyn Store, day: i64) -> Result<bool, StoreError> {
+        let mut d = self.day.lock().unwrap_or_else(PoisonError::into_inner);
+        if d.day != day {
+            let stored = store.count(Counter::SendsPerDay, day, "")?;
+            *d = BudgetDay {
+                day,
+                used: stored,
+                stored,
+            };
+        }
+        if self.limit != 0 && d.used >= self.limit {
+            return Ok(false);
+        }
+        if d.used >= d.stored {
+            let ahead = d.used + self.block;
+            let ahead = if self.limit == 0 {
+                ahead
+            } else {
+                ahead.min(self.limit)
+            };
+            store.set_count(Counter::SendsPerDay, day, "", ahead)?;
+            d.stored = ahead;
+        }
+        d.used += 1;
+        Ok(true)
+    }
+
+    /// Gives back a send that did not happen. What is stored stays ahead.
+    fn give_back(&self, day: i64) {
+        let mut d = self.day.lock().unwrap_or_else(PoisonError::into_inner);
+        if d.day == day {
+            d.used = d.used.saturating_sub(1);
+        }
+    }
+
+    /// Stores the exact count, so a clean restart loses no budget.
+    fn close(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let d = self.day.lock().unwrap_or_else(PoisonError::into_inner);
+        if d.day != i64::MIN && d.stored != d.used {
+            store.set_count(Counter::SendsPerDay, d.day, "", d.used)?;
+        }
+        Ok(())
+    }
+}
+
+/// How far the stored daily count runs ahead: what a crash can cost, at most 1% of the
+/// budget and never over 64 sends (a budget of 100 or less is stored at every send).
+fn budget_block(limit: u64) -> u64 {
+    if limit == 0 {
+        64
+    } else {
+        (limit / 100).clamp(1, 64)
+    }
+}
+
 pub struct Limits {
     cfg: LimitsConfig,
+    budget: DailyBudget,
     sends: AddressLimiter,
     checks: AddressLimiter,
     captchas: AddressLimiter,
@@ -153,6 +247,7 @@ impl Limits {
                 quota(cfg.captcha_per_ip_per_minute, Quota::per_minute),
                 max,
             ),
+            budget: DailyBudget::new(cfg.global_per_day),
             cfg: cfg.clone(),
             store,
         }
@@ -187,11 +282,7 @@ impl Limits {
         {
             return Err(Limited::PhoneDaily { retry_after });
         }
-        if self
-            .store
-            .count_up(Counter::SendsPerDay, day, "", self.cfg.global_per_day)?
-            .is_err()
-        {
+        if !self.budget.take(self.store.as_ref(), day)? {
             self.store.count_down(Counter::PhoneSendsPerDay, day, p)?;
             return Err(Limited::Global { retry_after });
         }
@@ -203,9 +294,14 @@ impl Limits {
 
     /// Returns the quota of a send that did not happen.
     pub fn give_back(&self, quota: SendQuota) -> Result<(), StoreError> {
+        self.budget.give_back(quota.day);
         self.store
-            .count_down(Counter::PhoneSendsPerDay, quota.day, &quota.phone)?;
-        self.store.count_down(Counter::SendsPerDay, quota.day, "")
+            .count_down(Counter::PhoneSendsPerDay, quota.day, &quota.phone)
+    }
+
+    /// Stores what is counted in memory; call it before the final flush.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.budget.close(self.store.as_ref())
     }
 
     /// Err while the phone is locked for too many wrong codes this hour.
@@ -270,6 +366,14 @@ mod tests {
             let _ = limiter.check(IpAddr::from(i.to_be_bytes()));
             assert!(limiter.len() <= 101, "{} tracked at {i}", limiter.len());
         }
+    }
+
+    #[test]
+    fn the_stored_budget_runs_at_most_one_percent_ahead() {
+        assert_eq!(budget_block(0), 64);
+        assert_eq!(budget_block(100), 1);
+        assert_eq!(budget_block(250), 2);
+        assert_eq!(budget_block(10_000), 64);
     }
 
     #[test]

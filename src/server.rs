@@ -96,6 +96,7 @@ impl Server {
             let _ = admin.await; // it removes the socket file
         }
         keeper.abort();
+        app.limits.close().context("storing the daily budget")?;
         app.store.flush().await.context("final flush")?;
         tracing::info!("stopped");
         Ok(())

@@ -235,6 +235,63 @@ async fn per_phone_and_global_daily_caps_hold_across_kill9() {
     );
 }
 
+/// Sends to new phones (numbered from `first`) until the daily budget says no; returns
+/// how many were sent.
+async fn sends_until_the_budget_is_spent(s: &TestServer, first: u32) -> u32 {
+    for n in 0..1_000 {
+        let (status, body) = send_code(s, json!({ "phone": format!("139{:08}", first + n) })).await;
+        if status == 429 {
+            assert!(
+                body["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("daily SMS budget"),
+                "{body}"
+            );
+            return n;
+        }
+        assert_eq!(status, 200, "{body}");
+    }
+    panic!("the daily budget never ran out");
+}
+
+const BUDGET_300: &str =
+    "[code]\nresend_interval_secs = 0\n[limits]\nglobal_per_day = 300\nip_per_hour = 0\n";
+
+/// The daily budget is counted in memory and stored up to 1% ahead (3 sends of 300): a
+/// clean stop stores the exact count, kill -9 may cost the stored-ahead part, and no
+/// restart ever lets the service send more than its budget.
+#[tokio::test]
+async fn the_daily_budget_is_exact_across_a_clean_restart() {
+    let s = TestServer::start(BUDGET_300).await;
+    assert_eq!(send_to_new_phones(&s, 0, 4).await, 4);
+    let s = s.restart().await;
+    assert_eq!(sends_until_the_budget_is_spent(&s, 100).await, 296);
+    let s = s.restart().await;
+    assert_eq!(sends_until_the_budget_is_spent(&s, 500).await, 0);
+}
+
+#[tokio::test]
+async fn kill9_costs_at_most_the_stored_ahead_part_of_the_daily_budget() {
+    let s = TestServer::start(BUDGET_300).await;
+    assert_eq!(send_to_new_phones(&s, 0, 4).await, 4);
+    let s = s.kill9_and_restart().await;
+    // 4 sent, 6 stored ahead when the process died.
+    assert_eq!(sends_until_the_budget_is_spent(&s, 100).await, 294);
+    let s = s.kill9_and_restart().await;
+    assert_eq!(sends_until_the_budget_is_spent(&s, 500).await, 0);
+}
+
+/// Sends `n` codes to new phones numbered from `first`; returns how many were answered 200.
+async fn send_to_new_phones(s: &TestServer, first: u32, n: u32) -> u32 {
+    let mut sent = 0;
+    for i in 0..n {
+        let (status, _) = send_code(s, json!({ "phone": format!("139{:08}", first + i) })).await;
+        sent += u32::from(status == 200);
+    }
+    sent
+}
+
 #[tokio::test]
 async fn a_failed_send_costs_no_daily_quota() {
     let receiver = common::receiver::Receiver::start().await;

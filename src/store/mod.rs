@@ -107,6 +107,15 @@ pub trait Store: Send + Sync + 'static {
     /// Takes one back (a send that failed should not cost quota).
     fn count_down(&self, counter: Counter, window: i64, subject: &str) -> Result<(), StoreError>;
     fn count(&self, counter: Counter, window: i64, subject: &str) -> Result<u64, StoreError>;
+    /// Sets a counter outright, for a caller that counts in memory and stores ahead (the
+    /// service's daily budget): one writer per counter, so no compare-and-swap.
+    fn set_count(
+        &self,
+        counter: Counter,
+        window: i64,
+        subject: &str,
+        value: u64,
+    ) -> Result<(), StoreError>;
     /// Drops counters of windows before `oldest_kept` (per counter kind).
     fn prune_counters(&self, oldest_kept: &dyn Fn(Counter) -> i64) -> Result<usize, StoreError>;
     /// Every user, in id order (admin listing).

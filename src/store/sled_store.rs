@@ -673,6 +673,20 @@ impl Store for SledStore {
         }
     }
 
+    fn set_count(
+        &self,
+        counter: Counter,
+        window: i64,
+        subject: &str,
+        value: u64,
+    ) -> Result<(), StoreError> {
+        let _gate = self.write_gate();
+        self.counters
+            .insert(counter_key(counter, window, subject), &u64_key(value)[..])?;
+        self.wrote();
+        Ok(())
+    }
+
     fn prune_counters(&self, oldest_kept: &dyn Fn(Counter) -> i64) -> Result<usize, StoreError> {
         let _gate = self.write_gate();
         let mut pruned = 0;
