@@ -241,16 +241,23 @@ impl Codes {
         let key = key(phone, purpose);
         let _phone = self.lock(phone);
         let now = now();
-        let rec = match self.pending.get(&key) {
-            Some(rec) => rec,
+        let (rec, cached) = match self.pending.get(&key) {
+            Some(rec) => (rec, true),
             // Not in memory: pushed out for space, so the store is authoritative.
             None => match self.store.load_code(phone.as_str(), purpose)? {
-                Some(rec) => rec,
+                Some(rec) => (rec, false),
                 None => return Err(CodeError::Invalid),
             },
         };
+        // Under the phone's lock nothing can put it in the cache meanwhile, so a code
+        // read from the store has nothing there to take out.
+        let forget = |key: &CodeKey| {
+            if cached {
+                self.pending.invalidate(key);
+            }
+        };
         if rec.expires_at <= now {
-            self.pending.invalidate(&key);
+            forget(&key);
             self.delete_stored(phone, purpose)?;
             return Err(CodeError::Invalid);
         }
@@ -264,7 +271,7 @@ impl Codes {
         if bool::from(rec.hash.ct_eq(&presented)) {
             // Gone from memory first: a failed store write then leaves the code usable
             // only through the store, never the other way round.
-            self.pending.invalidate(&key);
+            forget(&key);
             self.delete_stored(phone, purpose)?;
             return Ok(());
         }
