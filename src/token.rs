@@ -374,7 +374,10 @@ mod tests {
         for id in 0..(2 * VERIFIED_CAPACITY as u64) {
             let token = t.issue_session(&User { id, ..user() }).token;
             assert_eq!(t.verify_session(&token).unwrap().user_id, id);
-            assert!(t.verified.get(&token).is_some(), "the check just made is kept");
+            assert!(
+                t.verified.get(&token).is_some(),
+                "the check just made is kept"
+            );
             assert!(t.verified.len() <= VERIFIED_CAPACITY);
         }
     }

@@ -90,6 +90,8 @@ async fn every_user_command_works_while_the_server_runs() {
     let fresh = token(&s.sms_login("13812345001").await);
     assert_eq!(s.get("/api/v1/me", Some(&fresh)).await.0, 200);
 
+    // Used just before, so the server has the user in memory: the delete must end that.
+    assert_eq!(s.get("/api/v1/me", Some(&b)).await.0, 200);
     let out = ok_stdout(&admin(dir.path(), &["user", "delete", "13812345002"]));
     assert_eq!(out, "user 2 (+8613812345002) deleted\n");
     assert_eq!(s.get("/api/v1/me", Some(&b)).await.0, 401);

@@ -4,6 +4,7 @@
 
 mod codec;
 mod sled_store;
+mod user_cache;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -41,6 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 use super::codec::{decode, encode, read_i64, read_u64, u64_key};
+use super::user_cache::UserCache;
 use super::{BoxFuture, NewUser, RecordSink, Store, StoreError};
 use crate::key_locks::KeyLocks;
 use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
@@ -73,6 +74,8 @@ pub struct SledStore {
     users_total: AtomicU64,
     /// Serialize the creation and deletion of one phone's user.
     phone_locks: KeyLocks,
+    /// Users recently read; every write to the users tree forgets its user after writing.
+    cached: UserCache,
 }
 
 impl From<sled::Error> for StoreError {
@@ -118,6 +121,7 @@ impl SledStore {
             next_id: AtomicU64::new(1),
             users_total: AtomicU64::new(0),
             phone_locks: KeyLocks::new(PHONE_LOCKS),
+            cached: UserCache::new(),
         };
         store.migrate()?;
         store.recover()?;
@@ -251,6 +255,7 @@ impl SledStore {
                 }
             }
         })?;
+        self.cached.forget(id);
         if let Some(e) = failure {
             return Err(e);
         }
@@ -341,7 +346,19 @@ fn counter_key(counter: Counter, window: i64, subject: &str) -> Vec<u8> {
 
 impl Store for SledStore {
     fn user(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        self.users.get(u64_key(id))?.map(|v| decode(&v)).transpose()
+        let miss = match self.cached.get(id) {
+            Ok(user) => return Ok(Some(user)),
+            Err(miss) => miss,
+        };
+        let user: Option<User> = self
+            .users
+            .get(u64_key(id))?
+            .map(|v| decode(&v))
+            .transpose()?;
+        if let Some(user) = &user {
+            self.cached.fill(user, miss);
+        }
+        Ok(user)
     }
 
     fn user_by_phone(&self, phone: &str) -> Result<Option<User>, StoreError> {
@@ -622,6 +639,7 @@ impl Store for SledStore {
             self.methods.remove(method_key(id, method))?;
         }
         self.users.remove(u64_key(id))?;
+        self.cached.forget(id);
         self.wrote();
         Ok(Some(user))
     }
@@ -659,6 +677,11 @@ impl Store for SledStore {
             return Err(StoreError::Corrupt(format!("record for tree {tree}")));
         }
         let old = self.db.open_tree(tree)?.insert(key, value)?;
+        if tree == "userid_user"
+            && let Ok(id) = read_u64(key)
+        {
+            self.cached.forget(id);
+        }
         if tree == "phone_userid" && old.is_none() {
             self.users_total.fetch_add(1, Ordering::SeqCst);
         }
