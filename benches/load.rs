@@ -36,6 +36,11 @@ use smsauth::server::Server;
 use smsauth::store::{NewUser, SledStore, Store};
 use smsauth::token::Tokens;
 
+/// The server's allocator (see src/main.rs), so the in-process server runs as it does
+/// under `smsauth serve`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 cargo bench --bench load [-- OPTIONS]   (or the BENCH_* variables)
 
@@ -44,7 +49,7 @@ cargo bench --bench load [-- OPTIONS]   (or the BENCH_* variables)
   --rounds N         BENCH_ROUNDS         slices it is measured in, each right after a
                                           slice of the ceiling (default 3)
   --pool-rate N      BENCH_POOL_RATE      logins/s to prepare single-use codes for
-                                          (default 20,000; a row says if they ran out)
+                                          (default 40,000; a row says if they ran out)
   --warmup SECS      BENCH_WARMUP         warm-up per scenario (default 2)
   --connections N    BENCH_CONNECTIONS    connections per scenario (default 64)
   --scenarios A,B    BENCH_SCENARIOS      only scenarios whose name contains A or B
@@ -165,7 +170,7 @@ impl Opts {
             scale_users: num("scale_users", 1_000_000.0) as u64,
             scale_codes: num("scale_codes", 100_000.0) as u64,
             rounds: num("rounds", if quick { 2.0 } else { 3.0 }) as u32,
-            pool_rate: num("pool_rate", 20_000.0),
+            pool_rate: num("pool_rate", 40_000.0),
             log: vars.get("log").is_none_or(|v| v != "0"),
         }
     }

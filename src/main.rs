@@ -7,6 +7,12 @@ use smsauth::admin::command;
 use smsauth::cli::{Cli, Command};
 use smsauth::config::Config;
 
+/// mimalloc, not glibc's malloc: under load, glibc's arena locks were half the futex calls
+/// of a registration (memory freed by another thread than the one that took it: sled's
+/// epoch-based reclamation, hyper's buffers), and each contended one a context switch.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cfg = match Config::load(cli.config.as_deref(), std::env::vars()) {
