@@ -39,7 +39,7 @@ use smsauth::token::Tokens;
 /// The server's allocator (see src/main.rs), so the in-process server runs as it does
 /// under `smsauth serve`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const USAGE: &str = "\
 cargo bench --bench load [-- OPTIONS]   (or the BENCH_* variables)

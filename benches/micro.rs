@@ -16,6 +16,10 @@ use smsauth::phone::Phone;
 use smsauth::store::{NewUser, SledStore, Store};
 use smsauth::token::Tokens;
 
+/// The server's allocator (see src/main.rs).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A phone of its own for each call: codes are single use.
 fn phone(n: u64) -> Phone {
     Phone::from_e164(format!("+86138{n:08}"))

@@ -11,7 +11,7 @@ use smsauth::config::Config;
 /// of a registration (memory freed by another thread than the one that took it: sled's
 /// epoch-based reclamation, hyper's buffers), and each contended one a context switch.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
