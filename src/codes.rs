@@ -25,9 +25,9 @@ use subtle::ConstantTimeEq;
 
 use crate::clock::now;
 use crate::config::CodeConfig;
-use crate::key_locks::KeyLocks;
 use crate::model::{PendingCode, Purpose};
 use crate::phone::Phone;
+use crate::sharded::KeyLocks;
 use crate::store::{Store, StoreError};
 
 /// Upper bound on pending codes held in memory; past it, records are still in the store

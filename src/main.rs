@@ -7,7 +7,7 @@ use smsauth::admin::command;
 use smsauth::cli::{Cli, Command};
 use smsauth::config::Config;
 
-/// mimalloc, not glibc's malloc: under load, glibc's arena locks were half the futex calls
+/// jemalloc, not glibc's malloc: under load, glibc's arena locks were half the futex calls
 /// of a registration (memory freed by another thread than the one that took it: sled's
 /// epoch-based reclamation, hyper's buffers), and each contended one a context switch.
 #[global_allocator]

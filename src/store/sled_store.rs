@@ -43,8 +43,8 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 use super::codec::{decode, encode, read_i64, read_u64, u64_key};
 use super::user_cache::UserCache;
 use super::{BoxFuture, NewUser, RecordSink, Store, StoreError};
-use crate::key_locks::KeyLocks;
 use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
+use crate::sharded::KeyLocks;
 
 /// 1: the first layout. 2: `sms` login methods are implied, no longer stored.
 const SCHEMA_VERSION: u32 = 2;

@@ -9,29 +9,22 @@
 //! by every read that starts after the write returns, as without the cache.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::model::{User, UserId};
+use crate::sharded::Sharded;
 
 /// Users remembered, at most; a full shard is emptied and refilled by later reads.
 const CAPACITY: usize = 16_384;
 const SHARDS: usize = 16;
 
-type Hasher = foldhash::fast::RandomState;
-
 #[derive(Default)]
 struct Shard {
-    users: HashMap<UserId, User, Hasher>,
+    users: HashMap<UserId, User, foldhash::fast::RandomState>,
     /// Bumped by every write to a user of this shard.
     epoch: u64,
 }
 
-pub struct UserCache {
-    shards: Box<[Mutex<Shard>]>,
-    /// Picks the shard; not the maps' own hasher (see `token::CheckedTokens`).
-    pick: Hasher,
-}
+pub struct UserCache(Sharded<Shard>);
 
 /// What a read that missed must show to fill the cache: the epoch it started in.
 #[derive(Debug)]
@@ -39,29 +32,17 @@ pub struct Miss(u64);
 
 impl UserCache {
     pub fn new() -> Self {
-        UserCache {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            pick: Hasher::default(),
-        }
-    }
-
-    /// A poisoned shard is used as it is: each change under the lock is one map operation
-    /// or one increment, so a panic elsewhere cannot leave it half changed.
-    fn shard(&self, id: UserId) -> MutexGuard<'_, Shard> {
-        let i = self.pick.hash_one(id) as usize % self.shards.len();
-        self.shards[i]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        UserCache(Sharded::new(SHARDS))
     }
 
     pub fn get(&self, id: UserId) -> Result<User, Miss> {
-        let shard = self.shard(id);
+        let shard = self.0.lock(&id);
         shard.users.get(&id).cloned().ok_or(Miss(shard.epoch))
     }
 
     /// Keeps `user`, read from the store after `miss`, unless a write came in between.
     pub fn fill(&self, user: &User, miss: Miss) {
-        let mut shard = self.shard(user.id);
+        let mut shard = self.0.lock(&user.id);
         if shard.epoch != miss.0 {
             return;
         }
@@ -73,17 +54,14 @@ impl UserCache {
 
     /// Called after every write to user `id`.
     pub fn forget(&self, id: UserId) {
-        let mut shard = self.shard(id);
+        let mut shard = self.0.lock(&id);
         shard.users.remove(&id);
         shard.epoch += 1;
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).users.len())
-            .sum()
+        self.0.each().map(|shard| shard.users.len()).sum()
     }
 }
 
