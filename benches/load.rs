@@ -769,6 +769,9 @@ struct ScaleReport {
     db_bytes: u64,
     start_to_serving_ms: f64,
     rss_serving_mib: f64,
+    /// VmRSS after [`SCALE_IDLE`] with no requests: what an idle server holds once the
+    /// start's transient memory has gone back (the allocator returns it with a delay).
+    rss_idle_mib: f64,
     /// VmHWM after the read-only `me` run, before the logins write.
     rss_peak_after_reads_mib: f64,
     rss_peak_mib: f64,
@@ -1130,14 +1133,16 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
             "### Scale: {} users, {} pending codes (server as a child process)\n\n\
              - fill through the store API: {:.1} s, {:.0} MiB on disk\n\
              - start to serving (spawn to first 200 on /healthz): {:.0} ms\n\
-             - RSS when serving: {:.1} MiB; peak (VmHWM) after the `me` run: {:.1} MiB, \
-             after the sms-login run too: {:.1} MiB\n",
+             - RSS when serving: {:.1} MiB, after {} s idle: {:.1} MiB; peak (VmHWM) after \
+             the `me` run: {:.1} MiB, after the sms-login run too: {:.1} MiB\n",
             s.users,
             s.pending_codes,
             s.fill_s,
             s.db_bytes as f64 / 1048576.0,
             s.start_to_serving_ms,
             s.rss_serving_mib,
+            SCALE_IDLE.as_secs(),
+            s.rss_idle_mib,
             s.rss_peak_after_reads_mib,
             s.rss_peak_mib,
         );
@@ -1212,6 +1217,9 @@ async fn healthy(addr: SocketAddr) -> bool {
     tokio::spawn(conn);
     matches!(sender.send_request(get("/healthz")).await, Ok(r) if r.status() == StatusCode::OK)
 }
+
+/// How long scale mode lets the server idle before it reads its resting RSS.
+const SCALE_IDLE: Duration = Duration::from_secs(15);
 
 async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     const SECRET: &str = "bench-token-secret-of-at-least-32-characters";
@@ -1309,6 +1317,8 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     }
     report.start_to_serving_ms = spawned.elapsed().as_secs_f64() * 1000.0;
     report.rss_serving_mib = status_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
+    tokio::time::sleep(SCALE_IDLE).await;
+    report.rss_idle_mib = status_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
 
     let bench = Bench {
         opts: opts.clone(),
