@@ -79,7 +79,9 @@ impl Passwords {
         let dummy = hash_with(&argon, "smsauth dummy password for equal timing")?;
         Ok(Passwords {
             argon,
-            threads: HashThreads::start(slots),
+            threads: HashThreads::start(slots).map_err(|e| {
+                PasswordError::Internal(format!("cannot start a hashing thread: {e}"))
+            })?,
             permits: Semaphore::new(slots),
             waiting: AtomicUsize::new(0),
             max_waiting: cfg.max_queued_hashes,
@@ -162,7 +164,7 @@ struct HashThreads {
 }
 
 impl HashThreads {
-    fn start(count: usize) -> Self {
+    fn start(count: usize) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
         let queue = Arc::new(Mutex::new(queue));
         for i in 0..count {
@@ -180,10 +182,9 @@ impl HashThreads {
                         // the thread goes on with the next job.
                         let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
                     }
-                })
-                .expect("start a hashing thread");
+                })?;
         }
-        HashThreads { jobs }
+        Ok(HashThreads { jobs })
     }
 
     async fn run<T: Send + 'static>(
