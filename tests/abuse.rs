@@ -235,11 +235,16 @@ async fn per_phone_and_global_daily_caps_hold_across_kill9() {
     );
 }
 
+/// Phone number `n` of the daily-budget tests.
+fn new_phone(n: u32) -> String {
+    format!("139{n:08}")
+}
+
 /// Sends to new phones (numbered from `first`) until the daily budget says no; returns
 /// how many were sent.
 async fn sends_until_the_budget_is_spent(s: &TestServer, first: u32) -> u32 {
     for n in 0..1_000 {
-        let (status, body) = send_code(s, json!({ "phone": format!("139{:08}", first + n) })).await;
+        let (status, body) = send_code(s, json!({ "phone": new_phone(first + n) })).await;
         if status == 429 {
             assert!(
                 body["message"]
@@ -286,7 +291,7 @@ async fn kill9_costs_at_most_the_stored_ahead_part_of_the_daily_budget() {
 async fn send_to_new_phones(s: &TestServer, first: u32, n: u32) -> u32 {
     let mut sent = 0;
     for i in 0..n {
-        let (status, _) = send_code(s, json!({ "phone": format!("139{:08}", first + i) })).await;
+        let (status, _) = send_code(s, json!({ "phone": new_phone(first + i) })).await;
         sent += u32::from(status == 200);
     }
     sent
