@@ -3,6 +3,7 @@
 //! module, so another embedded engine could replace it by implementing the trait.
 
 mod codec;
+mod group_commit;
 mod sled_store;
 mod user_cache;
 

@@ -37,10 +37,12 @@
 //! then sees none start until it is done.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 use super::codec::{decode, encode, read_i64, read_u64, u64_key};
+use super::group_commit::GroupCommit;
 use super::user_cache::UserCache;
 use super::{BoxFuture, NewUser, RecordSink, Store, StoreError};
 use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
@@ -67,7 +69,7 @@ pub struct SledStore {
     codes: sled::Tree,
     revoked: sled::Tree,
     counters: sled::Tree,
-    commit: GroupCommit,
+    commit: Arc<GroupCommit>,
     /// Read-held by every write, write-held by a snapshot (see the module doc).
     gate: RwLock<()>,
     next_id: AtomicU64,
@@ -111,12 +113,8 @@ impl SledStore {
             codes: db.open_tree("phonepurpose_code")?,
             revoked: db.open_tree("jti_exp")?,
             counters: db.open_tree("counter_count")?,
+            commit: GroupCommit::new(db.clone(), log_file),
             db,
-            commit: GroupCommit {
-                written: AtomicU64::new(0),
-                durable: tokio::sync::Mutex::new(0),
-                log_file,
-            },
             gate: RwLock::new(()),
             next_id: AtomicU64::new(1),
             users_total: AtomicU64::new(0),
@@ -220,13 +218,7 @@ impl SledStore {
     /// Makes every write durable, from a plain thread (no async runtime needed): for
     /// tools such as restore that run outside the server.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        // As in GroupCommit::flush: sled's own flush does not reach the disk's cache.
-        self.commit
-            .log_file
-            .sync_data()
-            .map_err(|e| StoreError::Engine(format!("fdatasync: {e}")))?;
-        Ok(())
+        self.commit.flush_blocking()
     }
 
     /// Held for the whole of one write (see the module doc). A panic elsewhere cannot
@@ -264,7 +256,7 @@ impl SledStore {
     }
 
     fn wrote(&self) {
-        self.commit.written.fetch_add(1, Ordering::SeqCst);
+        self.commit.wrote();
     }
 }
 
@@ -728,7 +720,7 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(self.commit.flush(&self.db))
+        Box::pin(Arc::clone(&self.commit).flush())
     }
 
     fn size_on_disk(&self) -> u64 {
@@ -749,43 +741,6 @@ impl Drop for SledStore {
         if let Err(e) = close() {
             tracing::warn!(error = %e, "could not record a clean close; the next start counts users");
         }
-    }
-}
-
-/// Group commit: writers that ask for a flush while one is running wait for it and then
-/// share the next one, so N concurrent requests cost about two fsyncs, not N.
-struct GroupCommit {
-    /// Count of writes applied so far.
-    written: AtomicU64,
-    /// Count of writes known durable; the lock also serializes flushes.
-    durable: tokio::sync::Mutex<u64>,
-    /// sled's log file. sled's flush writes with `sync_file_range`, which survives a
-    /// crash of the process but not of the machine (no disk cache flush, no metadata);
-    /// sled fsyncs only from its timer, every 500 ms. fdatasync works on the file, not the
-    /// descriptor, so syncing our own handle after each flush makes a 2xx mean "on disk".
-    log_file: std::fs::File,
-}
-
-impl GroupCommit {
-    async fn flush(&self, db: &sled::Db) -> Result<(), StoreError> {
-        let mine = self.written.load(Ordering::SeqCst);
-        let mut durable = self.durable.lock().await;
-        if *durable >= mine {
-            return Ok(()); // someone else's flush covered our writes
-        }
-        // Every write counted here was applied before the flush starts, so it is covered.
-        let target = self.written.load(Ordering::SeqCst);
-        db.flush_async().await?;
-        let file = self
-            .log_file
-            .try_clone()
-            .map_err(|e| StoreError::Engine(e.to_string()))?;
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(|e| StoreError::Engine(e.to_string()))?
-            .map_err(|e| StoreError::Engine(format!("fdatasync: {e}")))?;
-        *durable = target;
-        Ok(())
     }
 }
 
