@@ -27,18 +27,21 @@ use crate::clock::now;
 use crate::config::CodeConfig;
 use crate::model::{PendingCode, Purpose};
 use crate::phone::Phone;
-use crate::sharded::KeyLocks;
+use crate::sharded::{BoundedMap, KeyLocks};
 use crate::store::{Store, StoreError};
 
 /// Upper bound on pending codes held in memory; past it, records are still in the store
 /// and read from there on a miss.
 const CACHE_CAPACITY: u64 = 50_000;
-/// Upper bound on phones whose resend interval is remembered (a phone pushed out can be
-/// sent to again before its interval is over; the daily cap still holds).
-const RESEND_CAPACITY: u64 = 200_000;
+/// Upper bound on phones whose resend interval is remembered. A full shard drops the
+/// intervals that are over first; only one full of running intervals is emptied, and a
+/// phone in it can then be sent to again early (the daily cap still holds).
+const RESEND_CAPACITY: usize = 200_000;
+/// Shards of the map of resend times (seeded hashers, as for [`Hasher`]).
+const RESEND_SHARDS: usize = 64;
 /// Locks that serialize the changes to one phone's codes and resend reservation.
 const PHONE_LOCKS: usize = 256;
-/// The caches' hasher. Keys are phones, which clients choose; foldhash is seeded per
+/// The code cache's hasher. Keys are phones, which clients choose; foldhash is seeded per
 /// process, and a phone is a short run of digits, so colliding keys cannot be chosen
 /// from outside.
 type Hasher = foldhash::fast::RandomState;
@@ -76,7 +79,7 @@ fn key(phone: &Phone, purpose: Purpose) -> CodeKey {
 pub struct Codes {
     pending: Cache<CodeKey, PendingCode, Hasher>,
     /// Phone -> unix time of its last send, for the resend interval.
-    last_sent: Cache<String, i64, Hasher>,
+    last_sent: BoundedMap<String, i64>,
     phone_locks: KeyLocks,
     /// Code records in the store; expired ones count until the sweep removes them. Signed:
     /// a sweep's count can race a deletion and leave it one short for a while.
@@ -126,13 +129,9 @@ impl Codes {
             .max_capacity(CACHE_CAPACITY)
             .expire_after(UntilExpiresAt)
             .build_with_hasher(Hasher::default());
-        let last_sent = Cache::builder()
-            .max_capacity(RESEND_CAPACITY)
-            .time_to_live(Duration::from_secs(cfg.resend_interval_secs.max(1)))
-            .build_with_hasher(Hasher::default());
         let codes = Codes {
             pending,
-            last_sent,
+            last_sent: BoundedMap::new(RESEND_CAPACITY, RESEND_SHARDS),
             phone_locks: KeyLocks::new(PHONE_LOCKS),
             stored: AtomicI64::new(0),
             store,
@@ -145,9 +144,11 @@ impl Codes {
         let live = codes.store.sweep_codes(now, &mut |phone, rec| {
             if now - rec.sent_at < interval {
                 let newest = codes.last_sent.get(phone).unwrap_or(i64::MIN);
-                codes
-                    .last_sent
-                    .insert(phone.to_owned(), newest.max(rec.sent_at));
+                codes.last_sent.insert(
+                    phone.to_owned(),
+                    newest.max(rec.sent_at),
+                    codes.resend_over(now),
+                );
             }
         })?;
         codes.stored.store(live as i64, Ordering::Relaxed);
@@ -190,7 +191,8 @@ impl Codes {
         match self.last_sent.get(phone.as_str()) {
             Some(at) if now - at < interval => Err((interval - (now - at)) as u64),
             _ => {
-                self.last_sent.insert(phone.as_str().to_owned(), now);
+                self.last_sent
+                    .insert(phone.as_str().to_owned(), now, self.resend_over(now));
                 Ok(())
             }
         }
@@ -199,7 +201,7 @@ impl Codes {
     /// Gives back a reservation whose send failed: a failed send costs the user no wait.
     pub fn release_send(&self, phone: &Phone) {
         let _phone = self.lock(phone);
-        self.last_sent.invalidate(phone.as_str());
+        self.last_sent.remove(phone.as_str());
     }
 
     /// Records `code` as the pending code for phone+purpose, replacing any older one.
@@ -297,14 +299,22 @@ impl Codes {
         self.stored.load(Ordering::Relaxed).max(0) as u64
     }
 
-    /// Deletes expired codes from the store and lets moka do its deferred work. A full
-    /// pass over the stored codes: run it from the periodic clean-up, not per request.
+    /// Deletes expired codes from the store, lets moka do its deferred work and forgets
+    /// resend intervals that are over. A full pass over the stored codes: run it from the
+    /// periodic clean-up, not per request.
     pub fn housekeeping(&self) -> Result<(), StoreError> {
-        let live = self.store.sweep_codes(now(), &mut |_, _| {})?;
+        let now = now();
+        let live = self.store.sweep_codes(now, &mut |_, _| {})?;
         self.stored.store(live as i64, Ordering::Relaxed);
         self.pending.run_pending_tasks();
-        self.last_sent.run_pending_tasks();
+        self.last_sent.retain_fresh(self.resend_over(now));
         Ok(())
+    }
+
+    /// Whether a send at the given time is past its resend interval, as of `now`.
+    fn resend_over(&self, now: i64) -> impl Fn(&i64) -> bool {
+        let interval = self.cfg.resend_interval_secs as i64;
+        move |sent_at| now - sent_at >= interval
     }
 
     /// HMAC-SHA256 over phone, purpose and code, so a stored hash says nothing about the

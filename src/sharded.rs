@@ -3,6 +3,8 @@
 //! share a shard, which only costs a short wait; the work held under one must be short
 //! and never await.
 
+use std::borrow::Borrow;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -42,5 +44,98 @@ impl<T> Sharded<T> {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// A map of at most about `capacity` entries in shards of plain maps, for what is also
+/// kept elsewhere or may be forgotten (a cache of stored codes, checked tokens, resend
+/// times). A full shard first drops its stale entries, and if none are, empties: that
+/// bounds memory without a cache's bookkeeping, which costs more than the lookup on our
+/// hot paths (moka's insert and lookup were each 2 to 5% of a send-code, a shard's map a
+/// fraction of that).
+pub struct BoundedMap<K, V> {
+    shards: Sharded<HashMap<K, V, foldhash::fast::RandomState>>,
+    per_shard: usize,
+}
+
+impl<K: Hash + Eq, V: Clone> BoundedMap<K, V> {
+    pub fn new(capacity: usize, shards: usize) -> Self {
+        let shards = shards.max(1);
+        BoundedMap {
+            shards: Sharded::new(shards),
+            per_shard: capacity.div_ceil(shards).max(1),
+        }
+    }
+
+    pub fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
+        self.shards.lock(key).get(key).cloned()
+    }
+
+    /// Inserts or replaces. `stale` says which entries a full shard may drop first.
+    pub fn insert(&self, key: K, value: V, stale: impl Fn(&V) -> bool) {
+        let mut shard = self.shards.lock(&key);
+        if shard.len() >= self.per_shard && !shard.contains_key(&key) {
+            shard.retain(|_, v| !stale(v));
+            if shard.len() >= self.per_shard {
+                shard.clear();
+            }
+        }
+        shard.insert(key, value);
+    }
+
+    pub fn remove<Q: Hash + Eq + ?Sized>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+    {
+        self.shards.lock(key).remove(key);
+    }
+
+    /// Drops every stale entry (the periodic clean-up), one shard at a time.
+    pub fn retain_fresh(&self, stale: impl Fn(&V) -> bool) {
+        for mut shard in self.shards.each() {
+            shard.retain(|_, v| !stale(v));
+        }
+    }
+
+    #[cfg(test)]
+    pub fn entries(&self) -> usize {
+        self.shards.each().map(|shard| shard.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_shard_drops_stale_entries_first_and_stays_bounded() {
+        let map = BoundedMap::new(64, 4);
+        // Odd values are stale. Far more keys than fit: the bound holds throughout.
+        for i in 0..10_000u32 {
+            map.insert(i, i, |v| v % 2 == 1);
+            assert!(map.entries() <= 64, "{} entries", map.entries());
+            assert_eq!(map.get(&i), Some(i), "the entry just put is kept");
+        }
+        // A full shard of fresh entries is emptied rather than grown.
+        let map = BoundedMap::new(8, 1);
+        for i in 0..8u32 {
+            map.insert(i, i, |_| false);
+        }
+        map.insert(100, 100, |_| false);
+        assert_eq!(map.entries(), 1);
+        // With stale entries to drop, the fresh ones stay.
+        let map = BoundedMap::new(8, 1);
+        for i in 0..8u32 {
+            map.insert(i, i, |_| false);
+        }
+        map.insert(100, 100, |v| *v < 4);
+        assert_eq!(map.entries(), 5);
+        assert_eq!(map.get(&7), Some(7));
+        map.retain_fresh(|v| *v == 100);
+        assert_eq!(map.get(&100), None);
+        assert_eq!(map.entries(), 4);
     }
 }
