@@ -47,9 +47,8 @@ impl<T> Sharded<T> {
     }
 }
 
-/// A map of at most about `capacity` entries in shards of plain maps, for what is also
-/// kept elsewhere or may be forgotten (a cache of stored codes, checked tokens, resend
-/// times). A full shard first drops its stale entries, and if none are, empties: that
+/// A map of at most about `capacity` entries in shards of plain maps, for what may be
+/// forgotten or found again (checked tokens, resend times). A full shard first drops its stale entries, and if none are, empties: that
 /// bounds memory without a cache's bookkeeping, which costs more than the lookup on our
 /// hot paths (moka's insert and lookup were each 2 to 5% of a send-code, a shard's map a
 /// fraction of that).
