@@ -10,8 +10,9 @@
 //! - The flush runs on a blocking thread that holds the lock to the end. A request that
 //!   is cancelled (its client went away) cannot let go of the lock early, so two flushes
 //!   never overlap. sled 0.34's `flush_async` is not used: overlapping calls of it hang
-//!   for good (spacejam/sled#1308, fixed only after the last release; the test below
-//!   fails with the former flush, which let a cancelled request start the next one early), and it adds a hop to sled's own thread pool before ours.
+//!   for good (spacejam/sled#1308, fixed only after the last release), and it adds a
+//!   hop to sled's own thread pool before ours. The test below fails with the former
+//!   flush, which let a cancelled request start the next one early.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
