@@ -174,3 +174,47 @@ async fn kill9_with_registrations_in_flight_loses_no_acknowledged_user() {
         "smsauth_users is not {N}: {metrics}"
     );
 }
+
+/// A client that hangs up while its request waits for the store's flush cancels that
+/// request, and the flush with it if it was the one running it. The next flush must not
+/// start beside the one still running (sled 0.34 can hang for good on that): after a
+/// crowd of clients hanging up mid-request, a durable request still gets its answer.
+#[tokio::test]
+async fn clients_hanging_up_mid_request_do_not_stall_durable_writes() {
+    let s = TestServer::start(
+        "[code]\nresend_interval_secs = 0\n[limits]\nip_per_hour = 0\nglobal_per_day = 0\n",
+    )
+    .await;
+    let addr = s.url("").trim_start_matches("http://").to_owned();
+    let clients: Vec<_> = (0..32u64)
+        .map(|c| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                for i in 0..40u64 {
+                    let body = json!({ "phone": format!("138{c:04}{i:04}") }).to_string();
+                    let request = format!(
+                        "POST /api/v1/sms/code HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                    tcp.write_all(request.as_bytes()).await.unwrap();
+                    // Hang up at once or a moment later: before, during or after a flush.
+                    let patience = std::time::Duration::from_micros((c * 131 + i * 37) % 3000);
+                    tokio::time::sleep(patience).await;
+                    drop(tcp);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let login = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        s.sms_login("13900000000"),
+    )
+    .await
+    .expect("a durable request hung after clients hung up mid-request");
+    assert_eq!(login["created"], true);
+}
