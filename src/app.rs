@@ -80,5 +80,8 @@ impl App {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning revocations failed"),
         }
+        if let Err(e) = self.store.checkpoint() {
+            tracing::warn!(error = %e, "storing the user count checkpoint failed");
+        }
     }
 }

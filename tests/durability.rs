@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{TestServer, e164};
+use common::{TestServer, admin, e164, ok_stdout};
 use serde_json::json;
 
 #[tokio::test]
@@ -217,4 +217,26 @@ async fn clients_hanging_up_mid_request_do_not_stall_durable_writes() {
     .await
     .expect("a durable request hung after clients hung up mid-request");
     assert_eq!(login["created"], true);
+}
+
+/// A start after kill -9 takes the user count from its last checkpoint, not from a count
+/// of every user: the users deleted since must come off and those made since must count.
+#[tokio::test]
+async fn kill9_after_deletions_and_registrations_keeps_the_user_count() {
+    let s = TestServer::start("").await;
+    for i in 1..=3 {
+        s.sms_login(&format!("1381234700{i}")).await;
+    }
+    // A clean restart, whose start stores a checkpoint of 3 users.
+    let s = s.restart().await;
+    let dir = s.dir();
+    let out = ok_stdout(&admin(dir.path(), &["user", "delete", "13812347001"]));
+    assert!(out.contains("deleted"), "{out}");
+    s.sms_login("13812347004").await;
+    let s = s.kill9_and_restart().await;
+    let (_, metrics) = s.get_text("/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l == "smsauth_users 3"),
+        "smsauth_users is not 3: {metrics}"
+    );
 }

@@ -70,6 +70,9 @@ pub trait Store: Send + Sync + 'static {
         method: &LoginMethod,
     ) -> Result<Option<User>, StoreError>;
     fn user_count(&self) -> Result<u64, StoreError>;
+    /// Records the user count so that a start after a crash need not count every user
+    /// (the periodic clean-up calls it). Durable after the next flush.
+    fn checkpoint(&self) -> Result<(), StoreError>;
 
     /// Stores the pending code of phone+purpose, replacing any; true if there was none.
     fn save_code(

@@ -2,7 +2,7 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `meta` | name | `schema_version` u32 BE; `next_user_id`, `users_total`, `first_id_of_run` u64 BE; `closed_cleanly` |
+//! | `meta` | name | `schema_version` u32 BE; `next_user_id`, `users_total`, `first_id_of_run` u64 BE; `closed_cleanly`; `users_checkpoint` codec([`UserCountCheckpoint`]) |
 //! | `userid_user` | user id u64 BE | codec([`User`]) |
 //! | `phone_userid` | E.164 bytes | user id u64 BE |
 //! | `useridmethod_login` | user id u64 BE, method byte | codec([`LoginMethod`]) |
@@ -28,7 +28,13 @@
 //!   handed out since the last open can be one, so an open after a crash checks those
 //!   (`first_id_of_run` onwards) and removes the orphans.
 //! - The user count lives in memory; it is stored with `closed_cleanly` when the store
-//!   closes, and an open that does not find that marker counts the phone index instead.
+//!   closes. A checkpoint of it (`users_checkpoint`) is stored at open and by
+//!   [`Store::checkpoint`] every minute, with the ids deleted since, each listed before
+//!   its deletion's commit point. An open that finds no `closed_cleanly` takes the
+//!   checkpoint, takes off the listed deletions that committed and adds the users made
+//!   since (ids from the checkpoint's `next_id` on, reachable through the index). Only
+//!   with no checkpoint does it count the phone index: with 1,000,000 users that count
+//!   took a start from 0.6 s and 109 MiB to 1.3 s and 285 MiB.
 //!
 //! sled has no snapshot across trees, so writes pass a gate: every write method holds a
 //! read guard of `gate` while it changes trees, and [`Store::snapshot`] holds the write
@@ -55,8 +61,18 @@ const META_NEXT_ID: &[u8] = b"next_user_id";
 const META_USERS: &[u8] = b"users_total";
 const META_FIRST_ID_OF_RUN: &[u8] = b"first_id_of_run";
 const META_CLOSED_CLEANLY: &[u8] = b"closed_cleanly";
+const META_USERS_CHECKPOINT: &[u8] = b"users_checkpoint";
 /// Locks for creating and deleting users, picked by phone.
 const PHONE_LOCKS: usize = 64;
+/// What an open after a crash starts its user count from (see the module doc).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct UserCountCheckpoint {
+    total: u64,
+    next_id: UserId,
+    /// Ids below `next_id` whose deletion started after the checkpoint.
+    deleted: Vec<UserId>,
+}
+
 /// sled's own unnamed tree, which we never use.
 const DEFAULT_TREE: &str = "__sled__default";
 
@@ -74,6 +90,8 @@ pub struct SledStore {
     gate: RwLock<()>,
     next_id: AtomicU64,
     users_total: AtomicU64,
+    /// `next_id` of the stored checkpoint: deletions of ids below it are listed in it.
+    checkpoint_next_id: AtomicU64,
     /// Serialize the creation and deletion of one phone's user.
     phone_locks: KeyLocks,
     /// Users recently read; every write to the users tree forgets its user after writing.
@@ -118,6 +136,7 @@ impl SledStore {
             gate: RwLock::new(()),
             next_id: AtomicU64::new(1),
             users_total: AtomicU64::new(0),
+            checkpoint_next_id: AtomicU64::new(1),
             phone_locks: KeyLocks::new(PHONE_LOCKS),
             cached: UserCache::new(),
         };
@@ -164,15 +183,83 @@ impl SledStore {
         self.next_id.store(next, Ordering::SeqCst);
         let total = match self.meta_u64(META_USERS)? {
             Some(n) if closed_cleanly => n,
-            _ => self.phones.len() as u64,
+            _ => match self.meta.get(META_USERS_CHECKPOINT)? {
+                Some(v) => self.count_from(&decode(&v)?)?,
+                None => self.phones.len() as u64,
+            },
         };
         self.users_total.store(total, Ordering::SeqCst);
         self.meta.insert(META_USERS, &u64_key(total))?;
+        self.store_checkpoint(total, next)?;
         // Until the next clean close, the stored count is stale and ids from `next` on may
         // have orphans. sled keeps order, so this is durable before any later write is.
         self.meta.insert(META_FIRST_ID_OF_RUN, &u64_key(next))?;
         self.meta.remove(META_CLOSED_CLEANLY)?;
         Ok(())
+    }
+
+    /// The user count after a crash, from `cp` (see the module doc).
+    fn count_from(&self, cp: &UserCountCheckpoint) -> Result<u64, StoreError> {
+        let mut total = cp.total;
+        for &id in &cp.deleted {
+            // Listed before its commit point: the deletion happened unless the user is
+            // still reachable through the index.
+            if !self.is_indexed(id)? {
+                total = total.saturating_sub(1);
+            }
+        }
+        for key in self.users.range(u64_key(cp.next_id)..).keys() {
+            if self.is_indexed(read_u64(&key?)?)? {
+                total += 1;
+            }
+        }
+        Ok(total)
+    }
+
+    fn is_indexed(&self, id: UserId) -> Result<bool, StoreError> {
+        let Some(v) = self.users.get(u64_key(id))? else {
+            return Ok(false);
+        };
+        let user: User = decode(&v)?;
+        Ok(self.phones.get(user.phone.as_bytes())?.as_deref() == Some(&u64_key(id)[..]))
+    }
+
+    /// Stores a checkpoint of the user count with an empty list of deletions. The
+    /// caller holds off writers (at open, or under the exclusive gate).
+    fn store_checkpoint(&self, total: u64, next_id: UserId) -> Result<(), StoreError> {
+        let cp = UserCountCheckpoint {
+            total,
+            next_id,
+            deleted: Vec::new(),
+        };
+        self.meta.insert(META_USERS_CHECKPOINT, encode(&cp))?;
+        self.checkpoint_next_id.store(next_id, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Lists `id` in the checkpoint as being deleted, if the checkpoint counts it.
+    fn list_deletion(&self, id: UserId) -> Result<(), StoreError> {
+        if id >= self.checkpoint_next_id.load(Ordering::SeqCst) {
+            return Ok(()); // made after the checkpoint: found by the scan, or not
+        }
+        let mut failure = None;
+        self.meta.update_and_fetch(META_USERS_CHECKPOINT, |old| {
+            let old = old?;
+            match decode::<UserCountCheckpoint>(old) {
+                Ok(mut cp) => {
+                    // Two racing deletions of one user both get here; one commits.
+                    if !cp.deleted.contains(&id) {
+                        cp.deleted.push(id);
+                    }
+                    Some(encode(&cp))
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    Some(old.to_vec())
+                }
+            }
+        })?;
+        failure.map_or(Ok(()), Err)
     }
 
     /// Numbered migrations run at open, each from one version to the next; a newer
@@ -459,6 +546,15 @@ impl Store for SledStore {
     fn user_count(&self) -> Result<u64, StoreError> {
         Ok(self.users_total.load(Ordering::SeqCst))
     }
+
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        // Exclusive: no create or delete is half done, so the count and the next id agree.
+        let _all_writes_wait = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let total = self.users_total.load(Ordering::SeqCst);
+        self.store_checkpoint(total, self.next_id.load(Ordering::SeqCst))?;
+        self.wrote();
+        Ok(())
+    }
     fn save_code(
         &self,
         phone: &str,
@@ -618,6 +714,7 @@ impl Store for SledStore {
         // Recorded first, so the id is never given out again even if it was the highest.
         let next = self.next_id.load(Ordering::SeqCst);
         self.meta.insert(META_NEXT_ID, &u64_key(next))?;
+        self.list_deletion(id)?;
         // Removing the index entry is the commit point: from here the user is gone.
         let indexed = self.phones.compare_and_swap(
             user.phone.as_bytes(),
@@ -840,6 +937,64 @@ mod tests {
             s.create_user_if_absent(new_user("+863"), &[]).unwrap().0.id,
             2
         );
+    }
+
+    /// Marks the store as not closed cleanly and its stored count as stale, as a crash
+    /// leaves it.
+    fn as_after_a_crash(dir: &std::path::Path) {
+        let raw = raw_reopen(dir);
+        let meta = raw.open_tree("meta").unwrap();
+        meta.remove(META_CLOSED_CLEANLY).unwrap();
+        meta.insert(META_USERS, &u64_key(7)).unwrap();
+        raw.flush().unwrap();
+    }
+
+    /// After a crash the count starts from the checkpoint, takes off the users deleted
+    /// since and adds the users made since, without counting the index.
+    #[test]
+    fn a_start_after_a_crash_counts_from_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path(), 8).unwrap();
+            for phone in ["+861", "+862", "+863"] {
+                s.create_user_if_absent(new_user(phone), &[]).unwrap();
+            }
+            s.checkpoint().unwrap();
+            let (made_since, _) = s.create_user_if_absent(new_user("+864"), &[]).unwrap();
+            s.create_user_if_absent(new_user("+865"), &[]).unwrap();
+            s.delete_user(1).unwrap().unwrap();
+            s.delete_user(made_since.id).unwrap().unwrap();
+            assert_eq!(s.user_count().unwrap(), 3);
+            // An index entry the checkpoint knows nothing of: counting the index would
+            // count it, so the figure below shows where the count came from.
+            s.phones.insert(b"+869", &u64_key(99)).unwrap();
+        }
+        as_after_a_crash(dir.path());
+        let s = SledStore::reopen(dir.path(), 8).unwrap();
+        assert_eq!(s.user_count().unwrap(), 3, "+862, +863 and +865");
+    }
+
+    /// A deletion is listed before its commit point; one a crash cut short is not taken
+    /// off, and the next start's checkpoint starts a new list.
+    #[test]
+    fn a_deletion_cut_short_by_a_crash_is_not_taken_off() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path(), 8).unwrap();
+            s.create_user_if_absent(new_user("+861"), &[]).unwrap();
+            s.create_user_if_absent(new_user("+862"), &[]).unwrap();
+            s.checkpoint().unwrap();
+            s.list_deletion(2).unwrap(); // what delete_user does first
+        }
+        as_after_a_crash(dir.path());
+        {
+            let s = SledStore::reopen(dir.path(), 8).unwrap();
+            assert_eq!(s.user_count().unwrap(), 2, "the user is still there");
+            s.delete_user(2).unwrap().unwrap();
+        }
+        as_after_a_crash(dir.path());
+        let s = SledStore::reopen(dir.path(), 8).unwrap();
+        assert_eq!(s.user_count().unwrap(), 1);
     }
 
     /// A version 1 store kept an `sms` method record per user; opening it drops them
