@@ -776,6 +776,11 @@ struct ScaleReport {
     rss_peak_after_reads_mib: f64,
     rss_peak_mib: f64,
     rss_after_mib: f64,
+    /// The same, for a start right after kill -9 of the server (no clean close).
+    crash_start_to_serving_ms: f64,
+    crash_rss_serving_mib: f64,
+    /// `smsauth_users` as that start reports it; must be `users`.
+    crash_users: Option<u64>,
     scenarios: Vec<Stats>,
 }
 
@@ -1134,7 +1139,9 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
              - fill through the store API: {:.1} s, {:.0} MiB on disk\n\
              - start to serving (spawn to first 200 on /healthz): {:.0} ms\n\
              - RSS when serving: {:.1} MiB, after {} s idle: {:.1} MiB; peak (VmHWM) after \
-             the `me` run: {:.1} MiB, after the sms-login run too: {:.1} MiB\n",
+             the `me` run: {:.1} MiB, after the sms-login run too: {:.1} MiB\n\
+             - after kill -9, start to serving: {:.0} ms, RSS when serving: {:.1} MiB, \
+             smsauth_users: {}\n",
             s.users,
             s.pending_codes,
             s.fill_s,
@@ -1145,6 +1152,10 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
             s.rss_idle_mib,
             s.rss_peak_after_reads_mib,
             s.rss_peak_mib,
+            s.crash_start_to_serving_ms,
+            s.crash_rss_serving_mib,
+            s.crash_users
+                .map_or_else(|| "unreadable".to_owned(), |n| n.to_string()),
         );
         println!("{}", table(&s.scenarios));
     }
@@ -1290,32 +1301,10 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     );
 
     let config_path = dir.path().join("smsauth.toml");
-    let spawned = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smsauth"))
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start smsauth");
-    let pid = child.id();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    loop {
-        if healthy(addr).await {
-            break;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("smsauth exited during start: {status}");
-        }
-        assert!(
-            spawned.elapsed() < Duration::from_secs(120),
-            "smsauth did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    report.start_to_serving_ms = spawned.elapsed().as_secs_f64() * 1000.0;
+    let (mut child, spawned) = serve(&config_path, addr).await;
+    let pid = child.id();
+    report.start_to_serving_ms = spawned.as_secs_f64() * 1000.0;
     report.rss_serving_mib = status_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
     tokio::time::sleep(SCALE_IDLE).await;
     report.rss_idle_mib = status_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
@@ -1349,9 +1338,61 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     ceiling_all.add(c);
     report.rss_peak_mib = status_kib(pid, "VmHWM:").unwrap_or(f64::NAN) / 1024.0;
     report.rss_after_mib = status_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
+
+    // A start with no clean close behind it: the user count must come back all the same.
+    eprintln!("  scale: kill -9 and start again");
+    let _ = child.kill();
+    let _ = child.wait();
+    let (mut child, spawned) = serve(&config_path, addr).await;
+    report.crash_start_to_serving_ms = spawned.as_secs_f64() * 1000.0;
+    report.crash_rss_serving_mib = status_kib(child.id(), "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
+    report.crash_users = users_metric(addr).await;
     let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
     (report, ceiling_all)
+}
+
+/// Starts the release binary on `config_path`; returns it once it answers `/healthz` on
+/// `addr`, with the time that took from spawn.
+async fn serve(config_path: &Path, addr: SocketAddr) -> (std::process::Child, Duration) {
+    let spawned = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smsauth"))
+        .args(["serve", "--config"])
+        .arg(config_path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start smsauth");
+    loop {
+        if healthy(addr).await {
+            return (child, spawned.elapsed());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("smsauth exited during start: {status}");
+        }
+        assert!(
+            spawned.elapsed() < Duration::from_secs(120),
+            "smsauth did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// `smsauth_users` from the server's `/metrics`.
+async fn users_metric(addr: SocketAddr) -> Option<u64> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(get("/metrics")).await.ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    std::str::from_utf8(&body)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("smsauth_users ")?.trim().parse().ok())
 }
