@@ -54,8 +54,11 @@ use super::{BoxFuture, NewUser, RecordSink, Store, StoreError};
 use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
 use crate::sharded::KeyLocks;
 
-/// 1: the first layout. 2: `sms` login methods are implied, no longer stored.
-const SCHEMA_VERSION: u32 = 2;
+/// 1: the first layout. 2: `sms` login methods are implied, no longer stored. 3: a
+/// deletion is listed in the user-count checkpoint before it commits; a release that
+/// does not know this would delete without listing, and a start after a crash would then
+/// count wrong, so a version 2 release must refuse the store (it refuses newer ones).
+const SCHEMA_VERSION: u32 = 3;
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_NEXT_ID: &[u8] = b"next_user_id";
 const META_USERS: &[u8] = b"users_total";
@@ -297,6 +300,7 @@ impl SledStore {
                 "store migrated to schema 2: sms login methods are implied"
             );
         }
+        // 2 to 3 changes no record: the checkpoint is stored at every open (`recover`).
         self.meta
             .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
         self.flush_blocking()
