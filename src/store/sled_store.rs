@@ -1001,6 +1001,39 @@ mod tests {
         assert_eq!(s.user_count().unwrap(), 1);
     }
 
+    /// A store of this schema is marked with it at open, and one from a newer release is
+    /// refused rather than changed: that is what keeps an older release (schema 2) off a
+    /// store whose deletions must be listed.
+    #[test]
+    fn schema_versions_move_forward_only() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let raw = sled::open(dir.path().join("db")).unwrap();
+            let meta = raw.open_tree("meta").unwrap();
+            meta.insert(META_SCHEMA, &2u32.to_be_bytes()).unwrap();
+            raw.flush().unwrap();
+        }
+        drop(SledStore::reopen(dir.path(), 8).unwrap());
+        {
+            let raw = raw_reopen(dir.path());
+            let meta = raw.open_tree("meta").unwrap();
+            let version = meta.get(META_SCHEMA).unwrap().unwrap();
+            assert_eq!(&version[..], &SCHEMA_VERSION.to_be_bytes());
+            meta.insert(META_SCHEMA, &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
+            raw.flush().unwrap();
+        }
+        let refused = retry_while_locked(
+            || SledStore::open(dir.path(), 8),
+            |e| matches!(e, StoreError::Locked(_)),
+        );
+        assert!(
+            matches!(&refused, Err(StoreError::Corrupt(m)) if m.contains("use a newer release")),
+            "a newer store opened: {:?}",
+            refused.err()
+        );
+    }
+
     /// A version 1 store kept an `sms` method record per user; opening it drops them
     /// and the method is still there, implied.
     #[test]
