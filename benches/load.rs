@@ -1218,15 +1218,17 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 async fn healthy(addr: SocketAddr) -> bool {
-    let Ok(stream) = TcpStream::connect(addr).await else {
-        return false;
-    };
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    else {
-        return false;
-    };
+    matches!(get_once(addr, "/healthz").await, Some(r) if r.status() == StatusCode::OK)
+}
+
+/// One GET on a connection of its own; None if the server is not (yet) there.
+async fn get_once(addr: SocketAddr, path: &str) -> Option<Response<hyper::body::Incoming>> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
     tokio::spawn(conn);
-    matches!(sender.send_request(get("/healthz")).await, Ok(r) if r.status() == StatusCode::OK)
+    sender.send_request(get(path)).await.ok()
 }
 
 /// How long scale mode lets the server idle before it reads its resting RSS.
@@ -1384,12 +1386,7 @@ async fn serve(config_path: &Path, addr: SocketAddr) -> (std::process::Child, Du
 
 /// `smsauth_users` from the server's `/metrics`.
 async fn users_metric(addr: SocketAddr) -> Option<u64> {
-    let stream = TcpStream::connect(addr).await.ok()?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    let resp = sender.send_request(get("/metrics")).await.ok()?;
+    let resp = get_once(addr, "/metrics").await?;
     let body = resp.into_body().collect().await.ok()?.to_bytes();
     std::str::from_utf8(&body)
         .ok()?
