@@ -170,7 +170,7 @@ impl SledStore {
             for kv in self.users.range(u64_key(first)..) {
                 let (k, v) = kv?;
                 let user: User = decode(&v)?;
-                if self.phones.get(user.phone.as_bytes())?.as_deref() != Some(&k[..]) {
+                if !self.is_indexed(&user)? {
                     for method in STORED_METHODS {
                         self.methods.remove(method_key(user.id, method))?;
                     }
@@ -207,24 +207,26 @@ impl SledStore {
         for &id in &cp.deleted {
             // Listed before its commit point: the deletion happened unless the user is
             // still reachable through the index.
-            if !self.is_indexed(id)? {
+            let live = match self.users.get(u64_key(id))? {
+                Some(v) => self.is_indexed(&decode(&v)?)?,
+                None => false,
+            };
+            if !live {
                 total = total.saturating_sub(1);
             }
         }
-        for key in self.users.range(u64_key(cp.next_id)..).keys() {
-            if self.is_indexed(read_u64(&key?)?)? {
+        for kv in self.users.range(u64_key(cp.next_id)..) {
+            if self.is_indexed(&decode(&kv?.1)?)? {
                 total += 1;
             }
         }
         Ok(total)
     }
 
-    fn is_indexed(&self, id: UserId) -> Result<bool, StoreError> {
-        let Some(v) = self.users.get(u64_key(id))? else {
-            return Ok(false);
-        };
-        let user: User = decode(&v)?;
-        Ok(self.phones.get(user.phone.as_bytes())?.as_deref() == Some(&u64_key(id)[..]))
+    /// Whether the phone index leads to this user: a user is reachable, and counted, only
+    /// through it (the commit point of a create, and of a deletion).
+    fn is_indexed(&self, user: &User) -> Result<bool, StoreError> {
+        Ok(self.phones.get(user.phone.as_bytes())?.as_deref() == Some(&u64_key(user.id)[..]))
     }
 
     /// Stores a checkpoint of the user count with an empty list of deletions. The
