@@ -33,7 +33,7 @@ use smsauth::config::Config;
 use smsauth::model::{LoginMethod, Method as LoginKind, Purpose, User};
 use smsauth::phone::Phone;
 use smsauth::server::Server;
-use smsauth::store::{NewUser, SledStore, Store};
+use smsauth::store::{NewUser, SledStore, Store, Users};
 use smsauth::token::Tokens;
 
 /// The server's allocator (see src/main.rs), so the in-process server runs as it does
@@ -611,7 +611,7 @@ fn sms_method(phone: &str) -> LoginMethod {
 
 /// Creates users for national numbers `series`/0..n through the store, on every core.
 fn create_users(
-    store: &Arc<dyn Store>,
+    store: &Arc<dyn Users>,
     series: u32,
     n: u64,
     password_phc: Option<&str>,
@@ -639,12 +639,8 @@ fn create_users(
                             created_at: smsauth::clock::now(),
                             last_login_at: None,
                         };
-                        users.push(
-                            store
-                                .create_user_if_absent(new, &methods)
-                                .expect("create user")
-                                .0,
-                        );
+                        let made = store.create_user_if_absent(new, &methods);
+                        users.push(futures::executor::block_on(made).expect("create user").0);
                     }
                     users
                 })
@@ -661,6 +657,7 @@ async fn put_codes(codes: &Codes, phones: impl Iterator<Item = String>) {
     for p in phones {
         codes
             .put(&Phone::from_e164(p), Purpose::Login, FIXED_CODE)
+            .await
             .expect("put code");
     }
 }
@@ -1003,12 +1000,12 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         let pool = (opts.pool_rate * (opts.warmup + opts.duration).as_secs_f64()) as u64;
         if opts.wants("sms-login-existing") {
             phase("sms-login-existing: preparing");
-            let store = app.store.clone();
+            let store = app.store.users.clone();
             let users = tokio::task::spawn_blocking(move || create_users(&store, 135, pool, None))
                 .await
                 .expect("users");
             put_codes(&app.codes, users.iter().map(|u| u.phone.clone())).await;
-            app.store.flush().await.expect("flush");
+            app.store.engine.flush().await.expect("flush");
             phase("sms-login-existing");
             let phones = users.iter().map(|u| u.phone.clone()).collect();
             drop(users);
@@ -1018,19 +1015,19 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
             phase("sms-login-new: preparing");
             let phones: Vec<String> = (0..pool).map(|i| e164(&national(136, i))).collect();
             put_codes(&app.codes, phones.iter().cloned()).await;
-            app.store.flush().await.expect("flush");
+            app.store.engine.flush().await.expect("flush");
             phase("sms-login-new");
             record(measure(&bench, one("sms-login-new", sms_logins(phones))).await);
         }
         let want_me = opts.wants("me");
         let want_pw = opts.wants("password");
         let tokens = if want_me {
-            let store = app.store.clone();
+            let store = app.store.users.clone();
             let users =
                 tokio::task::spawn_blocking(move || create_users(&store, 138, ME_USERS, None))
                     .await
                     .expect("users");
-            app.store.flush().await.expect("flush");
+            app.store.engine.flush().await.expect("flush");
             Arc::new(
                 users
                     .iter()
@@ -1047,12 +1044,12 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         if want_pw {
             phase("password: preparing");
             let phc = app.passwords.hash(PASSWORD).await.expect("hash");
-            let store = app.store.clone();
+            let store = app.store.users.clone();
             let pw_users = 1_000;
             tokio::task::spawn_blocking(move || create_users(&store, 137, pw_users, Some(&phc)))
                 .await
                 .expect("users");
-            app.store.flush().await.expect("flush");
+            app.store.engine.flush().await.expect("flush");
             let slots = match password_cfg.max_concurrent_hashes {
                 0 => smsauth::password::default_slots(),
                 n => n,
@@ -1255,9 +1252,9 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     let (login_phones, tokens) = {
         let sled =
             Arc::new(SledStore::open(&data, cfg.storage.cache_capacity_mb).expect("open store"));
-        let store: Arc<dyn Store> = sled.clone();
+        let store = Store::embedded(sled.clone(), &cfg).expect("store");
         let users = {
-            let store = store.clone();
+            let store = store.users.clone();
             let n = report.users;
             tokio::task::spawn_blocking(move || create_users(&store, 135, n, None))
                 .await
@@ -1267,13 +1264,13 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
         // module with the server's own code key, as /sms/code would.
         eprintln!("  scale: {} pending codes...", report.pending_codes);
         let code_key = smsauth::keys::load_or_create(&data, "code.key").expect("code key");
-        let codes = Codes::open(
+        let codes = Codes::new(
             cfg.code.clone(),
             Some(FIXED_CODE.into()),
             code_key,
-            store.clone(),
-        )
-        .expect("codes");
+            store.codes.clone(),
+            store.waits.clone(),
+        );
         let step = (report.users / report.pending_codes.max(1)).max(1) as usize;
         let login_phones: Vec<String> = users
             .iter()
@@ -1282,7 +1279,7 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
             .map(|u| u.phone.clone())
             .collect();
         put_codes(&codes, login_phones.iter().cloned()).await;
-        let tokens = Tokens::new(SECRET.as_bytes(), &cfg.token, store.clone()).expect("tokens");
+        let tokens = Tokens::new(SECRET.as_bytes(), &cfg.token, store.sessions.clone());
         let sample = (report.users / ME_USERS).max(1) as usize;
         let tokens: Vec<String> = users
             .iter()

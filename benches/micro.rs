@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
+use futures::executor::block_on;
 use smsauth::codes::Codes;
 use smsauth::config::{CaptchaConfig, CodeConfig, PasswordConfig, TokenConfig};
 use smsauth::model::{LoginMethod, Method, Purpose};
 use smsauth::password::Passwords;
 use smsauth::phone::Phone;
-use smsauth::store::{NewUser, SledStore, Store};
+use smsauth::store::{Engine, NewUser, PendingCodes, Sessions, SledStore, Users};
 use smsauth::token::Tokens;
 
 /// The server's allocator (see src/main.rs).
@@ -32,14 +33,47 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+fn store(dir: &tempfile::TempDir) -> Arc<SledStore> {
     Arc::new(SledStore::open(dir.path(), 64).expect("open store"))
+}
+
+/// Resend waits are not what these benchmarks measure.
+struct NoWaits;
+
+impl smsauth::store::ResendWaits for NoWaits {
+    fn reserve_send<'a>(
+        &'a self,
+        _: &'a str,
+        _: i64,
+        _: i64,
+    ) -> smsauth::store::BoxFuture<'a, smsauth::store::Result<Result<(), u64>>> {
+        smsauth::store::ready(Ok(Ok(())))
+    }
+    fn release_send<'a>(
+        &'a self,
+        _: &'a str,
+    ) -> smsauth::store::BoxFuture<'a, smsauth::store::Result<()>> {
+        smsauth::store::ready(Ok(()))
+    }
+    fn prune_waits(
+        &self,
+        _: i64,
+        _: i64,
+    ) -> smsauth::store::BoxFuture<'_, smsauth::store::Result<()>> {
+        smsauth::store::ready(Ok(()))
+    }
 }
 
 fn codes(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir);
-    let codes = Codes::open(CodeConfig::default(), None, vec![7; 32], store.clone()).unwrap();
+    let codes = Codes::new(
+        CodeConfig::default(),
+        None,
+        vec![7; 32],
+        store.clone(),
+        Arc::new(NoWaits),
+    );
     let next = AtomicU64::new(0);
     // Generate a code and store it (moka + sled write; the flush is the group commit's,
     // measured by the load benchmark).
@@ -47,7 +81,7 @@ fn codes(c: &mut Criterion) {
         b.iter(|| {
             let p = phone(next.fetch_add(1, Ordering::Relaxed));
             let code = codes.generate();
-            codes.put(&p, Purpose::Login, &code).unwrap();
+            block_on(codes.put(&p, Purpose::Login, &code)).unwrap();
         })
     });
     // Verify and consume: every iteration spends a code put there beforehand (not timed).
@@ -58,14 +92,12 @@ fn codes(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let first = issued + prepared;
             for i in 0..iters {
-                codes.put(&phone(first + i), Purpose::Login, fixed).unwrap();
+                block_on(codes.put(&phone(first + i), Purpose::Login, fixed)).unwrap();
             }
             prepared += iters;
             let start = std::time::Instant::now();
             for i in 0..iters {
-                codes
-                    .consume(&phone(first + i), Purpose::Login, fixed)
-                    .unwrap();
+                block_on(codes.consume(&phone(first + i), Purpose::Login, fixed)).unwrap();
             }
             start.elapsed()
         })
@@ -77,36 +109,35 @@ fn tokens_and_users(c: &mut Criterion) {
     let store = store(&dir);
     for n in 0..10_000u64 {
         let p = phone(n);
-        store
-            .create_user_if_absent(
-                NewUser {
-                    phone: p.as_str(),
-                    nickname: "bench".into(),
-                    created_at: 1,
-                    last_login_at: None,
-                },
-                &[LoginMethod {
-                    method: Method::Sms,
-                    identification: p.as_str().into(),
-                    access_code: None,
-                }],
-            )
-            .unwrap();
+        block_on(store.create_user_if_absent(
+            NewUser {
+                phone: p.as_str(),
+                nickname: "bench".into(),
+                created_at: 1,
+                last_login_at: None,
+            },
+            &[LoginMethod {
+                method: Method::Sms,
+                identification: p.as_str().into(),
+                access_code: None,
+            }],
+        ))
+        .unwrap();
     }
-    let tokens = Tokens::new(&[9; 32], &TokenConfig::default(), store.clone()).unwrap();
-    let user = store.user_by_phone(phone(42).as_str()).unwrap().unwrap();
+    let tokens = Tokens::new(&[9; 32], &TokenConfig::default(), store.clone());
+    let user = block_on(store.user_by_phone(phone(42).as_str()))
+        .unwrap()
+        .unwrap();
     c.bench_function("jwt sign (session)", |b| {
         b.iter(|| black_box(tokens.issue_session(black_box(&user))))
     });
     // A few thousand revocations, so the check looks into a map of a realistic size.
     for n in 0..5_000u64 {
-        tokens
-            .revoke(&format!("{n:032x}"), smsauth::clock::now() + 3600)
-            .unwrap();
+        block_on(tokens.revoke(&format!("{n:032x}"), smsauth::clock::now() + 3600)).unwrap();
     }
-    // A token's first check (base64, JSON, HMAC) and a later one (remembered: expiry and
-    // revocation only).
-    c.bench_function("jwt verify + revocation check, first use", |b| {
+    // A token's first check (base64, JSON, HMAC) and a later one (remembered: expiry
+    // only); then what every authenticated request asks the store.
+    c.bench_function("jwt verify, first use", |b| {
         b.iter_batched(
             || tokens.issue_session(&user).token,
             |token| black_box(tokens.verify_session(&token).unwrap()),
@@ -114,14 +145,28 @@ fn tokens_and_users(c: &mut Criterion) {
         )
     });
     let token = tokens.issue_session(&user).token;
-    c.bench_function("jwt verify + revocation check, seen before", |b| {
+    c.bench_function("jwt verify, seen before", |b| {
         b.iter(|| black_box(tokens.verify_session(black_box(&token)).unwrap()))
+    });
+    let session = tokens.verify_session(&token).unwrap();
+    c.bench_function("session user (revocation check + user read)", |b| {
+        b.iter(|| {
+            black_box(
+                block_on(store.session_user(session.user_id, &session.jti))
+                    .unwrap()
+                    .unwrap(),
+            )
+        })
     });
     let mut n = 0u64;
     c.bench_function("user lookup by phone (10k users)", |b| {
         b.iter(|| {
             n = (n + 7919) % 10_000;
-            black_box(store.user_by_phone(phone(n).as_str()).unwrap().unwrap())
+            black_box(
+                block_on(store.user_by_phone(phone(n).as_str()))
+                    .unwrap()
+                    .unwrap(),
+            )
         })
     });
 }
@@ -142,9 +187,7 @@ fn flush(c: &mut Criterion) {
     group.sample_size(20);
     group.bench_function("one write + flush", |b| {
         b.iter(|| {
-            store
-                .save_code("+8613800000000", Purpose::Login, &rec)
-                .unwrap();
+            block_on(store.put_code("+8613800000000", Purpose::Login, rec.clone())).unwrap();
             rt.block_on(store.flush()).unwrap();
         })
     });

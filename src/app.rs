@@ -14,12 +14,12 @@ use crate::metrics::Metrics;
 use crate::password::Passwords;
 use crate::phone::PhoneParser;
 use crate::sms::Sms;
-use crate::store::{SledStore, Store};
+use crate::store::Store;
 use crate::token::Tokens;
 
 pub struct App {
     pub cfg: Config,
-    pub store: Arc<dyn Store>,
+    pub store: Store,
     pub phones: PhoneParser,
     pub codes: Codes,
     pub tokens: Tokens,
@@ -31,26 +31,33 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the data dir (creating it and its keys on first start) and builds every part.
+    /// Opens the store (creating the data dir and the keys on first start) and builds
+    /// every part.
     pub async fn open(cfg: Config) -> anyhow::Result<Arc<App>> {
         let dir = &cfg.storage.data_dir;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data dir {}", dir.display()))?;
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir, cfg.storage.cache_capacity_mb)?);
+        let store = Store::open(&cfg).await?;
         let token_secret = if cfg.token.secret.is_empty() {
-            keys::load_or_create(dir, "token.key")?
+            store.keys.key_or_insert("token", keys::fresh()).await?
         } else {
             cfg.token.secret.expose().as_bytes().to_vec()
         };
-        let code_key = keys::load_or_create(dir, "code.key")?;
+        let code_key = store.keys.key_or_insert("code", keys::fresh()).await?;
         let fixed = Some(cfg.sms.fixed_code.clone()).filter(|c| !c.is_empty());
-        let codes = Codes::open(cfg.code.clone(), fixed, code_key, store.clone())?;
-        let tokens = Tokens::new(&token_secret, &cfg.token, store.clone())?;
+        let codes = Codes::new(
+            cfg.code.clone(),
+            fixed,
+            code_key,
+            store.codes.clone(),
+            store.waits.clone(),
+        );
+        let tokens = Tokens::new(&token_secret, &cfg.token, store.sessions.clone());
         let phones = PhoneParser::new(&cfg.phone)?;
         let sms = Sms::from_config(&cfg.sms)?;
         let passwords = Passwords::new(&cfg.password)?;
-        let captchas = Captchas::new(&cfg.captcha);
-        let limits = Limits::new(&cfg.limits, store.clone());
+        let captchas = Captchas::new(&cfg.captcha, store.captchas.clone());
+        let limits = Limits::new(&cfg.limits, store.counters.clone(), store.addresses.clone());
         Ok(Arc::new(App {
             store,
             phones,
@@ -65,23 +72,25 @@ impl App {
         }))
     }
 
-    /// Periodic clean-up: revocations of expired tokens, expired code records, idle
-    /// limiter entries and counters of past windows. Scans whole trees: run it on a
-    /// blocking thread, not on the async runtime.
-    pub fn housekeeping(&self) {
-        if let Err(e) = self.codes.housekeeping() {
+    /// Periodic clean-up: revocations of expired tokens, expired codes and captchas, idle
+    /// limiter entries, counters of past windows, and the engine's own upkeep.
+    pub async fn housekeeping(&self) {
+        if let Err(e) = self.codes.housekeeping().await {
             tracing::warn!(error = %e, "sweeping expired codes failed");
         }
-        if let Err(e) = self.limits.prune() {
+        if let Err(e) = self.captchas.prune().await {
+            tracing::warn!(error = %e, "pruning captchas failed");
+        }
+        if let Err(e) = self.limits.prune().await {
             tracing::warn!(error = %e, "pruning counters failed");
         }
-        match self.tokens.prune() {
+        match self.tokens.prune().await {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "expired revocations pruned"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning revocations failed"),
         }
-        if let Err(e) = self.store.checkpoint() {
-            tracing::warn!(error = %e, "storing the user count checkpoint failed");
+        if let Err(e) = self.store.engine.maintain().await {
+            tracing::warn!(error = %e, "store upkeep failed");
         }
     }
 }

@@ -1,18 +1,18 @@
 //! Image captchas in front of SMS sending. A challenge is a PNG of distorted characters
-//! from an alphabet without look-alikes; only its answer is kept, in a bounded moka
-//! cache with a TTL, and the first check of an id removes it, right or wrong. Pending
-//! captchas do not survive a restart: a user simply asks for a new one.
+//! from an alphabet without look-alikes; only its answer is kept (by the store's
+//! [`CaptchaAnswers`]: in memory for the embedded engine, shared in a cluster), and the
+//! first check of an id removes it, right or wrong.
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine;
 use captcha::Captcha;
-use moka::future::Cache;
 use rand::RngExt;
 use subtle::ConstantTimeEq;
 
+use crate::clock::now;
 use crate::config::CaptchaConfig;
+use crate::store::{CaptchaAnswers, StoreError};
 
 /// No 0/O, no 1/I/L: what a person reads is what they type. Upper case only; answers
 /// are compared case-insensitively.
@@ -20,9 +20,6 @@ const ALPHABET: &[char] = &[
     '2', '3', '4', '5', '6', '7', '8', '9', 'A', 'B', 'C', 'D', 'E', 'F', 'G', 'H', 'J', 'K', 'M',
     'N', 'P', 'Q', 'R', 'S', 'T', 'U', 'V', 'W', 'X', 'Y', 'Z',
 ];
-
-/// Pending captchas held at most; past that the oldest go first.
-const CAPACITY: u64 = 100_000;
 
 pub const WIDTH: u32 = 200;
 pub const HEIGHT: u32 = 70;
@@ -34,28 +31,16 @@ pub struct Challenge {
     pub expires_in: u64,
 }
 
-/// What is kept of a challenge: the answer and its deadline. moka's TTL only frees
-/// memory; `remove` can still return an entry past it, so the deadline is checked here.
-#[derive(Clone)]
-struct Pending {
-    answer: String,
-    expires_at: Instant,
-}
-
 pub struct Captchas {
-    pending: Cache<String, Pending>,
+    answers: Arc<dyn CaptchaAnswers>,
     cfg: CaptchaConfig,
 }
 
 impl Captchas {
-    pub fn new(cfg: &CaptchaConfig) -> Self {
+    pub fn new(cfg: &CaptchaConfig, answers: Arc<dyn CaptchaAnswers>) -> Self {
         glyphs(); // made once at start, not on the first request
-        let pending = Cache::builder()
-            .max_capacity(CAPACITY)
-            .time_to_live(Duration::from_secs(cfg.ttl_secs))
-            .build();
         Captchas {
-            pending,
+            answers,
             cfg: cfg.clone(),
         }
     }
@@ -64,42 +49,49 @@ impl Captchas {
         self.cfg.required
     }
 
-    /// Makes and remembers a new challenge. CPU-bound but short (see README,
-    /// "Performance"), so it runs inline.
-    pub async fn create(&self) -> Option<Challenge> {
-        let (answer, png) = render(self.cfg.length)?;
+    /// Makes and remembers a new challenge (None if rendering failed). CPU-bound but
+    /// short (see README, "Performance"), so it runs inline.
+    pub async fn create(&self) -> Result<Option<Challenge>, StoreError> {
+        let Some((answer, png)) = render(self.cfg.length) else {
+            return Ok(None);
+        };
         let mut id = [0u8; 16];
         rand::rng().fill(&mut id);
         let id = hex::encode(id);
         // TRACE only: below DEBUG, so never in an operator's log; tests read it to solve
         // captchas the honest way, through the log, with no endpoint that tells answers.
         tracing::trace!(captcha_id = %id, answer = %answer, "captcha made");
-        let expires_at = Instant::now() + Duration::from_secs(self.cfg.ttl_secs);
-        self.pending
-            .insert(id.clone(), Pending { answer, expires_at })
-            .await;
+        let expires_at = now() + self.cfg.ttl_secs as i64;
+        self.answers.put_captcha(&id, &answer, expires_at).await?;
         let image = format!(
             "data:image/png;base64,{}",
             base64::engine::general_purpose::STANDARD.encode(png)
         );
-        Some(Challenge {
+        Ok(Some(Challenge {
             id,
             image,
             expires_in: self.cfg.ttl_secs,
-        })
+        }))
     }
 
     /// True if `answer` solves captcha `id`. The id is used up either way.
-    pub async fn check(&self, id: &str, answer: &str) -> bool {
-        let Some(expected) = self.pending.remove(id).await else {
-            return false;
+    pub async fn check(&self, id: &str, answer: &str) -> Result<bool, StoreError> {
+        let Some((expected, expires_at)) = self.answers.take_captcha(id).await? else {
+            return Ok(false);
         };
-        if Instant::now() >= expected.expires_at {
-            return false;
+        if now() >= expires_at {
+            return Ok(false);
         }
         let given = answer.trim().to_ascii_uppercase();
-        given.len() == expected.answer.len()
-            && bool::from(given.as_bytes().ct_eq(expected.answer.as_bytes()))
+        Ok(
+            given.len() == expected.len()
+                && bool::from(given.as_bytes().ct_eq(expected.as_bytes())),
+        )
+    }
+
+    /// Forgets answers past their deadline (the clean-up).
+    pub async fn prune(&self) -> Result<(), StoreError> {
+        self.answers.prune_captchas(now()).await
     }
 }
 
@@ -230,29 +222,71 @@ pub fn render(length: u32) -> Option<(String, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{BoxFuture, ready};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// Answers in a plain map the test can look into.
+    #[derive(Default)]
+    struct Answers(Mutex<HashMap<String, (String, i64)>>);
+
+    impl Answers {
+        fn answer(&self, id: &str) -> Option<String> {
+            self.0.lock().unwrap().get(id).map(|(a, _)| a.clone())
+        }
+    }
+
+    impl CaptchaAnswers for Answers {
+        fn put_captcha<'a>(
+            &'a self,
+            id: &'a str,
+            answer: &'a str,
+            expires_at: i64,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            let entry = (answer.to_owned(), expires_at);
+            self.0.lock().unwrap().insert(id.to_owned(), entry);
+            ready(Ok(()))
+        }
+        fn take_captcha<'a>(
+            &'a self,
+            id: &'a str,
+        ) -> BoxFuture<'a, Result<Option<(String, i64)>, StoreError>> {
+            ready(Ok(self.0.lock().unwrap().remove(id)))
+        }
+        fn prune_captchas(&self, _: i64) -> BoxFuture<'_, Result<(), StoreError>> {
+            ready(Ok(()))
+        }
+    }
 
     #[tokio::test]
     async fn single_use_and_case_insensitive() {
-        let captchas = Captchas::new(&CaptchaConfig::default());
-        let challenge = captchas.create().await.unwrap();
+        let answers = Arc::new(Answers::default());
+        let captchas = Captchas::new(&CaptchaConfig::default(), answers.clone());
+        let challenge = captchas.create().await.unwrap().unwrap();
         assert!(
             challenge
                 .image
                 .starts_with("data:image/png;base64,iVBORw0KGgo")
         );
-        let answer = captchas.pending.get(&challenge.id).await.unwrap().answer;
+        let answer = answers.answer(&challenge.id).unwrap();
         assert_eq!(answer.len(), 5);
         assert!(answer.chars().all(|c| ALPHABET.contains(&c)));
         assert!(
             captchas
                 .check(&challenge.id, &answer.to_ascii_lowercase())
                 .await
+                .unwrap()
         );
-        assert!(!captchas.check(&challenge.id, &answer).await, "used up");
+        assert!(
+            !captchas.check(&challenge.id, &answer).await.unwrap(),
+            "used up"
+        );
 
-        let wrong = captchas.create().await.unwrap();
-        assert!(!captchas.check(&wrong.id, "nope").await);
-        let right = captchas.pending.get(&wrong.id).await;
-        assert!(right.is_none(), "a wrong answer uses the captcha up too");
+        let wrong = captchas.create().await.unwrap().unwrap();
+        assert!(!captchas.check(&wrong.id, "nope").await.unwrap());
+        assert!(
+            answers.answer(&wrong.id).is_none(),
+            "a wrong answer uses the captcha up too"
+        );
     }
 }

@@ -1,50 +1,20 @@
 //! Verification codes: made from a CSPRNG, kept only as a keyed hash, bound to a phone and
 //! a purpose, single use, dead after `max_attempts` wrong tries, one per phone and purpose.
-//!
-//! Pending codes live in a moka cache (per-entry expiry) written through to the store, so
-//! a restart, kill -9 included, loses none. The store is the authority: a code not in the
-//! cache (after a restart, or pushed out for space) is read from it, so the cache is not
-//! refilled at start, where 100,000 pending codes would cost 75 MiB before the first
-//! request. Expired records leave the store in the periodic sweep. Every change
-//! to one phone runs under a lock of that phone's (one of [`PHONE_LOCKS`], picked by
-//! hash), which is what makes "of many concurrent tries with the right code exactly one
-//! wins". The work under it is short and never waits for I/O beyond one store write, so
-//! the lock is a plain mutex: moka's own per-key `and_compute_with` cost more than the
-//! rest of a login. Expiry is decided by `expires_at` in the record; moka's timer only
-//! frees memory.
+//! Where they are kept, and how "of many concurrent tries with the right code exactly one
+//! wins" is made to hold, is the store's ([`PendingCodes`]); expiry is decided by
+//! `expires_at` in the record, against our clock.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
 
 use hmac::{Hmac, KeyInit, Mac};
-use moka::sync::Cache;
 use rand::RngExt;
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
 use crate::clock::now;
 use crate::config::CodeConfig;
 use crate::model::{PendingCode, Purpose};
 use crate::phone::Phone;
-use crate::sharded::{BoundedMap, KeyLocks};
-use crate::store::{Store, StoreError};
-
-/// Upper bound on pending codes held in memory; past it, records are still in the store
-/// and read from there on a miss.
-const CACHE_CAPACITY: u64 = 50_000;
-/// Upper bound on phones whose resend interval is remembered. A full shard drops the
-/// intervals that are over first; only one full of running intervals is emptied, and a
-/// phone in it can then be sent to again early (the daily cap still holds).
-const RESEND_CAPACITY: usize = 200_000;
-/// Shards of the map of resend times (seeded hashers, as for [`Hasher`]).
-const RESEND_SHARDS: usize = 64;
-/// Locks that serialize the changes to one phone's codes and resend reservation.
-const PHONE_LOCKS: usize = 256;
-/// The code cache's hasher. Keys are phones, which clients choose; foldhash is seeded per
-/// process, and a phone is a short run of digits, so colliding keys cannot be chosen
-/// from outside.
-type Hasher = foldhash::fast::RandomState;
+use crate::store::{CodeCheck, PendingCodes, ResendWaits, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodeError {
@@ -63,101 +33,29 @@ pub enum CodeError {
     Store(#[from] StoreError),
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct CodeKey {
-    phone: String,
-    purpose: Purpose,
-}
-
-fn key(phone: &Phone, purpose: Purpose) -> CodeKey {
-    CodeKey {
-        phone: phone.as_str().to_owned(),
-        purpose,
-    }
-}
-
 pub struct Codes {
-    pending: Cache<CodeKey, PendingCode, Hasher>,
-    /// Phone -> unix time of its last send, for the resend interval.
-    last_sent: BoundedMap<String, i64>,
-    phone_locks: KeyLocks,
-    /// Code records in the store; expired ones count until the sweep removes them. Signed:
-    /// a sweep's count can race a deletion and leave it one short for a while.
-    stored: AtomicI64,
-    store: Arc<dyn Store>,
+    store: Arc<dyn PendingCodes>,
+    waits: Arc<dyn ResendWaits>,
     hash_key: Vec<u8>,
     cfg: CodeConfig,
     fixed: Option<String>,
 }
 
-struct UntilExpiresAt;
-
-impl moka::Expiry<CodeKey, PendingCode> for UntilExpiresAt {
-    fn expire_after_create(
-        &self,
-        _: &CodeKey,
-        v: &PendingCode,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(remaining(v))
-    }
-    fn expire_after_update(
-        &self,
-        _: &CodeKey,
-        v: &PendingCode,
-        _: std::time::Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(remaining(v))
-    }
-}
-
-fn remaining(v: &PendingCode) -> Duration {
-    Duration::from_secs((v.expires_at - now()).max(0) as u64)
-}
-
 impl Codes {
-    /// Builds the caches, deletes expired codes from the store and restores the resend
-    /// interval of phones sent to recently.
-    pub fn open(
+    pub fn new(
         cfg: CodeConfig,
         fixed_code: Option<String>,
         hash_key: Vec<u8>,
-        store: Arc<dyn Store>,
-    ) -> Result<Self, StoreError> {
-        let pending = Cache::builder()
-            .max_capacity(CACHE_CAPACITY)
-            .expire_after(UntilExpiresAt)
-            .build_with_hasher(Hasher::default());
-        let codes = Codes {
-            pending,
-            last_sent: BoundedMap::new(RESEND_CAPACITY, RESEND_SHARDS),
-            phone_locks: KeyLocks::new(PHONE_LOCKS),
-            stored: AtomicI64::new(0),
+        store: Arc<dyn PendingCodes>,
+        waits: Arc<dyn ResendWaits>,
+    ) -> Self {
+        Codes {
             store,
+            waits,
             hash_key,
             cfg,
             fixed: fixed_code,
-        };
-        let now = now();
-        let interval = codes.cfg.resend_interval_secs as i64;
-        let live = codes.store.sweep_codes(now, &mut |phone, rec| {
-            if now - rec.sent_at < interval {
-                let newest = codes.last_sent.get(phone).unwrap_or(i64::MIN);
-                codes.last_sent.insert(
-                    phone.to_owned(),
-                    newest.max(rec.sent_at),
-                    codes.resend_over(now),
-                );
-            }
-        })?;
-        codes.stored.store(live as i64, Ordering::Relaxed);
-        Ok(codes)
-    }
-
-    /// Held while one phone's codes or reservation change.
-    fn lock(&self, phone: &Phone) -> MutexGuard<'_, ()> {
-        self.phone_locks.lock(phone.as_str())
+        }
     }
 
     pub fn ttl_secs(&self) -> u64 {
@@ -179,34 +77,26 @@ impl Codes {
         format!("{n:0len$}")
     }
 
-    /// Claims the right to send to `phone` now. Err(seconds to wait) inside the resend
-    /// interval. Atomic per phone, so two racing requests cannot both send.
-    pub fn reserve_send(&self, phone: &Phone) -> Result<(), u64> {
+    /// Claims the right to send to `phone` now. Ok(Err(seconds to wait)) inside the
+    /// resend interval. Atomic per phone, so two racing requests cannot both send.
+    pub async fn reserve_send(&self, phone: &Phone) -> Result<Result<(), u64>, StoreError> {
         let interval = self.cfg.resend_interval_secs as i64;
         if interval == 0 {
-            return Ok(());
+            return Ok(Ok(()));
         }
-        let now = now();
-        let _phone = self.lock(phone);
-        match self.last_sent.get(phone.as_str()) {
-            Some(at) if now - at < interval => Err((interval - (now - at)) as u64),
-            _ => {
-                self.last_sent
-                    .insert(phone.as_str().to_owned(), now, self.resend_over(now));
-                Ok(())
-            }
-        }
+        self.waits
+            .reserve_send(phone.as_str(), now(), interval)
+            .await
     }
 
     /// Gives back a reservation whose send failed: a failed send costs the user no wait.
-    pub fn release_send(&self, phone: &Phone) {
-        let _phone = self.lock(phone);
-        self.last_sent.remove(phone.as_str());
+    pub async fn release_send(&self, phone: &Phone) -> Result<(), StoreError> {
+        self.waits.release_send(phone.as_str()).await
     }
 
     /// Records `code` as the pending code for phone+purpose, replacing any older one.
     /// Durable after the next store flush.
-    pub fn put(&self, phone: &Phone, purpose: Purpose, code: &str) -> Result<(), StoreError> {
+    pub async fn put(&self, phone: &Phone, purpose: Purpose, code: &str) -> Result<(), StoreError> {
         let now = now();
         let rec = PendingCode {
             hash: self.hash(phone, purpose, code),
@@ -214,107 +104,61 @@ impl Codes {
             expires_at: now + self.cfg.ttl_secs as i64,
             attempts: 0,
         };
-        let _phone = self.lock(phone);
-        if self.store.save_code(phone.as_str(), purpose, &rec)? {
-            self.stored.fetch_add(1, Ordering::Relaxed);
-        }
-        self.pending.insert(key(phone, purpose), rec);
-        Ok(())
+        self.store.put_code(phone.as_str(), purpose, rec).await
     }
 
     /// Drops the pending code of phone+purpose (its SMS could not be sent).
-    pub fn discard(&self, phone: &Phone, purpose: Purpose) -> Result<(), StoreError> {
-        let _phone = self.lock(phone);
-        self.pending.invalidate(&key(phone, purpose));
-        self.delete_stored(phone, purpose)
-    }
-
-    fn delete_stored(&self, phone: &Phone, purpose: Purpose) -> Result<(), StoreError> {
-        if self.store.delete_code(phone.as_str(), purpose)? {
-            self.stored.fetch_sub(1, Ordering::Relaxed);
-        }
-        Ok(())
+    pub async fn discard(&self, phone: &Phone, purpose: Purpose) -> Result<(), StoreError> {
+        self.store.discard_code(phone.as_str(), purpose).await
     }
 
     /// Checks `code` and uses it up if right. A wrong try counts against the code; the
     /// attempt that reaches `max_attempts` kills it. Durable after the next store flush.
-    pub fn consume(&self, phone: &Phone, purpose: Purpose, code: &str) -> Result<(), CodeError> {
+    pub async fn consume(
+        &self,
+        phone: &Phone,
+        purpose: Purpose,
+        code: &str,
+    ) -> Result<(), CodeError> {
         let presented = self.hash(phone, purpose, code);
-        let key = key(phone, purpose);
-        let _phone = self.lock(phone);
         let now = now();
-        let (rec, cached) = match self.pending.get(&key) {
-            Some(rec) => (rec, true),
-            // Not in memory: pushed out for space, so the store is authoritative.
-            None => match self.store.load_code(phone.as_str(), purpose)? {
-                Some(rec) => (rec, false),
-                None => return Err(CodeError::Invalid),
-            },
-        };
-        // Under the phone's lock nothing can put it in the cache meanwhile, so a code
-        // read from the store has nothing there to take out.
-        let forget = |key: &CodeKey| {
-            if cached {
-                self.pending.invalidate(key);
-            }
-        };
-        if rec.expires_at <= now {
-            forget(&key);
-            self.delete_stored(phone, purpose)?;
-            return Err(CodeError::Invalid);
-        }
-        let retry_after = (rec.expires_at - now) as u64;
-        if rec.attempts >= self.cfg.max_attempts {
-            return Err(CodeError::Dead {
-                retry_after,
-                guessed: false,
-            });
-        }
-        if bool::from(rec.hash.ct_eq(&presented)) {
-            // Gone from memory first: a failed store write then leaves the code usable
-            // only through the store, never the other way round.
-            forget(&key);
-            self.delete_stored(phone, purpose)?;
-            return Ok(());
-        }
-        let rec = PendingCode {
-            attempts: rec.attempts + 1,
-            ..rec
-        };
-        self.store.save_code(phone.as_str(), purpose, &rec)?;
-        let dead = rec.attempts >= self.cfg.max_attempts;
-        self.pending.insert(key, rec);
-        if dead {
-            Err(CodeError::Dead {
-                retry_after,
-                guessed: true,
-            })
-        } else {
-            Err(CodeError::Wrong)
+        let checked = self
+            .store
+            .check_code(
+                phone.as_str(),
+                purpose,
+                presented,
+                self.cfg.max_attempts,
+                now,
+            )
+            .await?;
+        match checked {
+            CodeCheck::Used => Ok(()),
+            CodeCheck::Invalid => Err(CodeError::Invalid),
+            CodeCheck::Wrong => Err(CodeError::Wrong),
+            CodeCheck::Dead {
+                expires_at,
+                guessed,
+            } => Err(CodeError::Dead {
+                retry_after: (expires_at - now).max(1) as u64,
+                guessed,
+            }),
         }
     }
 
     /// Codes sent and not yet used; expired ones count until the next sweep.
-    pub fn pending_count(&self) -> u64 {
-        self.stored.load(Ordering::Relaxed).max(0) as u64
+    pub async fn pending_count(&self) -> Result<u64, StoreError> {
+        self.store.pending_code_count().await
     }
 
-    /// Deletes expired codes from the store, lets moka do its deferred work and forgets
-    /// resend intervals that are over. A full pass over the stored codes: run it from the
+    /// Deletes expired codes and forgets resend intervals that are over: for the
     /// periodic clean-up, not per request.
-    pub fn housekeeping(&self) -> Result<(), StoreError> {
+    pub async fn housekeeping(&self) -> Result<(), StoreError> {
         let now = now();
-        let live = self.store.sweep_codes(now, &mut |_, _| {})?;
-        self.stored.store(live as i64, Ordering::Relaxed);
-        self.pending.run_pending_tasks();
-        self.last_sent.retain_fresh(self.resend_over(now));
-        Ok(())
-    }
-
-    /// Whether a send at the given time is past its resend interval, as of `now`.
-    fn resend_over(&self, now: i64) -> impl Fn(&i64) -> bool {
-        let interval = self.cfg.resend_interval_secs as i64;
-        move |sent_at| now - sent_at >= interval
+        self.store.sweep_codes(now).await?;
+        self.waits
+            .prune_waits(now, self.cfg.resend_interval_secs as i64)
+            .await
     }
 
     /// HMAC-SHA256 over phone, purpose and code, so a stored hash says nothing about the
@@ -337,9 +181,36 @@ mod tests {
 
     async fn codes(cfg: CodeConfig) -> (tempfile::TempDir, Codes) {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8).unwrap());
-        let codes = Codes::open(cfg, None, vec![7; 32], store).unwrap();
+        let sled = Arc::new(SledStore::open(dir.path(), 8).unwrap());
+        let codes = Codes::new(cfg, None, vec![7; 32], sled.clone(), Arc::new(NoWaits));
         (dir, codes)
+    }
+
+    /// These tests are about codes; the waits have their own.
+    struct NoWaits;
+
+    impl ResendWaits for NoWaits {
+        fn reserve_send<'a>(
+            &'a self,
+            _: &'a str,
+            _: i64,
+            _: i64,
+        ) -> crate::store::BoxFuture<'a, Result<Result<(), u64>, StoreError>> {
+            crate::store::ready(Ok(Ok(())))
+        }
+        fn release_send<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> crate::store::BoxFuture<'a, Result<(), StoreError>> {
+            crate::store::ready(Ok(()))
+        }
+        fn prune_waits(
+            &self,
+            _: i64,
+            _: i64,
+        ) -> crate::store::BoxFuture<'_, Result<(), StoreError>> {
+            crate::store::ready(Ok(()))
+        }
     }
 
     fn phone() -> Phone {
@@ -367,14 +238,14 @@ mod tests {
     #[tokio::test]
     async fn right_code_works_once_and_only_for_its_purpose() {
         let (_d, c) = codes(CodeConfig::default()).await;
-        c.put(&phone(), Purpose::Login, "123456").unwrap();
+        c.put(&phone(), Purpose::Login, "123456").await.unwrap();
         assert!(matches!(
-            c.consume(&phone(), Purpose::Register, "123456"),
+            c.consume(&phone(), Purpose::Register, "123456").await,
             Err(CodeError::Invalid)
         ));
-        c.consume(&phone(), Purpose::Login, "123456").unwrap();
+        c.consume(&phone(), Purpose::Login, "123456").await.unwrap();
         assert!(matches!(
-            c.consume(&phone(), Purpose::Login, "123456"),
+            c.consume(&phone(), Purpose::Login, "123456").await,
             Err(CodeError::Invalid)
         ));
     }
@@ -386,19 +257,19 @@ mod tests {
             ..Default::default()
         })
         .await;
-        c.put(&phone(), Purpose::Login, "123456").unwrap();
+        c.put(&phone(), Purpose::Login, "123456").await.unwrap();
         for _ in 0..2 {
             assert!(matches!(
-                c.consume(&phone(), Purpose::Login, "000000"),
+                c.consume(&phone(), Purpose::Login, "000000").await,
                 Err(CodeError::Wrong)
             ));
         }
         assert!(matches!(
-            c.consume(&phone(), Purpose::Login, "000000"),
+            c.consume(&phone(), Purpose::Login, "000000").await,
             Err(CodeError::Dead { guessed: true, .. })
         ));
         assert!(matches!(
-            c.consume(&phone(), Purpose::Login, "123456"),
+            c.consume(&phone(), Purpose::Login, "123456").await,
             Err(CodeError::Dead { guessed: false, .. })
         ));
     }
@@ -406,19 +277,9 @@ mod tests {
     #[tokio::test]
     async fn new_code_replaces_old() {
         let (_d, c) = codes(CodeConfig::default()).await;
-        c.put(&phone(), Purpose::Login, "111111").unwrap();
-        c.put(&phone(), Purpose::Login, "222222").unwrap();
-        assert!(c.consume(&phone(), Purpose::Login, "111111").is_err());
-        c.consume(&phone(), Purpose::Login, "222222").unwrap();
-    }
-
-    #[tokio::test]
-    async fn resend_interval_is_reserved_atomically() {
-        let (_d, c) = codes(CodeConfig::default()).await;
-        assert!(c.reserve_send(&phone()).is_ok());
-        let wait = c.reserve_send(&phone()).unwrap_err();
-        assert!((59..=60).contains(&wait), "{wait}");
-        c.release_send(&phone());
-        assert!(c.reserve_send(&phone()).is_ok());
+        c.put(&phone(), Purpose::Login, "111111").await.unwrap();
+        c.put(&phone(), Purpose::Login, "222222").await.unwrap();
+        assert!(c.consume(&phone(), Purpose::Login, "111111").await.is_err());
+        c.consume(&phone(), Purpose::Login, "222222").await.unwrap();
     }
 }

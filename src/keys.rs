@@ -11,8 +11,20 @@ use rand::RngExt;
 
 const KEY_BYTES: usize = 32;
 
+/// A fresh random key from the OS CSPRNG.
+pub fn fresh() -> Vec<u8> {
+    let mut key = vec![0u8; KEY_BYTES];
+    rand::rng().fill(&mut key[..]);
+    key
+}
+
 /// Reads `dir/name`, or creates it with a fresh random key.
 pub fn load_or_create(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
+    load_or_insert(dir, name, fresh())
+}
+
+/// Reads `dir/name`, or creates it holding `fresh`.
+pub fn load_or_insert(dir: &Path, name: &str, fresh: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     let path = dir.join(name);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
@@ -27,8 +39,7 @@ pub fn load_or_create(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = vec![0u8; KEY_BYTES];
-            rand::rng().fill(&mut key[..]);
+            let key = fresh;
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)

@@ -78,10 +78,7 @@ impl Server {
                 let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
                 loop {
                     tick.tick().await;
-                    let app = app.clone();
-                    if let Err(e) = tokio::task::spawn_blocking(move || app.housekeeping()).await {
-                        tracing::warn!(error = %e, "housekeeping failed");
-                    }
+                    app.housekeeping().await;
                 }
             })
         };
@@ -96,8 +93,11 @@ impl Server {
             let _ = admin.await; // it removes the socket file
         }
         keeper.abort();
-        app.limits.close().context("storing the daily budget")?;
-        app.store.flush().await.context("final flush")?;
+        app.limits
+            .close()
+            .await
+            .context("storing the daily budget")?;
+        app.store.engine.flush().await.context("final flush")?;
         tracing::info!("stopped");
         Ok(())
     }

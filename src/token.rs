@@ -6,8 +6,7 @@
 //! check); or a bump of the user's `session_gen`, which every token carries, so a reset
 //! or an admin can end all of a user's sessions without listing them.
 
-use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
 use rand::RngExt;
@@ -17,7 +16,7 @@ use crate::clock::now;
 use crate::config::TokenConfig;
 use crate::model::{Purpose, User, UserId};
 use crate::sharded::BoundedMap;
-use crate::store::{Store, StoreError};
+use crate::store::{Sessions, StoreError};
 
 /// How long a verification ticket from /auth/verify may wait for the next step.
 pub const VERIFICATION_TTL_SECS: u64 = 600;
@@ -62,15 +61,11 @@ pub struct Tokens {
     validation: Validation,
     issuer: String,
     ttl_secs: u64,
-    /// jti -> exp of revoked tokens, mirrored from the store for a lock-light check. Each
-    /// change is one map operation, so a lock poisoned by a panic elsewhere still holds a
-    /// whole map and is used as it is (a request must not panic on it).
-    revoked: RwLock<HashMap<String, i64>>,
     /// Session tokens already checked: a client sends the same one with every request,
     /// and checking it anew (base64, JSON, HMAC) was a fifth of the work of GET /me.
-    /// Expiry and revocation are still checked on every use.
+    /// Expiry is still checked on every use, revocation by the caller's store read.
     verified: CheckedTokens,
-    store: Arc<dyn Store>,
+    store: Arc<dyn Sessions>,
 }
 
 /// Session tokens whose check is remembered, at most.
@@ -85,26 +80,20 @@ const VERIFIED_SHARDS: usize = 16;
 type CheckedTokens = BoundedMap<Box<str>, Session>;
 
 impl Tokens {
-    pub fn new(
-        secret: &[u8],
-        cfg: &TokenConfig,
-        store: Arc<dyn Store>,
-    ) -> Result<Self, StoreError> {
+    pub fn new(secret: &[u8], cfg: &TokenConfig, store: Arc<dyn Sessions>) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[cfg.issuer.as_str()]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub", "jti"]);
         validation.leeway = 0;
-        let revoked = store.revocations()?.into_iter().collect();
-        Ok(Tokens {
+        Tokens {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
             issuer: cfg.issuer.clone(),
             ttl_secs: cfg.ttl_secs,
-            revoked: RwLock::new(revoked),
             verified: BoundedMap::new(VERIFIED_CAPACITY, VERIFIED_SHARDS),
             store,
-        })
+        }
     }
 
     pub fn ttl_secs(&self) -> u64 {
@@ -121,13 +110,13 @@ impl Tokens {
         )
     }
 
-    /// The session behind `token`, if it is genuine, current and not logged out. Whether
-    /// its user still exists, is enabled and has the same `session_gen` is the caller's
-    /// check (it needs the user record anyway).
+    /// The session behind `token`, if it is genuine and current. Whether it was logged out,
+    /// and whether its user still exists, is enabled and has the same `session_gen`, is
+    /// the caller's check ([`Sessions::session_user`], which reads the user anyway).
     pub fn verify_session(&self, token: &str) -> Option<Session> {
         let session = match self.verified.get(token) {
             // As jsonwebtoken decides with leeway 0: valid through the second of `exp`.
-            Some(s) if s.exp >= now() && !self.is_revoked(&s.jti) => s,
+            Some(s) if s.exp >= now() => s,
             Some(_) => return None,
             None => {
                 let claims = self.decode(token, SESSION)?;
@@ -146,13 +135,6 @@ impl Tokens {
         Some(session)
     }
 
-    fn is_revoked(&self, jti: &str) -> bool {
-        self.revoked
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(jti)
-    }
-
     pub fn issue_verification(&self, phone: &str, purpose: Purpose) -> Issued {
         self.issue(
             phone.to_owned(),
@@ -166,7 +148,7 @@ impl Tokens {
     /// Uses up a verification ticket for `phone` and `purpose`; false if it is not one.
     /// Single use: of concurrent redemptions exactly one succeeds (the store's revoke is
     /// first-wins). Durable after the next store flush.
-    pub fn redeem_verification(
+    pub async fn redeem_verification(
         &self,
         token: &str,
         phone: &str,
@@ -178,27 +160,17 @@ impl Tokens {
         if claims.purpose != Some(purpose) || claims.sub != phone {
             return Ok(false);
         }
-        self.revoke(&claims.jti, claims.exp)
+        self.revoke(&claims.jti, claims.exp).await
     }
 
     /// Ends one token. True if this call ended it. Durable after the next store flush.
-    pub fn revoke(&self, jti: &str, exp: i64) -> Result<bool, StoreError> {
-        let fresh = self.store.revoke(jti, exp)?;
-        self.revoked
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(jti.to_owned(), exp);
-        Ok(fresh)
+    pub async fn revoke(&self, jti: &str, exp: i64) -> Result<bool, StoreError> {
+        self.store.revoke(jti, exp).await
     }
 
-    /// Forgets revocations of tokens past their expiry, in memory and in the store.
-    pub fn prune(&self) -> Result<usize, StoreError> {
-        let now = now();
-        self.revoked
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, exp| *exp >= now);
-        self.store.prune_revocations(now)
+    /// Forgets revocations of tokens past their expiry.
+    pub async fn prune(&self) -> Result<usize, StoreError> {
+        self.store.prune_revocations(now()).await
     }
 
     fn issue(
@@ -237,10 +209,7 @@ impl Tokens {
         let claims = decode::<Claims>(token, &self.decoding, &self.validation)
             .ok()?
             .claims;
-        if claims.typ != typ || self.is_revoked(&claims.jti) {
-            return None;
-        }
-        Some(claims)
+        (claims.typ == typ).then_some(claims)
     }
 }
 
@@ -256,8 +225,8 @@ mod tests {
 
     fn tokens() -> (tempfile::TempDir, Tokens) {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8).unwrap());
-        let t = Tokens::new(&[9; 32], &TokenConfig::default(), store).unwrap();
+        let store = Arc::new(SledStore::open(dir.path(), 8).unwrap());
+        let t = Tokens::new(&[9; 32], &TokenConfig::default(), store);
         (dir, t)
     }
 
@@ -273,14 +242,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn session_round_trip_and_revocation() {
+    #[tokio::test]
+    async fn session_round_trip_and_revocation() {
         let (_d, t) = tokens();
         let issued = t.issue_session(&user());
         let s = t.verify_session(&issued.token).unwrap();
         assert_eq!((s.user_id, s.session_gen), (42, 3));
-        assert!(t.revoke(&s.jti, s.exp).unwrap());
-        assert!(t.verify_session(&issued.token).is_none());
+        assert!(!t.store.is_revoked(&s.jti).await.unwrap());
+        assert!(t.revoke(&s.jti, s.exp).await.unwrap());
+        assert!(!t.revoke(&s.jti, s.exp).await.unwrap(), "first wins");
+        assert!(t.store.is_revoked(&s.jti).await.unwrap());
     }
 
     #[test]
@@ -313,8 +284,7 @@ mod tests {
             &[9; 32],
             &other_issuer,
             Arc::new(SledStore::open(dir.path(), 8).unwrap()),
-        )
-        .unwrap();
+        );
         assert!(
             t.verify_session(&other.issue_session(&user()).token)
                 .is_none()
@@ -335,8 +305,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tickets_and_sessions_do_not_mix_and_tickets_are_single_use() {
+    #[tokio::test]
+    async fn tickets_and_sessions_do_not_mix_and_tickets_are_single_use() {
         let (_d, t) = tokens();
         let phone = "+8613812345678";
         let ticket = t.issue_verification(phone, Purpose::Register);
@@ -344,22 +314,27 @@ mod tests {
         assert!(t.verify_session(&ticket.token).is_none());
         assert!(
             !t.redeem_verification(&session, phone, Purpose::Register)
+                .await
                 .unwrap()
         );
         assert!(
             !t.redeem_verification(&ticket.token, phone, Purpose::ResetPassword)
+                .await
                 .unwrap()
         );
         assert!(
             !t.redeem_verification(&ticket.token, "+8613900000000", Purpose::Register)
+                .await
                 .unwrap()
         );
         assert!(
             t.redeem_verification(&ticket.token, phone, Purpose::Register)
+                .await
                 .unwrap()
         );
         assert!(
             !t.redeem_verification(&ticket.token, phone, Purpose::Register)
+                .await
                 .unwrap()
         );
     }

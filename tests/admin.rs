@@ -117,9 +117,18 @@ async fn every_user_command_works_while_the_server_runs() {
     let list = rows(&ok_stdout(&admin(dir.path(), &["user", "list"])));
     assert_eq!(list.len(), 1);
     let store = smsauth::store::SledStore::open(&s.data_dir(), 8).unwrap();
-    use smsauth::store::Store;
-    assert_eq!(store.user_count().unwrap(), 1, "delete counts the user out");
-    assert!(store.user_by_phone("+8613812345002").unwrap().is_none());
+    use futures::executor::block_on;
+    use smsauth::store::{Snapshots, Users};
+    assert_eq!(
+        block_on(store.user_count()).unwrap(),
+        1,
+        "delete counts the user out"
+    );
+    assert!(
+        block_on(store.user_by_phone("+8613812345002"))
+            .unwrap()
+            .is_none()
+    );
     let mut left_of_user_2 = 0;
     store
         .snapshot(&mut |tree, key, _| {
@@ -187,19 +196,18 @@ fn commands_honour_config_and_refuse_a_missing_data_dir() {
 
     // Make a store there, then the same command lists it.
     {
-        use smsauth::store::{NewUser, SledStore, Store};
+        use smsauth::store::{NewUser, SledStore, Users};
         let store = SledStore::open(&data, 8).unwrap();
-        store
-            .create_user_if_absent(
-                NewUser {
-                    phone: "+8613812347001",
-                    nickname: "x".into(),
-                    created_at: 0,
-                    last_login_at: None,
-                },
-                &[],
-            )
-            .unwrap();
+        futures::executor::block_on(store.create_user_if_absent(
+            NewUser {
+                phone: "+8613812347001",
+                nickname: "x".into(),
+                created_at: 0,
+                last_login_at: None,
+            },
+            &[],
+        ))
+        .unwrap();
         store.flush_blocking().unwrap();
     }
     let out = common::run_cli(

@@ -434,9 +434,12 @@ async fn changed_hash_parameters_rehash_at_the_next_login() {
     drop(s);
     let phc = |dir: &std::path::Path| {
         let store = smsauth::store::SledStore::open(dir, 8).unwrap();
-        use smsauth::store::Store;
-        let user = store.user_by_phone("+8613812346019").unwrap().unwrap();
-        let methods = store.login_methods(&user).unwrap();
+        use futures::executor::block_on;
+        use smsauth::store::Users;
+        let user = block_on(store.user_by_phone("+8613812346019"))
+            .unwrap()
+            .unwrap();
+        let methods = block_on(store.login_methods(&user)).unwrap();
         methods.into_iter().find_map(|m| m.access_code).unwrap()
     };
     let data = dir.path().join("data");

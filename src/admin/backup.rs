@@ -34,7 +34,7 @@ use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 
 use crate::clock::now;
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{SledStore, Snapshots, StoreError};
 
 const MAGIC: &[u8] = b"SMSAUTH-BACKUP\n";
 const VERSION: u16 = 1;
@@ -252,7 +252,7 @@ pub fn parse_records(mut b: &[u8]) -> Result<Vec<Record<'_>>, FormatError> {
 /// The store's records, taken as one consistent snapshot (writes wait meanwhile).
 /// The one implementation behind both backup paths: the admin socket sends these bytes,
 /// and a backup made without a server writes them itself.
-pub fn snapshot_records(store: &dyn Store) -> Result<Vec<u8>, StoreError> {
+pub fn snapshot_records(store: &dyn Snapshots) -> Result<Vec<u8>, StoreError> {
     let mut w = Writer::records_only();
     store.snapshot(&mut |tree, k, v| w.tree(tree, k, v))?;
     Ok(w.into_records())
@@ -397,8 +397,7 @@ fn build(backup: &Backup<'_>, staging: &Path, cache_capacity_mb: u64) -> anyhow:
     // Reopen: runs the schema check and migrations as a server start would.
     let store = SledStore::reopen(staging, cache_capacity_mb)
         .context("the restored store does not open")?;
-    let users = store.user_count()?;
-    let listed = store.users()?.len() as u64;
+    let (users, listed) = store.user_counts()?;
     if users != listed {
         bail!("the backup is inconsistent: users_total is {users} but it holds {listed} users");
     }

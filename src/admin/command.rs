@@ -4,13 +4,14 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::socket::{self, ClientError};
 use super::{AdminError, Op, backup};
 use crate::clock::rfc3339;
 use crate::config::Config;
 use crate::phone::PhoneParser;
-use crate::store::{SledStore, StoreError};
+use crate::store::{SledStore, Store, StoreError};
 
 /// Why a command failed; the message is for the operator, the exit status for scripts.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +43,7 @@ impl From<anyhow::Error> for CommandError {
 /// Where the command's action runs.
 enum Target {
     /// No server holds the data dir: the store, opened here.
-    Direct(Box<SledStore>),
+    Direct(Store),
     /// A server holds it: its admin socket.
     Server(PathBuf),
 }
@@ -57,7 +58,9 @@ fn open(cfg: &Config) -> Result<Target, CommandError> {
         )));
     }
     match SledStore::open(dir, cfg.storage.cache_capacity_mb) {
-        Ok(store) => Ok(Target::Direct(Box::new(store))),
+        Ok(sled) => Store::embedded(Arc::new(sled), cfg)
+            .map(Target::Direct)
+            .map_err(|e| fail(format!("cannot open the store in {}: {e}", dir.display()))),
         Err(StoreError::Locked(_)) => Ok(Target::Server(socket::socket_path(dir))),
         Err(e) => Err(fail(format!(
             "cannot open the store in {}: {e}",
@@ -87,7 +90,7 @@ pub async fn user(cfg: &Config, op: Op) -> Result<String, CommandError> {
     let answer = match open(cfg)? {
         Target::Direct(store) => {
             let phones = PhoneParser::new(&cfg.phone).map_err(|e| fail(e.to_string()))?;
-            let answer = super::execute(&*store, &phones, &op).await;
+            let answer = super::execute(&store, &phones, &op).await;
             drop(store);
             keep_owner(&cfg.storage.data_dir);
             answer?
@@ -103,7 +106,7 @@ pub async fn user(cfg: &Config, op: Op) -> Result<String, CommandError> {
 pub async fn backup(cfg: &Config, file: &Path) -> Result<String, CommandError> {
     let (snapshot, via) = match open(cfg)? {
         Target::Direct(store) => {
-            let records = backup::snapshot_records(&*store)
+            let records = backup::snapshot_records(&*store.snapshots)
                 .map_err(|e| fail(format!("cannot read the store: {e}")))?;
             (records, "the store")
         }

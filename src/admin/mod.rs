@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::rfc3339;
 use crate::model::User;
 use crate::phone::PhoneParser;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, UserChange};
 
 /// One user action, as the command line names it and the admin socket carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,25 +119,31 @@ impl AdminError {
 }
 
 /// Runs one user action and makes its change durable before answering.
-pub async fn execute(
-    store: &dyn Store,
-    phones: &PhoneParser,
-    op: &Op,
-) -> Result<Answer, AdminError> {
+pub async fn execute(store: &Store, phones: &PhoneParser, op: &Op) -> Result<Answer, AdminError> {
     let Some(input) = op.phone() else {
-        let users = store.users()?.iter().map(UserInfo::from).collect();
+        let users = store
+            .users
+            .users()
+            .await?
+            .iter()
+            .map(UserInfo::from)
+            .collect();
         return Ok(Answer::Users { users });
     };
     let phone = phones
         .parse(input)
         .ok_or_else(|| AdminError::InvalidPhone(input.to_owned()))?;
     let user = store
-        .user_by_phone(phone.as_str())?
+        .users
+        .user_by_phone(phone.as_str())
+        .await?
         .ok_or_else(|| AdminError::NoSuchUser(phone.to_string()))?;
-    let set_disabled = |to: bool| -> Result<Answer, AdminError> {
+    let set_disabled = async |to: bool| -> Result<Answer, AdminError> {
         let changed = user.disabled != to;
         let user = store
-            .update_user(user.id, &mut |u| u.disabled = to)?
+            .users
+            .update_user(user.id, UserChange::Disabled(to))
+            .await?
             .ok_or_else(|| AdminError::NoSuchUser(phone.to_string()))?;
         let done = if to { "disabled" } else { "enabled" };
         Ok(Answer::Done {
@@ -151,7 +157,9 @@ pub async fn execute(
         Op::Show { .. } => {
             let mut info = UserInfo::from(&user);
             let mut methods: Vec<MethodInfo> = store
-                .login_methods(&user)?
+                .users
+                .login_methods(&user)
+                .await?
                 .into_iter()
                 .map(|m| MethodInfo {
                     method: m.method.as_str().into(),
@@ -162,15 +170,15 @@ pub async fn execute(
             info.login_methods = Some(methods);
             return Ok(Answer::User { user: info });
         }
-        Op::Disable { .. } => set_disabled(true)?,
-        Op::Enable { .. } => set_disabled(false)?,
+        Op::Disable { .. } => set_disabled(true).await?,
+        Op::Enable { .. } => set_disabled(false).await?,
         Op::Logout { .. } => {
             // Every session token carries the generation it was issued under; a bump
             // makes all of them stale at once (authenticate() compares).
             let user = store
-                .update_user(user.id, &mut |u| {
-                    u.session_gen = u.session_gen.wrapping_add(1)
-                })?
+                .users
+                .update_user(user.id, UserChange::EndSessions)
+                .await?
                 .ok_or_else(|| AdminError::NoSuchUser(phone.to_string()))?;
             Answer::Done {
                 user: (&user).into(),
@@ -180,7 +188,9 @@ pub async fn execute(
         }
         Op::Delete { .. } => {
             let user = store
-                .delete_user(user.id)?
+                .users
+                .delete_user(user.id)
+                .await?
                 .ok_or_else(|| AdminError::NoSuchUser(phone.to_string()))?;
             Answer::Done {
                 user: (&user).into(),
@@ -189,7 +199,7 @@ pub async fn execute(
             }
         }
     };
-    store.flush().await?;
+    store.engine.flush().await?;
     Ok(answer)
 }
 

@@ -160,7 +160,7 @@ async fn op(app: &App, body: Incoming) -> AdminResp {
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
     };
     let masked = op.phone().map(crate::phone::mask).unwrap_or_default();
-    match super::execute(&*app.store, &app.phones, &op).await {
+    match super::execute(&app.store, &app.phones, &op).await {
         Ok(answer) => {
             tracing::info!(op = op.name(), phone = %masked, "admin action");
             json(StatusCode::OK, &answer)
@@ -181,7 +181,9 @@ async fn op(app: &App, body: Incoming) -> AdminResp {
 
 async fn snapshot(app: &Arc<App>) -> AdminResp {
     let store = app.store.clone();
-    let taken = tokio::task::spawn_blocking(move || super::backup::snapshot_records(&*store)).await;
+    let taken =
+        tokio::task::spawn_blocking(move || super::backup::snapshot_records(&*store.snapshots))
+            .await;
     match taken {
         Ok(Ok(records)) => {
             tracing::info!(bytes = records.len(), "admin snapshot");

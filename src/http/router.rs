@@ -85,7 +85,7 @@ pub fn resolve(method: &str, path: &str) -> Result<Endpoint, ApiError> {
 }
 
 pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, ApiError> {
-    endpoint.limit_address(app, req.ip)?;
+    endpoint.limit_address(app, req.ip).await?;
     match endpoint {
         Endpoint::Page => Ok(page::index()),
         Endpoint::Healthz => ops::healthz(app).await,
@@ -115,15 +115,15 @@ impl Endpoint {
     }
 
     /// The per-address limit each endpoint counts against, checked before any work.
-    fn limit_address(self, app: &App, ip: IpAddr) -> Result<(), ApiError> {
+    async fn limit_address(self, app: &App, ip: IpAddr) -> Result<(), ApiError> {
         match self {
-            Endpoint::Captcha => app.limits.address_captcha(ip)?,
-            Endpoint::SendCode => app.limits.address_send(ip)?,
+            Endpoint::Captcha => app.limits.address_captcha(ip).await?,
+            Endpoint::SendCode => app.limits.address_send(ip).await?,
             Endpoint::SmsLogin
             | Endpoint::Verify
             | Endpoint::Register
             | Endpoint::PasswordLogin
-            | Endpoint::PasswordReset => app.limits.address_check(ip)?,
+            | Endpoint::PasswordReset => app.limits.address_check(ip).await?,
             Endpoint::Page
             | Endpoint::Healthz
             | Endpoint::Metrics

@@ -1,32 +1,59 @@
-//! Storage behind a small interface of ours. Everything the service keeps goes through
-//! [`Store`]; the only implementation is [`SledStore`], and no `sled` type leaves this
-//! module, so another embedded engine could replace it by implementing the trait.
+//! Storage behind small interfaces of ours, one per concern, each implemented by every
+//! engine. [`Store`] holds one of each; handlers and the domain modules (codes, tokens,
+//! limits, captcha) talk to these traits and never learn which engine runs.
+//!
+//! - [`Users`]: accounts and their login methods;
+//! - [`PendingCodes`]: codes sent and not yet used, and [`ResendWaits`] between sends;
+//! - [`Counters`]: per-phone and service-wide counts in fixed windows (daily caps,
+//!   lockouts) and [`AddressLimits`] per client address;
+//! - [`CaptchaAnswers`]: the answers of pending captchas;
+//! - [`Sessions`]: revoked tokens, and the user a session belongs to;
+//! - [`Keys`]: the server's own secrets (code HMAC key, token key);
+//! - [`Snapshots`]: the whole store as records, for backups, and their import;
+//! - [`Engine`]: durability, readiness and the engine's own figures.
+//!
+//! Engines: `sled` (embedded, the default: one process owns a data dir; what needs no
+//! persistence, such as captchas and per-address limits, stays in that process's memory)
+//! and, with `engine = "postgres"`, a PostgreSQL database that any number of instances
+//! share, so they act as one. No engine type leaves its module.
 
 mod codec;
-mod group_commit;
-mod sled_store;
-mod user_cache;
+mod memory;
+mod sled;
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 
-pub use sled_store::SledStore;
+pub use self::sled::SledStore;
 
+use crate::config::Config;
 use crate::model::{Counter, LoginMethod, PendingCode, Purpose, User, UserId};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Receives one record of a [`Store::snapshot`]: (tree, key, value).
+/// Receives one record of a [`Snapshots::snapshot`]: (tree, key, value).
 pub type RecordSink<'a> = dyn FnMut(&str, &[u8], &[u8]) -> std::io::Result<()> + 'a;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the data dir {0} is in use by another smsauth process; stop it first")]
     Locked(String),
+    /// The engine cannot be reached now (a database down or overloaded); the request
+    /// may be tried again later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("storage: {0}")]
     Engine(String),
     #[error("stored record is unreadable: {0}")]
     Corrupt(String),
+}
+
+/// A finished value as a [`BoxFuture`], for engines whose work is done in the call.
+pub fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
+    Box::pin(std::future::ready(value))
 }
 
 /// A user to create; the store gives it its id.
@@ -37,108 +64,310 @@ pub struct NewUser<'a> {
     pub last_login_at: Option<i64>,
 }
 
-/// Writes are applied at once but durable only after [`Store::flush`]; a handler flushes
-/// before it answers 2xx. Concurrent flushes are batched into one (group commit).
-pub trait Store: Send + Sync + 'static {
-    fn user(&self, id: UserId) -> Result<Option<User>, StoreError>;
-    fn user_by_phone(&self, phone: &str) -> Result<Option<User>, StoreError>;
+/// One change to a stored user: each is a single atomic update in every engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserChange {
+    LoggedIn {
+        at: i64,
+    },
+    Nickname(String),
+    Disabled(bool),
+    /// Bumps the session generation: every session issued before ends.
+    EndSessions,
+}
+
+impl UserChange {
+    pub fn apply(&self, user: &mut User) {
+        match self {
+            UserChange::LoggedIn { at } => user.last_login_at = Some(*at),
+            UserChange::Nickname(n) => user.nickname.clone_from(n),
+            UserChange::Disabled(d) => user.disabled = *d,
+            UserChange::EndSessions => user.session_gen = user.session_gen.wrapping_add(1),
+        }
+    }
+}
+
+/// Accounts and their login methods.
+pub trait Users: Send + Sync {
+    fn user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>>;
+    fn user_by_phone<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<Option<User>>>;
     /// Whether the phone has an account: one read of the phone index, not of the user.
-    fn has_user(&self, phone: &str) -> Result<bool, StoreError>;
-    /// Creates the user unless the phone already has one, atomically: of two racing
-    /// calls for one phone exactly one creates. Returns the user and whether it was created.
-    fn create_user_if_absent(
-        &self,
-        new: NewUser<'_>,
-        methods: &[LoginMethod],
-    ) -> Result<(User, bool), StoreError>;
-    /// Applies `change` to the stored user (it may run more than once under contention).
-    fn update_user(
-        &self,
-        id: UserId,
-        change: &mut dyn FnMut(&mut User),
-    ) -> Result<Option<User>, StoreError>;
+    fn has_user<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<bool>>;
+    /// Creates the user unless the phone already has one, atomically: of racing calls
+    /// for one phone (on any instance) exactly one creates. Returns the user and whether
+    /// it was created.
+    fn create_user_if_absent<'a>(
+        &'a self,
+        new: NewUser<'a>,
+        methods: &'a [LoginMethod],
+    ) -> BoxFuture<'a, Result<(User, bool)>>;
+    fn update_user(&self, id: UserId, change: UserChange) -> BoxFuture<'_, Result<Option<User>>>;
     /// The user's login methods: `sms` always (every account was made by proving its
     /// phone, so the method is implied by the user record and not stored), then the
-    /// stored ones.
-    fn login_methods(&self, user: &User) -> Result<Vec<LoginMethod>, StoreError>;
-    fn put_login_method(&self, id: UserId, method: &LoginMethod) -> Result<(), StoreError>;
+    /// stored ones in method order.
+    fn login_methods<'a>(&'a self, user: &'a User) -> BoxFuture<'a, Result<Vec<LoginMethod>>>;
+    fn put_login_method<'a>(
+        &'a self,
+        id: UserId,
+        method: &'a LoginMethod,
+    ) -> BoxFuture<'a, Result<()>>;
     /// Bumps the user's session generation, then stores `method`: a new password is never
     /// in place while the sessions it should end still work, crashes included.
-    fn put_login_method_ending_sessions(
-        &self,
+    fn put_login_method_ending_sessions<'a>(
+        &'a self,
         id: UserId,
-        method: &LoginMethod,
-    ) -> Result<Option<User>, StoreError>;
-    fn user_count(&self) -> Result<u64, StoreError>;
-    /// Records the user count so that a start after a crash need not count every user
-    /// (the periodic clean-up calls it). Durable after the next flush.
-    fn checkpoint(&self) -> Result<(), StoreError>;
-
-    /// Stores the pending code of phone+purpose, replacing any; true if there was none.
-    fn save_code(
-        &self,
-        phone: &str,
-        purpose: Purpose,
-        code: &PendingCode,
-    ) -> Result<bool, StoreError>;
-    fn load_code(&self, phone: &str, purpose: Purpose) -> Result<Option<PendingCode>, StoreError>;
-    /// True if there was a code to delete.
-    fn delete_code(&self, phone: &str, purpose: Purpose) -> Result<bool, StoreError>;
-    /// Deletes every code that expired before `now`; `each_live` sees the others. Returns
-    /// how many are left.
-    fn sweep_codes(
-        &self,
-        now: i64,
-        each_live: &mut dyn FnMut(&str, &PendingCode),
-    ) -> Result<u64, StoreError>;
-    fn pending_codes(&self) -> Result<Vec<(String, Purpose, PendingCode)>, StoreError>;
-
-    /// Marks a token id as used up until `exp`. True if it was not marked before: the
-    /// caller that gets true is the one that used it.
-    fn revoke(&self, jti: &str, exp: i64) -> Result<bool, StoreError>;
-    fn revocations(&self) -> Result<Vec<(String, i64)>, StoreError>;
-    /// Forgets revocations of tokens that have expired anyway.
-    fn prune_revocations(&self, now: i64) -> Result<usize, StoreError>;
-
-    /// Adds one to a counter in window `window` unless it has reached `limit`. Ok(new
-    /// value), or Err(current value) when at the limit. Atomic.
-    fn count_up(
-        &self,
-        counter: Counter,
-        window: i64,
-        subject: &str,
-        limit: u64,
-    ) -> Result<Result<u64, u64>, StoreError>;
-    /// Takes one back (a send that failed should not cost quota).
-    fn count_down(&self, counter: Counter, window: i64, subject: &str) -> Result<(), StoreError>;
-    fn count(&self, counter: Counter, window: i64, subject: &str) -> Result<u64, StoreError>;
-    /// Sets a counter outright, for a caller that counts in memory and stores ahead (the
-    /// service's daily budget): one writer per counter, so no compare-and-swap.
-    fn set_count(
-        &self,
-        counter: Counter,
-        window: i64,
-        subject: &str,
-        value: u64,
-    ) -> Result<(), StoreError>;
-    /// Drops counters of windows before `oldest_kept` (per counter kind).
-    fn prune_counters(&self, oldest_kept: &dyn Fn(Counter) -> i64) -> Result<usize, StoreError>;
+        method: &'a LoginMethod,
+    ) -> BoxFuture<'a, Result<Option<User>>>;
+    fn user_count(&self) -> BoxFuture<'_, Result<u64>>;
     /// Every user, in id order (admin listing).
-    fn users(&self) -> Result<Vec<User>, StoreError>;
+    fn users(&self) -> BoxFuture<'_, Result<Vec<User>>>;
     /// Removes the user, its phone index entry and its login methods (gone for every
-    /// reader at once, crashes included), and counts it out of `users_total`. Ids are never given out again, so an old token
+    /// reader at once, crashes included). Ids are never given out again, so an old token
     /// cannot pass for a later user. None if there was no such user.
-    fn delete_user(&self, id: UserId) -> Result<Option<User>, StoreError>;
+    fn delete_user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>>;
+}
+
+/// What checking a code against the pending one found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeCheck {
+    /// The right code: it is used up.
+    Used,
+    /// No live code: none sent, expired, already used, or sent for another purpose.
+    Invalid,
+    /// A wrong guess at a live code, counted against it.
+    Wrong,
+    /// The code took `max_attempts` wrong tries and is dead until `expires_at`.
+    /// `guessed`: this very try was a wrong guess (the one that killed it).
+    Dead { expires_at: i64, guessed: bool },
+}
+
+/// Codes sent and not yet used, one per phone and purpose, kept as keyed hashes.
+pub trait PendingCodes: Send + Sync {
+    /// Stores the pending code of phone+purpose, replacing any.
+    fn put_code<'a>(
+        &'a self,
+        phone: &'a str,
+        purpose: Purpose,
+        code: PendingCode,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Checks `presented` (the keyed hash of the code given) against the pending code and
+    /// uses it up if right, or counts the wrong try. Atomic: of concurrent checks with the
+    /// right code, on any instance, exactly one gets [`CodeCheck::Used`].
+    fn check_code<'a>(
+        &'a self,
+        phone: &'a str,
+        purpose: Purpose,
+        presented: [u8; 32],
+        max_attempts: u32,
+        now: i64,
+    ) -> BoxFuture<'a, Result<CodeCheck>>;
+    /// Drops the pending code of phone+purpose (its SMS could not be sent).
+    fn discard_code<'a>(&'a self, phone: &'a str, purpose: Purpose) -> BoxFuture<'a, Result<()>>;
+    /// Codes sent and not yet used; expired ones may count until the next sweep.
+    fn pending_code_count(&self) -> BoxFuture<'_, Result<u64>>;
+    /// Deletes every code that expired before `now`. A full pass: for the clean-up.
+    fn sweep_codes(&self, now: i64) -> BoxFuture<'_, Result<()>>;
+}
+
+/// The wait between two codes to one phone.
+pub trait ResendWaits: Send + Sync {
+    /// Claims the right to send to `phone` at `now`: Ok(Err(seconds to wait)) inside
+    /// `interval` of the last claim. Atomic per phone across instances.
+    fn reserve_send<'a>(
+        &'a self,
+        phone: &'a str,
+        now: i64,
+        interval: i64,
+    ) -> BoxFuture<'a, Result<Result<(), u64>>>;
+    /// Gives back a claim whose send failed.
+    fn release_send<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// Forgets claims older than `interval` (the clean-up).
+    fn prune_waits(&self, now: i64, interval: i64) -> BoxFuture<'_, Result<()>>;
+}
+
+/// Counts in fixed windows (a UTC day, a clock hour) that outlive restarts.
+pub trait Counters: Send + Sync {
+    /// Adds one to a counter in window `window` unless it has reached `limit` (0: no
+    /// limit). Ok(new value), or Err(current value) when at the limit. Atomic.
+    fn count_up<'a>(
+        &'a self,
+        counter: Counter,
+        window: i64,
+        subject: &'a str,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<Result<u64, u64>>>;
+    /// Takes one back (a send that failed should not cost quota).
+    fn count_down<'a>(
+        &'a self,
+        counter: Counter,
+        window: i64,
+        subject: &'a str,
+    ) -> BoxFuture<'a, Result<()>>;
+    fn count<'a>(
+        &'a self,
+        counter: Counter,
+        window: i64,
+        subject: &'a str,
+    ) -> BoxFuture<'a, Result<u64>>;
+    /// One send from the service's daily budget of `limit` (0: none) for day `day`: true
+    /// if it was taken. Every send in the service takes one, so engines may count it
+    /// ahead of what they store; after a crash the budget may come up short by that
+    /// much, never long.
+    fn take_budget(&self, day: i64, limit: u64) -> BoxFuture<'_, Result<bool>>;
+    /// Gives back a send of the budget that did not happen.
+    fn give_back_budget(&self, day: i64) -> BoxFuture<'_, Result<()>>;
+    /// Stores what is counted ahead exactly; call it before the final flush.
+    fn close_budget(&self) -> BoxFuture<'_, Result<()>>;
+    /// Drops counters of windows before `oldest_kept` (per counter kind).
+    fn prune_counters<'a>(
+        &'a self,
+        oldest_kept: &'a (dyn Fn(Counter) -> i64 + Sync),
+    ) -> BoxFuture<'a, Result<usize>>;
+}
+
+/// Which per-address limit a request counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressLimit {
+    /// Code requests (`limits.ip_per_hour`).
+    Send,
+    /// Code and password checks (`limits.verify_per_ip_per_minute`).
+    Check,
+    /// Captchas (`limits.captcha_per_ip_per_minute`).
+    Captcha,
+}
+
+impl AddressLimit {
+    pub const ALL: [AddressLimit; 3] = [
+        AddressLimit::Send,
+        AddressLimit::Check,
+        AddressLimit::Captcha,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddressLimit::Send => "send",
+            AddressLimit::Check => "check",
+            AddressLimit::Captcha => "captcha",
+        }
+    }
+}
+
+/// Per-address rate limits (GCRA: a burst of `n`, then one every period/n), with the
+/// quotas of `[limits]`.
+pub trait AddressLimits: Send + Sync {
+    /// Counts one request of `ip`: Ok(Err(seconds to wait)) when over the limit.
+    fn check_address(
+        &self,
+        limit: AddressLimit,
+        ip: IpAddr,
+    ) -> BoxFuture<'_, Result<Result<(), u64>>>;
+    /// Forgets addresses back at their full allowance.
+    fn prune_addresses(&self) -> BoxFuture<'_, Result<()>>;
+    /// Addresses tracked per limit, for metrics.
+    fn tracked_addresses(&self) -> BoxFuture<'_, Result<Vec<(AddressLimit, u64)>>>;
+}
+
+/// The answers of pending captchas, each taken at most once.
+pub trait CaptchaAnswers: Send + Sync {
+    fn put_captcha<'a>(
+        &'a self,
+        id: &'a str,
+        answer: &'a str,
+        expires_at: i64,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Takes the answer of `id` out, live or not: (answer, expires_at).
+    fn take_captcha<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<(String, i64)>>>;
+    fn prune_captchas(&self, now: i64) -> BoxFuture<'_, Result<()>>;
+}
+
+/// Tokens ended before their expiry, and the user a session belongs to.
+pub trait Sessions: Send + Sync {
+    /// Marks a token id as used up until `exp`. True if it was not marked before: the
+    /// caller that gets true is the one that used it (single-use tickets).
+    fn revoke<'a>(&'a self, jti: &'a str, exp: i64) -> BoxFuture<'a, Result<bool>>;
+    fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool>>;
+    /// The user of a session with token id `jti`, unless the token is revoked: what an
+    /// authenticated request needs, in one read where the engine allows.
+    fn session_user<'a>(&'a self, id: UserId, jti: &'a str) -> BoxFuture<'a, Result<Option<User>>>;
+    /// Forgets revocations of tokens that have expired anyway.
+    fn prune_revocations(&self, now: i64) -> BoxFuture<'_, Result<usize>>;
+}
+
+/// The server's own secrets, made once and shared by every instance of a cluster.
+pub trait Keys: Send + Sync {
+    /// The key `name`, or `fresh` stored as it if there is none yet. Atomic: instances
+    /// starting together all get the same key.
+    fn key_or_insert<'a>(&'a self, name: &'a str, fresh: Vec<u8>)
+    -> BoxFuture<'a, Result<Vec<u8>>>;
+}
+
+/// The whole store as records, for `smsauth backup` and `restore`. Blocking: call from a
+/// blocking thread.
+pub trait Snapshots: Send + Sync {
     /// Hands every stored record to `sink` as (tree, key, value), tree by tree in key
-    /// order. Writes wait while it runs, so the records form one consistent state across
-    /// trees (never half of a multi-tree change). Keep `sink` fast: it holds up writers.
-    fn snapshot(&self, sink: &mut RecordSink<'_>) -> Result<(), StoreError>;
+    /// order, as one consistent state (never half of a multi-record change).
+    fn snapshot(&self, sink: &mut RecordSink<'_>) -> Result<()>;
     /// Writes one record of a snapshot as it is. Only for restoring into a new, empty
     /// store: it bypasses every rule the other methods keep.
-    fn import(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    fn import(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<()>;
+}
 
-    /// Makes every write made before the call durable.
-    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+/// The engine as a whole.
+pub trait Engine: Send + Sync {
+    /// Makes every write made before the call durable. Engines that commit each write
+    /// before it returns answer at once. Concurrent flushes are batched into one.
+    fn flush(&self) -> BoxFuture<'_, Result<()>>;
+    /// Whether the engine answers now (GET /readyz).
+    fn ready(&self) -> BoxFuture<'_, Result<()>>;
     /// Bytes on disk, for metrics.
-    fn size_on_disk(&self) -> u64;
+    fn size_on_disk(&self) -> BoxFuture<'_, Result<u64>>;
+    /// Periodic work of the engine's own (the sled engine's user-count checkpoint).
+    fn maintain(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+/// One engine's parts. Cheap to clone; each domain module keeps the parts it uses.
+#[derive(Clone)]
+pub struct Store {
+    pub users: Arc<dyn Users>,
+    pub codes: Arc<dyn PendingCodes>,
+    pub waits: Arc<dyn ResendWaits>,
+    pub counters: Arc<dyn Counters>,
+    pub addresses: Arc<dyn AddressLimits>,
+    pub captchas: Arc<dyn CaptchaAnswers>,
+    pub sessions: Arc<dyn Sessions>,
+    pub keys: Arc<dyn Keys>,
+    pub snapshots: Arc<dyn Snapshots>,
+    pub engine: Arc<dyn Engine>,
+}
+
+impl Store {
+    /// Opens the configured engine (creating the sled data dir on first start).
+    pub async fn open(cfg: &Config) -> anyhow::Result<Store> {
+        let sled = SledStore::open(&cfg.storage.data_dir, cfg.storage.cache_capacity_mb)?;
+        Ok(Self::embedded(Arc::new(sled), cfg)?)
+    }
+
+    /// The sled engine, with what needs no persistence kept in this process's memory.
+    pub fn embedded(sled: Arc<SledStore>, cfg: &Config) -> Result<Store> {
+        let now = crate::clock::now();
+        let interval = cfg.code.resend_interval_secs as i64;
+        let waits = Arc::new(memory::Waits::new());
+        sled.open_codes(now, now - interval, &mut |phone, at| {
+            waits.restore(phone, at, now, interval)
+        })?;
+        Ok(Store {
+            users: sled.clone(),
+            codes: sled.clone(),
+            waits,
+            counters: sled.clone(),
+            addresses: Arc::new(memory::Addresses::new(&cfg.limits)),
+            captchas: Arc::new(memory::Captchas::new(std::time::Duration::from_secs(
+                cfg.captcha.ttl_secs,
+            ))),
+            sessions: sled.clone(),
+            keys: sled.clone(),
+            snapshots: sled.clone(),
+            engine: sled,
+        })
+    }
 }

@@ -8,10 +8,14 @@ use crate::app::App;
 use crate::error::ApiError;
 use crate::http::body::{Resp, json_response};
 use crate::http::router::Req;
+use crate::store::UserChange;
 
 pub async fn get_me(app: &App, req: Req) -> Result<Resp, ApiError> {
-    let (user, _) = authenticate(app, &req.parts)?;
-    Ok(json_response(StatusCode::OK, &UserView::load(app, &user)?))
+    let (user, _) = authenticate(app, &req.parts).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &UserView::load(app, &user).await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -21,13 +25,18 @@ struct PatchMe {
 }
 
 pub async fn patch_me(app: &App, req: Req) -> Result<Resp, ApiError> {
-    let (user, _) = authenticate(app, &req.parts)?;
+    let (user, _) = authenticate(app, &req.parts).await?;
     let body: PatchMe = req.json(app).await?;
     let nickname = nickname(&body.nickname)?;
     let user = app
         .store
-        .update_user(user.id, &mut |u| u.nickname = nickname.clone())?
+        .users
+        .update_user(user.id, UserChange::Nickname(nickname))
+        .await?
         .ok_or(ApiError::Unauthorized("the account no longer exists"))?;
-    app.store.flush().await?;
-    Ok(json_response(StatusCode::OK, &UserView::load(app, &user)?))
+    app.store.engine.flush().await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &UserView::load(app, &user).await?,
+    ))
 }

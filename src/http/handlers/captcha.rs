@@ -10,7 +10,7 @@ pub async fn create(app: &App) -> Result<Resp, ApiError> {
     let challenge = app
         .captchas
         .create()
-        .await
+        .await?
         .ok_or_else(|| ApiError::Internal("captcha rendering failed".into()))?;
     Ok(json_response(
         StatusCode::OK,

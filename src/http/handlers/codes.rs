@@ -37,34 +37,35 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
         let (Some(id), Some(answer)) = (&body.captcha_id, &body.captcha_answer) else {
             return Err(ApiError::CaptchaRequired);
         };
-        if !app.captchas.check(id, answer).await {
+        if !app.captchas.check(id, answer).await? {
             return Err(ApiError::CaptchaInvalid);
         }
     }
-    let has_account = app.store.has_user(phone.as_str())?;
+    let has_account = app.store.users.has_user(phone.as_str()).await?;
     if purpose == Purpose::Register && has_account {
         return Err(ApiError::PhoneTaken);
     }
     app.codes
         .reserve_send(&phone)
+        .await?
         .map_err(|wait| ApiError::rate_limited("resend_interval", wait))?;
-    let quota = match app.limits.take_send_quota(&phone) {
+    let quota = match app.limits.take_send_quota(&phone).await {
         Ok(quota) => quota,
         Err(limited) => {
-            app.codes.release_send(&phone);
+            app.codes.release_send(&phone).await?;
             return Err(limited.into());
         }
     };
     if purpose == Purpose::ResetPassword && !has_account {
         // Answer exactly as if a code went out (wait, quota and time taken included),
         // so this endpoint does not tell who has an account; there is nothing to reset.
-        app.store.flush().await?;
+        app.store.engine.flush().await?;
         app.sms.imitate().await;
         return Ok(code_sent(app));
     }
     if let Err(e) = deliver(app, &phone, purpose).await {
-        app.codes.release_send(&phone);
-        app.limits.give_back(quota)?;
+        app.codes.release_send(&phone).await?;
+        app.limits.give_back(quota).await?;
         return Err(e);
     }
     Ok(code_sent(app))
@@ -73,8 +74,8 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
 /// Makes, stores (durably) and sends a code. On failure nothing is kept.
 async fn deliver(app: &App, phone: &crate::phone::Phone, purpose: Purpose) -> Result<(), ApiError> {
     let code = app.codes.generate();
-    app.codes.put(phone, purpose, &code)?;
-    app.store.flush().await?;
+    app.codes.put(phone, purpose, &code).await?;
+    app.store.engine.flush().await?;
     let outgoing = Outgoing {
         phone,
         code: &code,
@@ -94,7 +95,7 @@ async fn deliver(app: &App, phone: &crate::phone::Phone, purpose: Purpose) -> Re
     let Err(e) = sent else {
         return Ok(());
     };
-    app.codes.discard(phone, purpose)?;
+    app.codes.discard(phone, purpose).await?;
     Err(match e {
         SmsError::InvalidPhone(_) => ApiError::InvalidPhone,
         SmsError::RateLimited(_) => {
@@ -127,7 +128,7 @@ pub async fn verify(app: &App, req: Req) -> Result<Resp, ApiError> {
     let body: VerifyRequest = req.json(app).await?;
     let phone = parse_phone(app, &body.phone)?;
     consume_code(app, &phone, body.purpose, &body.code).await?;
-    app.store.flush().await?;
+    app.store.engine.flush().await?;
     let ticket = app.tokens.issue_verification(phone.as_str(), body.purpose);
     Ok(json_response(
         StatusCode::OK,

@@ -34,11 +34,13 @@ pub struct UserView {
 }
 
 impl UserView {
-    pub fn load(app: &App, user: &User) -> Result<Self, ApiError> {
-        // In the store's order: sms first, then the stored ones in key order.
+    pub async fn load(app: &App, user: &User) -> Result<Self, ApiError> {
+        // In the store's order: sms first, then the stored ones in method order.
         let methods = app
             .store
-            .login_methods(user)?
+            .users
+            .login_methods(user)
+            .await?
             .iter()
             .map(|m| m.method.as_str())
             .collect();
@@ -65,7 +67,7 @@ pub async fn consume_code(
     purpose: crate::model::Purpose,
     code: &str,
 ) -> Result<(), ApiError> {
-    if let Err(locked) = app.limits.check_lockout(phone) {
+    if let Err(locked) = app.limits.check_lockout(phone).await {
         app.metrics.verification("locked");
         return Err(locked.into());
     }
@@ -74,12 +76,12 @@ pub async fn consume_code(
         app.metrics.verification("invalid");
         return Err(ApiError::InvalidCode);
     }
-    let result = app.codes.consume(phone, purpose, code);
+    let result = app.codes.consume(phone, purpose, code).await;
     if let Err(CodeError::Wrong | CodeError::Dead { guessed: true, .. }) = result {
         // A guess at a live code: it counts toward the phone's hourly lockout, and must
         // stay counted across a crash, like the code's own attempt count.
-        app.limits.record_failure(phone)?;
-        app.store.flush().await?;
+        app.limits.record_failure(phone).await?;
+        app.store.engine.flush().await?;
     }
     app.metrics.verification(match &result {
         Ok(()) => "ok",
@@ -113,7 +115,8 @@ pub async fn redeem_proof(
         (None, Some(ticket)) => {
             match app
                 .tokens
-                .redeem_verification(ticket, phone.as_str(), purpose)?
+                .redeem_verification(ticket, phone.as_str(), purpose)
+                .await?
             {
                 true => Ok(()),
                 false => Err(ApiError::InvalidCode),
@@ -142,10 +145,11 @@ pub fn nickname(input: &str) -> Result<String, ApiError> {
 const SESSION_REFUSED: &str = "the session token is missing, invalid, expired or ended";
 
 /// The user behind the request's session, if it is valid and current: not logged out,
-/// not ended by a session-generation bump, user not disabled. The session is the
+/// not ended by a session-generation bump, user not disabled (asked of the store on every
+/// request, so what another instance ended is refused here at once). The session is the
 /// `Authorization: Bearer` token, or (with `token.cookie`) the session cookie; a change of
 /// state authenticated by the cookie must come from our own origin.
-pub fn authenticate(app: &App, head: &Parts) -> Result<(User, Session), ApiError> {
+pub async fn authenticate(app: &App, head: &Parts) -> Result<(User, Session), ApiError> {
     let bearer = head
         .headers
         .get(AUTHORIZATION)
@@ -174,7 +178,9 @@ pub fn authenticate(app: &App, head: &Parts) -> Result<(User, Session), ApiError
         .ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
     let user = app
         .store
-        .user(session.user_id)?
+        .sessions
+        .session_user(session.user_id, &session.jti)
+        .await?
         .filter(|u| !u.disabled && u.session_gen == session.session_gen)
         .ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
     Ok((user, session))

@@ -13,7 +13,7 @@ use crate::http::body::{Resp, json_response};
 pub async fn healthz(app: &App) -> Result<Resp, ApiError> {
     // A read that goes to the engine (the user count is kept in memory). Id 0 is never
     // given out, so this finds nothing, but only after asking.
-    app.store.user(0)?;
+    app.store.users.user(0).await?;
     #[derive(serde::Serialize)]
     struct Health {
         status: &'static str,
@@ -24,10 +24,11 @@ pub async fn healthz(app: &App) -> Result<Resp, ApiError> {
 /// GET /metrics: Prometheus text format. State gauges are read now, counters are live.
 pub async fn metrics(app: &App) -> Result<Resp, ApiError> {
     let m = &app.metrics;
-    m.users.set(app.store.user_count()? as i64);
-    m.store_bytes.set(app.store.size_on_disk() as i64);
-    m.pending_codes.set(app.codes.pending_count() as i64);
-    for (limiter, tracked) in app.limits.tracked_addresses() {
+    m.users.set(app.store.users.user_count().await? as i64);
+    m.store_bytes
+        .set(app.store.engine.size_on_disk().await? as i64);
+    m.pending_codes.set(app.codes.pending_count().await? as i64);
+    for (limiter, tracked) in app.limits.tracked_addresses().await? {
         m.tracked_addresses
             .get_or_create(&crate::metrics::LimiterLabels { limiter })
             .set(tracked as i64);

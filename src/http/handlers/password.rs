@@ -15,7 +15,7 @@ use crate::http::router::Req;
 use crate::model::{LoginMethod, Method, Purpose};
 use crate::password::check_rules;
 use crate::phone::Phone;
-use crate::store::NewUser;
+use crate::store::{NewUser, UserChange};
 
 fn password_method(phone: &Phone, phc: String) -> LoginMethod {
     LoginMethod {
@@ -65,14 +65,14 @@ pub async fn register(app: &App, req: Req) -> Result<Resp, ApiError> {
         last_login_at: Some(now),
     };
     let methods = [sms_method(&phone), password_method(&phone, phc)];
-    let (user, created) = app.store.create_user_if_absent(new, &methods)?;
-    app.store.flush().await?; // the proof is used up either way
+    let (user, created) = app.store.users.create_user_if_absent(new, &methods).await?;
+    app.store.engine.flush().await?; // the proof is used up either way
     if !created {
         return Err(ApiError::PhoneTaken);
     }
     tracing::info!(user_id = user.id, phone = %phone.masked(), "registered with a password");
     app.metrics.registration("password");
-    token_response(app, &user, true, StatusCode::CREATED)
+    token_response(app, &user, true, StatusCode::CREATED).await
 }
 
 #[derive(Deserialize)]
@@ -86,11 +86,13 @@ struct LoginRequest {
 pub async fn login(app: &App, req: Req) -> Result<Resp, ApiError> {
     let body: LoginRequest = req.json(app).await?;
     let phone = parse_phone(app, &body.phone)?;
-    let user = app.store.user_by_phone(phone.as_str())?;
+    let user = app.store.users.user_by_phone(phone.as_str()).await?;
     let stored = match &user {
         Some(u) => app
             .store
-            .login_methods(u)?
+            .users
+            .login_methods(u)
+            .await?
             .into_iter()
             .find(|m| m.method == Method::Password)
             .and_then(|m| m.access_code),
@@ -110,17 +112,21 @@ pub async fn login(app: &App, req: Req) -> Result<Resp, ApiError> {
     if checked.needs_rehash {
         let phc = app.passwords.hash(&body.password).await?;
         app.store
-            .put_login_method(user.id, &password_method(&phone, phc))?;
+            .users
+            .put_login_method(user.id, &password_method(&phone, phc))
+            .await?;
     }
     let now = now();
     let user = app
         .store
-        .update_user(user.id, &mut |u| u.last_login_at = Some(now))?
+        .users
+        .update_user(user.id, UserChange::LoggedIn { at: now })
+        .await?
         .ok_or_else(|| ApiError::Internal("user vanished during login".into()))?;
-    app.store.flush().await?;
+    app.store.engine.flush().await?;
     tracing::info!(user_id = user.id, phone = %phone.masked(), "password login");
     app.metrics.login("password");
-    token_response(app, &user, false, StatusCode::OK)
+    token_response(app, &user, false, StatusCode::OK).await
 }
 
 #[derive(Deserialize)]
@@ -150,13 +156,17 @@ pub async fn reset(app: &App, req: Req) -> Result<Resp, ApiError> {
     // account was deleted meanwhile; answer as for any unusable code.
     let user = app
         .store
-        .user_by_phone(phone.as_str())?
+        .users
+        .user_by_phone(phone.as_str())
+        .await?
         .ok_or(ApiError::InvalidCode)?;
     let phc = app.passwords.hash(&body.new_password).await?;
     app.store
-        .put_login_method_ending_sessions(user.id, &password_method(&phone, phc))?
+        .users
+        .put_login_method_ending_sessions(user.id, &password_method(&phone, phc))
+        .await?
         .ok_or(ApiError::InvalidCode)?;
-    app.store.flush().await?;
+    app.store.engine.flush().await?;
     tracing::info!(user_id = user.id, phone = %phone.masked(), "password reset; sessions ended");
     Ok(no_content())
 }

@@ -13,7 +13,7 @@ use crate::http::cookie;
 use crate::http::router::Req;
 use crate::model::{LoginMethod, Method, Purpose, User};
 use crate::phone::{Phone, mask};
-use crate::store::NewUser;
+use crate::store::{NewUser, UserChange};
 
 /// The answer to every successful login or registration.
 #[derive(Serialize)]
@@ -25,7 +25,7 @@ pub struct TokenResponse {
     pub created: bool,
 }
 
-pub fn token_response(
+pub async fn token_response(
     app: &App,
     user: &User,
     created: bool,
@@ -36,7 +36,7 @@ pub fn token_response(
         access_token: issued.token,
         token_type: "Bearer",
         expires_in: issued.expires_in,
-        user: UserView::load(app, user)?,
+        user: UserView::load(app, user).await?,
         created,
     };
     let mut resp = json_response(status, &body);
@@ -84,31 +84,35 @@ pub async fn sms_login(app: &App, req: Req) -> Result<Resp, ApiError> {
     };
     let (mut user, created) = app
         .store
-        .create_user_if_absent(new, &[sms_method(&phone)])?;
+        .users
+        .create_user_if_absent(new, &[sms_method(&phone)])
+        .await?;
     if user.disabled {
-        app.store.flush().await?; // the code is used up all the same
+        app.store.engine.flush().await?; // the code is used up all the same
         return Err(ApiError::Unauthorized("this account is disabled"));
     }
     if !created {
         user = app
             .store
-            .update_user(user.id, &mut |u| u.last_login_at = Some(now))?
+            .users
+            .update_user(user.id, UserChange::LoggedIn { at: now })
+            .await?
             .ok_or_else(|| ApiError::Internal("user vanished during login".into()))?;
     }
-    app.store.flush().await?;
+    app.store.engine.flush().await?;
     tracing::info!(user_id = user.id, phone = %phone.masked(), created, "sms login");
     app.metrics.login("sms");
     if created {
         app.metrics.registration("sms");
     }
-    token_response(app, &user, created, StatusCode::OK)
+    token_response(app, &user, created, StatusCode::OK).await
 }
 
 /// Ends the presented session; the token is refused from then on, restarts included.
 pub async fn logout(app: &App, req: Req) -> Result<Resp, ApiError> {
-    let (_, session) = authenticate(app, &req.parts)?;
-    app.tokens.revoke(&session.jti, session.exp)?;
-    app.store.flush().await?;
+    let (_, session) = authenticate(app, &req.parts).await?;
+    app.tokens.revoke(&session.jti, session.exp).await?;
+    app.store.engine.flush().await?;
     let mut resp = no_content();
     if app.cfg.token.cookie {
         resp.headers_mut()
@@ -120,7 +124,7 @@ pub async fn logout(app: &App, req: Req) -> Result<Resp, ApiError> {
 /// GET /auth/check, for nginx `auth_request`: 204 with who it is for a valid session
 /// (bearer or cookie), 401 otherwise. nginx passes the user on to the guarded site.
 pub async fn check(app: &App, req: Req) -> Result<Resp, ApiError> {
-    let (user, _) = authenticate(app, &req.parts)?;
+    let (user, _) = authenticate(app, &req.parts).await?;
     let mut resp = no_content();
     let headers = resp.headers_mut();
     headers.insert("x-smsauth-user-id", HeaderValue::from(user.id));

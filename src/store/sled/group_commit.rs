@@ -79,8 +79,9 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::super::{SledStore, Store};
+    use super::super::SledStore;
     use crate::model::{PendingCode, Purpose};
+    use crate::store::{Engine, PendingCodes};
 
     fn code(n: i64) -> PendingCode {
         PendingCode {
@@ -115,14 +116,17 @@ mod tests {
     }
 
     async fn cancel_flushes(dir: &std::path::Path) {
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir, 8).unwrap());
+        let store = Arc::new(SledStore::open(dir, 8).unwrap());
         let writers: Vec<_> = (0..32)
             .map(|w| {
                 let store = store.clone();
                 tokio::spawn(async move {
                     for i in 0..100 {
                         let phone = format!("+86138{w:04}{i:04}");
-                        store.save_code(&phone, Purpose::Login, &code(i)).unwrap();
+                        store
+                            .put_code(&phone, Purpose::Login, code(i))
+                            .await
+                            .unwrap();
                         // Cut off at every stage: before the flush starts, while it runs,
                         // after it ends.
                         let patience = Duration::from_micros((i as u64 * 37 + w) % 400);
@@ -135,7 +139,8 @@ mod tests {
             w.await.unwrap();
         }
         store
-            .save_code("+8613800000000", Purpose::Login, &code(1))
+            .put_code("+8613800000000", Purpose::Login, code(1))
+            .await
             .unwrap();
         store.flush().await.unwrap();
     }

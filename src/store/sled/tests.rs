@@ -1,0 +1,416 @@
+use super::*;
+use crate::model::{LoginMethod, PendingCode};
+use crate::store::{BoxFuture, CodeCheck, Counters, NewUser, PendingCodes, Sessions, Users};
+
+/// The engine's calls are done when they return: their futures are ready.
+fn done<T>(f: BoxFuture<'_, T>) -> T {
+    futures::executor::block_on(f)
+}
+
+fn store() -> (tempfile::TempDir, SledStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path(), 8).unwrap();
+    (dir, s)
+}
+
+/// sled itself on a store just closed (see [`SledStore::reopen`]).
+fn raw_reopen(dir: &std::path::Path) -> sled::Db {
+    retry_while_locked(
+        || sled::open(dir.join("db")),
+        |e| e.to_string().contains("lock"),
+    )
+    .unwrap()
+}
+
+/// The two login methods of an account with a password.
+fn sms_and_password(phone: &str) -> (LoginMethod, LoginMethod) {
+    let sms = LoginMethod {
+        method: Method::Sms,
+        identification: phone.into(),
+        access_code: None,
+    };
+    let password = LoginMethod {
+        method: Method::Password,
+        access_code: Some("$argon2id$x".into()),
+        ..sms.clone()
+    };
+    (sms, password)
+}
+
+fn new_user(phone: &str) -> NewUser<'_> {
+    NewUser {
+        phone,
+        nickname: "n".into(),
+        created_at: 1,
+        last_login_at: None,
+    }
+}
+
+#[test]
+fn ids_are_dense_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        assert_eq!(
+            done(s.create_user_if_absent(new_user("+861"), &[]))
+                .unwrap()
+                .0
+                .id,
+            1
+        );
+        s.db.flush().unwrap();
+    }
+    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    assert_eq!(
+        done(s.create_user_if_absent(new_user("+862"), &[]))
+            .unwrap()
+            .0
+            .id,
+        2
+    );
+    assert_eq!(done(s.user_count()).unwrap(), 2);
+}
+
+/// What a kill -9 in the middle of a create leaves: a user record without its index
+/// entry, and no clean-close marker. The next open removes it and counts anew.
+#[test]
+fn an_open_after_a_crash_removes_orphans_and_recounts() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        done(s.create_user_if_absent(new_user("+861"), &[])).unwrap();
+        let orphan = User {
+            id: 2,
+            phone: "+862".into(),
+            nickname: "n".into(),
+            created_at: 1,
+            last_login_at: None,
+            disabled: false,
+            session_gen: 0,
+        };
+        s.users.insert(u64_key(2), encode(&orphan)).unwrap();
+    }
+    {
+        let raw = raw_reopen(dir.path());
+        let meta = raw.open_tree("meta").unwrap();
+        meta.remove(META_CLOSED_CLEANLY).unwrap();
+        meta.insert(META_USERS, &u64_key(7)).unwrap();
+        raw.flush().unwrap();
+    }
+    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    assert_eq!(done(s.user(2)).unwrap(), None, "the orphan is gone");
+    assert_eq!(done(s.user_count()).unwrap(), 1, "counted, not the stale 7");
+    assert_eq!(done(s.users()).unwrap().len(), 1);
+    assert_eq!(
+        done(s.create_user_if_absent(new_user("+863"), &[]))
+            .unwrap()
+            .0
+            .id,
+        2
+    );
+}
+
+/// Marks the store as not closed cleanly and its stored count as stale, as a crash
+/// leaves it.
+fn as_after_a_crash(dir: &std::path::Path) {
+    let raw = raw_reopen(dir);
+    let meta = raw.open_tree("meta").unwrap();
+    meta.remove(META_CLOSED_CLEANLY).unwrap();
+    meta.insert(META_USERS, &u64_key(7)).unwrap();
+    raw.flush().unwrap();
+}
+
+/// After a crash the count starts from the checkpoint, takes off the users deleted
+/// since and adds the users made since, without counting the index.
+#[test]
+fn a_start_after_a_crash_counts_from_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        for phone in ["+861", "+862", "+863"] {
+            done(s.create_user_if_absent(new_user(phone), &[])).unwrap();
+        }
+        s.checkpoint().unwrap();
+        let (made_since, _) = done(s.create_user_if_absent(new_user("+864"), &[])).unwrap();
+        done(s.create_user_if_absent(new_user("+865"), &[])).unwrap();
+        done(s.delete_user(1)).unwrap().unwrap();
+        done(s.delete_user(made_since.id)).unwrap().unwrap();
+        assert_eq!(done(s.user_count()).unwrap(), 3);
+        // An index entry the checkpoint knows nothing of: counting the index would
+        // count it, so the figure below shows where the count came from.
+        s.phones.insert(b"+869", &u64_key(99)).unwrap();
+    }
+    as_after_a_crash(dir.path());
+    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    assert_eq!(done(s.user_count()).unwrap(), 3, "+862, +863 and +865");
+}
+
+/// A deletion is listed before its commit point; one a crash cut short is not taken
+/// off, and the next start's checkpoint starts a new list.
+#[test]
+fn a_deletion_cut_short_by_a_crash_is_not_taken_off() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        done(s.create_user_if_absent(new_user("+861"), &[])).unwrap();
+        done(s.create_user_if_absent(new_user("+862"), &[])).unwrap();
+        s.checkpoint().unwrap();
+        s.list_deletion(2).unwrap(); // what delete_user does first
+    }
+    as_after_a_crash(dir.path());
+    {
+        let s = SledStore::reopen(dir.path(), 8).unwrap();
+        assert_eq!(done(s.user_count()).unwrap(), 2, "the user is still there");
+        done(s.delete_user(2)).unwrap().unwrap();
+    }
+    as_after_a_crash(dir.path());
+    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    assert_eq!(done(s.user_count()).unwrap(), 1);
+}
+
+/// A store of this schema is marked with it at open, and one from a newer release is
+/// refused rather than changed: that is what keeps an older release (schema 2) off a
+/// store whose deletions must be listed.
+#[test]
+fn schema_versions_move_forward_only() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let raw = sled::open(dir.path().join("db")).unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        meta.insert(META_SCHEMA, &2u32.to_be_bytes()).unwrap();
+        raw.flush().unwrap();
+    }
+    drop(SledStore::reopen(dir.path(), 8).unwrap());
+    {
+        let raw = raw_reopen(dir.path());
+        let meta = raw.open_tree("meta").unwrap();
+        let version = meta.get(META_SCHEMA).unwrap().unwrap();
+        assert_eq!(&version[..], &SCHEMA_VERSION.to_be_bytes());
+        meta.insert(META_SCHEMA, &(SCHEMA_VERSION + 1).to_be_bytes())
+            .unwrap();
+        raw.flush().unwrap();
+    }
+    let refused = retry_while_locked(
+        || SledStore::open(dir.path(), 8),
+        |e| matches!(e, StoreError::Locked(_)),
+    );
+    assert!(
+        matches!(&refused, Err(StoreError::Corrupt(m)) if m.contains("use a newer release")),
+        "a newer store opened: {:?}",
+        refused.err()
+    );
+}
+
+/// A version 1 store kept an `sms` method record per user; opening it drops them
+/// and the method is still there, implied.
+#[test]
+fn schema_1_stores_lose_their_sms_method_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = User {
+        id: 1,
+        phone: "+861".into(),
+        nickname: "n".into(),
+        created_at: 1,
+        last_login_at: None,
+        disabled: false,
+        session_gen: 0,
+    };
+    let (sms, password) = sms_and_password("+861");
+    {
+        let raw = sled::open(dir.path().join("db")).unwrap();
+        let tree = |name: &str| raw.open_tree(name).unwrap();
+        tree("meta")
+            .insert(META_SCHEMA, &1u32.to_be_bytes())
+            .unwrap();
+        tree("userid_user")
+            .insert(u64_key(1), encode(&user))
+            .unwrap();
+        tree("phone_userid").insert("+861", &u64_key(1)).unwrap();
+        let methods = tree("useridmethod_login");
+        methods
+            .insert(method_key(1, Method::Sms), encode(&sms))
+            .unwrap();
+        methods
+            .insert(method_key(1, Method::Password), encode(&password))
+            .unwrap();
+        raw.flush().unwrap();
+    }
+    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    assert_eq!(s.methods.len(), 1, "only the password record is left");
+    assert_eq!(done(s.login_methods(&user)).unwrap(), vec![sms, password]);
+    assert_eq!(done(s.user_count()).unwrap(), 1);
+}
+
+#[test]
+fn concurrent_creates_make_one_user() {
+    let (_dir, s) = store();
+    let s = std::sync::Arc::new(s);
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                done(s.create_user_if_absent(new_user("+86x"), &[])).unwrap()
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(results.iter().filter(|(_, created)| *created).count(), 1);
+    assert!(results.iter().all(|(u, _)| u.id == results[0].0.id));
+    assert_eq!(done(s.user_count()).unwrap(), 1);
+}
+
+#[test]
+fn code_keys_round_trip_and_the_sweep_takes_only_expired_codes() {
+    let (_dir, s) = store();
+    let expired = PendingCode {
+        hash: [1; 32],
+        sent_at: 1,
+        expires_at: 2,
+        attempts: 0,
+    };
+    let live = PendingCode {
+        expires_at: 100,
+        ..expired.clone()
+    };
+    let count = |s: &SledStore| done(s.pending_code_count()).unwrap();
+    done(s.put_code("+8613800000001", Purpose::Login, expired.clone())).unwrap();
+    done(s.put_code("+8613800000000", Purpose::ResetPassword, expired.clone())).unwrap();
+    assert_eq!(count(&s), 2);
+    done(s.put_code("+8613800000000", Purpose::ResetPassword, live.clone())).unwrap();
+    assert_eq!(count(&s), 2, "replaced, not added");
+    let mut seen = Vec::new();
+    s.open_codes(50, 0, &mut |phone, at| seen.push((phone.to_owned(), at)))
+        .unwrap();
+    assert_eq!(seen, vec![("+8613800000000".to_string(), 1)]);
+    assert_eq!(count(&s), 1, "the expired one is swept");
+    assert_eq!(
+        parse_code_key(&s.codes.iter().keys().next().unwrap().unwrap()),
+        Some(("+8613800000000".to_string(), Purpose::ResetPassword))
+    );
+    let check = |code: [u8; 32]| {
+        done(s.check_code("+8613800000000", Purpose::ResetPassword, code, 3, 50)).unwrap()
+    };
+    assert_eq!(check([2; 32]), CodeCheck::Wrong);
+    assert_eq!(check([1; 32]), CodeCheck::Used);
+    assert_eq!(check([1; 32]), CodeCheck::Invalid, "single use");
+    assert_eq!(count(&s), 0);
+    done(s.sweep_codes(50)).unwrap();
+    assert_eq!(s.codes.len(), 0);
+}
+
+#[test]
+fn counters_stop_at_the_limit_and_old_windows_go() {
+    let (_dir, s) = store();
+    let c = Counter::PhoneSendsPerDay;
+    assert_eq!(done(s.count_up(c, 5, "+861", 2)).unwrap(), Ok(1));
+    assert_eq!(done(s.count_up(c, 5, "+861", 2)).unwrap(), Ok(2));
+    assert_eq!(done(s.count_up(c, 5, "+861", 2)).unwrap(), Err(2));
+    done(s.count_down(c, 5, "+861")).unwrap();
+    assert_eq!(done(s.count(c, 5, "+861")).unwrap(), 1);
+    assert_eq!(
+        done(s.count_up(c, 6, "+861", 2)).unwrap(),
+        Ok(1),
+        "a new window starts at zero"
+    );
+    assert_eq!(
+        done(s.count_up(Counter::SendsPerDay, 5, "", 0)).unwrap(),
+        Ok(1),
+        "0 = no limit"
+    );
+    assert_eq!(done(s.prune_counters(&|_| 6)).unwrap(), 2);
+    assert_eq!(done(s.count(c, 5, "+861")).unwrap(), 0);
+    assert_eq!(done(s.count(c, 6, "+861")).unwrap(), 1);
+}
+
+#[test]
+fn delete_user_removes_record_index_methods_and_counts_it_out() {
+    let (_dir, s) = store();
+    let (sms, password) = sms_and_password("+861");
+    let (a, _) =
+        done(s.create_user_if_absent(new_user("+861"), &[sms.clone(), password.clone()])).unwrap();
+    let (b, _) =
+        done(s.create_user_if_absent(new_user("+862"), std::slice::from_ref(&sms))).unwrap();
+    assert_eq!(
+        done(s.login_methods(&a)).unwrap(),
+        vec![sms.clone(), password]
+    );
+    assert_eq!(done(s.delete_user(a.id)).unwrap(), Some(a.clone()));
+    assert_eq!(done(s.delete_user(a.id)).unwrap(), None);
+    assert_eq!(done(s.user(a.id)).unwrap(), None);
+    assert_eq!(done(s.user_by_phone("+861")).unwrap(), None);
+    assert!(!done(s.has_user("+861")).unwrap() && done(s.has_user("+862")).unwrap());
+    assert_eq!(s.methods.scan_prefix(u64_key(a.id)).count(), 0);
+    let sms_b = LoginMethod {
+        identification: "+862".into(),
+        ..sms
+    };
+    assert_eq!(done(s.login_methods(&b)).unwrap(), vec![sms_b]);
+    assert_eq!(done(s.user_count()).unwrap(), 1);
+    assert_eq!(done(s.users()).unwrap(), vec![b]);
+    // The id is not given out again.
+    let (c, _) = done(s.create_user_if_absent(new_user("+861"), &[])).unwrap();
+    assert_eq!(c.id, 3);
+}
+
+/// While users are being created on other threads, every snapshot shows each user
+/// with its phone index entry and login method and a users_total that counts them:
+/// never half of a create.
+#[test]
+fn snapshots_never_see_half_a_change() {
+    use std::collections::HashMap;
+    type Pair = (Vec<u8>, Vec<u8>);
+    let (_dir, s) = store();
+    let s = std::sync::Arc::new(s);
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..300 {
+                    let phone = format!("+86{t}{i:05}");
+                    let m = LoginMethod {
+                        method: Method::Password,
+                        identification: phone.clone(),
+                        access_code: Some("$argon2id$x".into()),
+                    };
+                    done(s.create_user_if_absent(new_user(&phone), &[m])).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut snapshots = 0;
+    while snapshots < 3 || writers.iter().any(|w| !w.is_finished()) {
+        let mut trees: HashMap<String, Vec<Pair>> = HashMap::new();
+        s.snapshot(&mut |t, k, v| {
+            trees
+                .entry(t.to_owned())
+                .or_default()
+                .push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        let count = |t: &str| trees.get(t).map_or(0, Vec::len) as u64;
+        let total = trees
+            .get("meta")
+            .and_then(|m| m.iter().find(|(k, _)| k == META_USERS))
+            .map_or(0, |(_, v)| read_u64(v).unwrap());
+        assert_eq!(count("userid_user"), total);
+        assert_eq!(count("phone_userid"), total);
+        assert_eq!(count("useridmethod_login"), total);
+        snapshots += 1;
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert_eq!(done(s.user_count()).unwrap(), 1200);
+}
+
+#[test]
+fn revoke_is_first_wins() {
+    let (_dir, s) = store();
+    assert!(done(s.revoke("a", 10)).unwrap());
+    assert!(!done(s.revoke("a", 10)).unwrap());
+    assert!(done(s.is_revoked("a")).unwrap());
+    assert_eq!(done(s.prune_revocations(11)).unwrap(), 1);
+    assert!(!done(s.is_revoked("a")).unwrap());
+    assert_eq!(s.revoked.len(), 0);
+}

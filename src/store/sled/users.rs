@@ -1,0 +1,204 @@
+//! [`Users`] on sled: see the module doc of the engine for the order of multi-key changes.
+
+use std::sync::atomic::Ordering;
+
+use super::{STORED_METHODS, SledStore, method_key};
+use crate::model::{LoginMethod, Method, User, UserId};
+use crate::store::codec::{decode, encode, read_u64, u64_key};
+use crate::store::{BoxFuture, NewUser, StoreError, UserChange, Users, ready};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+impl SledStore {
+    pub(super) fn user_now(&self, id: UserId) -> Result<Option<User>> {
+        let miss = match self.cached.get(id) {
+            Ok(user) => return Ok(Some(user)),
+            Err(miss) => miss,
+        };
+        let user: Option<User> = self
+            .users
+            .get(u64_key(id))?
+            .map(|v| decode(&v))
+            .transpose()?;
+        if let Some(user) = &user {
+            self.cached.fill(user, miss);
+        }
+        Ok(user)
+    }
+
+    fn user_by_phone_now(&self, phone: &str) -> Result<Option<User>> {
+        match self.phones.get(phone.as_bytes())? {
+            Some(id) => self.user_now(read_u64(&id)?),
+            None => Ok(None),
+        }
+    }
+
+    fn create_now(&self, new: NewUser<'_>, methods: &[LoginMethod]) -> Result<(User, bool)> {
+        // Most calls are logins of existing users: two plain reads, no lock.
+        if let Some(user) = self.user_by_phone_now(new.phone)? {
+            return Ok((user, false));
+        }
+        let _gate = self.write_gate();
+        let _phone = self.phone_locks.lock(new.phone);
+        if let Some(user) = self.user_by_phone_now(new.phone)? {
+            return Ok((user, false));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let user = User {
+            id,
+            phone: new.phone.to_owned(),
+            nickname: new.nickname,
+            created_at: new.created_at,
+            last_login_at: new.last_login_at,
+            disabled: false,
+            session_gen: 0,
+        };
+        self.users.insert(u64_key(id), encode(&user))?;
+        for m in methods.iter().filter(|m| m.method != Method::Sms) {
+            self.methods.insert(method_key(id, m.method), encode(m))?;
+        }
+        // The commit point (see the module doc).
+        self.phones.insert(new.phone.as_bytes(), &u64_key(id))?;
+        self.users_total.fetch_add(1, Ordering::SeqCst);
+        self.wrote();
+        Ok((user, true))
+    }
+
+    fn login_methods_now(&self, user: &User) -> Result<Vec<LoginMethod>> {
+        let mut found = vec![LoginMethod {
+            method: Method::Sms,
+            identification: user.phone.clone(),
+            access_code: None,
+        }];
+        // Point reads of the few possible keys: in sled a prefix scan costs several times
+        // a get, and GET /me reads this on every call.
+        for method in STORED_METHODS {
+            if let Some(v) = self.methods.get(method_key(user.id, method))? {
+                found.push(decode(&v)?);
+            }
+        }
+        Ok(found)
+    }
+
+    fn put_method_now(&self, id: UserId, method: &LoginMethod) -> Result<()> {
+        if method.method == Method::Sms {
+            return Ok(()); // implied
+        }
+        let _gate = self.write_gate();
+        self.methods
+            .insert(method_key(id, method.method), encode(method))?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn put_method_ending_sessions_now(
+        &self,
+        id: UserId,
+        method: &LoginMethod,
+    ) -> Result<Option<User>> {
+        let _gate = self.write_gate();
+        // Sessions end first: a crash between the two writes leaves the old password with
+        // its sessions ended (the caller got no answer and tries again), never the new
+        // password with the old sessions still working.
+        let Some(user) = self.change_user(id, &UserChange::EndSessions)? else {
+            return Ok(None);
+        };
+        self.methods
+            .insert(method_key(id, method.method), encode(method))?;
+        self.wrote();
+        Ok(Some(user))
+    }
+
+    fn delete_now(&self, id: UserId) -> Result<Option<User>> {
+        let _gate = self.write_gate();
+        let Some(user) = self.user_now(id)? else {
+            return Ok(None);
+        };
+        let _phone = self.phone_locks.lock(&user.phone);
+        // Recorded first, so the id is never given out again even if it was the highest.
+        let next = self.next_id.load(Ordering::SeqCst);
+        self.meta.insert(super::META_NEXT_ID, &u64_key(next))?;
+        self.list_deletion(id)?;
+        // Removing the index entry is the commit point: from here the user is gone.
+        let indexed = self.phones.compare_and_swap(
+            user.phone.as_bytes(),
+            Some(&u64_key(id)[..]),
+            None as Option<&[u8]>,
+        )?;
+        if indexed.is_ok() {
+            self.users_total.fetch_sub(1, Ordering::SeqCst);
+        }
+        for method in STORED_METHODS {
+            self.methods.remove(method_key(id, method))?;
+        }
+        self.users.remove(u64_key(id))?;
+        self.cached.forget(id);
+        self.wrote();
+        Ok(Some(user))
+    }
+}
+
+impl Users for SledStore {
+    fn user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
+        ready(self.user_now(id))
+    }
+
+    fn user_by_phone<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<Option<User>>> {
+        ready(self.user_by_phone_now(phone))
+    }
+
+    fn has_user<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<bool>> {
+        ready(
+            self.phones
+                .contains_key(phone.as_bytes())
+                .map_err(Into::into),
+        )
+    }
+
+    fn create_user_if_absent<'a>(
+        &'a self,
+        new: NewUser<'a>,
+        methods: &'a [LoginMethod],
+    ) -> BoxFuture<'a, Result<(User, bool)>> {
+        ready(self.create_now(new, methods))
+    }
+
+    fn update_user(&self, id: UserId, change: UserChange) -> BoxFuture<'_, Result<Option<User>>> {
+        let _gate = self.write_gate();
+        ready(self.change_user(id, &change))
+    }
+
+    fn login_methods<'a>(&'a self, user: &'a User) -> BoxFuture<'a, Result<Vec<LoginMethod>>> {
+        ready(self.login_methods_now(user))
+    }
+
+    fn put_login_method<'a>(
+        &'a self,
+        id: UserId,
+        method: &'a LoginMethod,
+    ) -> BoxFuture<'a, Result<()>> {
+        ready(self.put_method_now(id, method))
+    }
+
+    fn put_login_method_ending_sessions<'a>(
+        &'a self,
+        id: UserId,
+        method: &'a LoginMethod,
+    ) -> BoxFuture<'a, Result<Option<User>>> {
+        ready(self.put_method_ending_sessions_now(id, method))
+    }
+
+    fn user_count(&self) -> BoxFuture<'_, Result<u64>> {
+        ready(Ok(self.users_total.load(Ordering::SeqCst)))
+    }
+
+    fn users(&self) -> BoxFuture<'_, Result<Vec<User>>> {
+        ready(super::blocking(|| {
+            self.users.iter().map(|kv| decode(&kv?.1)).collect()
+        }))
+    }
+
+    fn delete_user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
+        ready(self.delete_now(id))
+    }
+}
