@@ -4,6 +4,9 @@
 
 use http::StatusCode;
 
+/// What a 503 tells a client to wait: a database restart takes seconds.
+const UNAVAILABLE_RETRY_SECS: u64 = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Malformed JSON, a wrong type, a missing or bad field.
@@ -55,6 +58,10 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("the request body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
+    /// The store cannot be reached now (its database is down or overloaded). Detail for
+    /// the log only.
+    #[error("the service is temporarily unavailable; retry shortly")]
+    Unavailable(String),
     /// Detail for the log only.
     #[error("internal error")]
     Internal(String),
@@ -81,6 +88,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,15 +112,17 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
 
-    /// Seconds a client should wait, for 429 answers.
+    /// Seconds a client should wait, for 429 and 503 answers.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
             ApiError::TooManyAttempts { retry_after, .. } => *retry_after,
+            ApiError::Unavailable(_) => Some(UNAVAILABLE_RETRY_SECS),
             _ => None,
         }
     }
@@ -137,8 +147,10 @@ impl ApiError {
 
     /// The JSON body: `{"error", "message"}`, plus `retry_after` on 429s.
     pub fn body(&self) -> serde_json::Value {
-        if let ApiError::Internal(detail) = self {
-            tracing::error!(detail = %detail, "internal error");
+        match self {
+            ApiError::Internal(detail) => tracing::error!(detail = %detail, "internal error"),
+            ApiError::Unavailable(detail) => tracing::warn!(detail = %detail, "store unavailable"),
+            _ => {}
         }
         let mut body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
         if let Some(secs) = self.retry_after() {
@@ -184,6 +196,9 @@ impl From<crate::limits::Limited> for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::Internal(format!("store: {e}"))
+        match e {
+            crate::store::StoreError::Unavailable(detail) => ApiError::Unavailable(detail),
+            other => ApiError::Internal(format!("store: {other}")),
+        }
     }
 }

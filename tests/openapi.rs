@@ -86,6 +86,7 @@ fn every_error() -> Vec<ApiError> {
         },
         ApiError::PayloadTooLarge { limit: 1 },
         ApiError::UnsupportedMediaType,
+        ApiError::Unavailable(String::new()),
         ApiError::Internal(String::new()),
     ];
     // A new variant stops this from compiling: add it to the list above.
@@ -108,6 +109,7 @@ fn every_error() -> Vec<ApiError> {
             | ApiError::MethodNotAllowed { .. }
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType
+            | ApiError::Unavailable(_)
             | ApiError::Internal(_) => {}
         }
     }

@@ -59,9 +59,13 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
+    /// The instance's own directory: sled's files with the sled engine, the admin socket
+    /// with either.
     pub data_dir: PathBuf,
     /// sled's page cache. sled's own default is 1 GiB, far more than a small site needs.
     pub cache_capacity_mb: u64,
+    pub engine: StorageEngine,
+    pub postgres: PostgresConfig,
 }
 
 impl Default for StorageConfig {
@@ -69,6 +73,44 @@ impl Default for StorageConfig {
         Self {
             data_dir: PathBuf::from("./data"),
             cache_capacity_mb: 64,
+            engine: StorageEngine::Sled,
+            postgres: PostgresConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageEngine {
+    /// Embedded, one process per data dir (the default).
+    Sled,
+    /// A PostgreSQL database shared by any number of instances.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`; a secret (it may hold a password).
+    pub url: Secret,
+    /// A file holding the URL instead (systemd's LoadCredential=, for instance).
+    pub url_file: PathBuf,
+    /// Connections each instance keeps at most.
+    pub pool_size: usize,
+    /// How long a start waits for the database to answer before it gives up.
+    pub connect_timeout_secs: u64,
+    /// The longest one statement may run; past it the request answers 503.
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://smsauth@127.0.0.1:5432/smsauth"),
+            url_file: PathBuf::new(),
+            pool_size: 16,
+            connect_timeout_secs: 30,
+            statement_timeout_ms: 2000,
         }
     }
 }
@@ -308,6 +350,20 @@ impl Config {
                 }
             })?;
         config.sms.load_secret_files()?;
+        if !config.storage.postgres.url_file.as_os_str().is_empty() {
+            // The file replaces the default URL; only an explicit `url` conflicts with it.
+            let explicit = std::mem::take(&mut config.storage.postgres.url);
+            let default = PostgresConfig::default().url;
+            if explicit != default {
+                config.storage.postgres.url = explicit;
+            }
+            sms::read_secret_file(
+                "storage.postgres",
+                "url",
+                &mut config.storage.postgres.url,
+                &config.storage.postgres.url_file.clone(),
+            )?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -333,6 +389,16 @@ impl Config {
         }
         if self.storage.cache_capacity_mb == 0 {
             return Err(key("storage.cache_capacity_mb", "must be at least 1"));
+        }
+        let pg = &self.storage.postgres;
+        if pg.pool_size == 0 {
+            return Err(key("storage.postgres.pool_size", "must be at least 1"));
+        }
+        if pg.statement_timeout_ms == 0 {
+            return Err(key(
+                "storage.postgres.statement_timeout_ms",
+                "must be at least 1",
+            ));
         }
         let secret_len = self.token.secret.expose().len();
         if secret_len != 0 && secret_len < 32 {

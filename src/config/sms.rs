@@ -142,7 +142,7 @@ impl SmsConfig {
 
 /// `secret` from `file` when `file` is set; both set is refused, since which one wins
 /// would be a guess. The error names the key and the path, never the contents.
-fn read_secret_file(
+pub(super) fn read_secret_file(
     section: &str,
     name: &str,
     secret: &mut Secret,

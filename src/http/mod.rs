@@ -96,7 +96,7 @@ async fn handle(
     let route = resolved.as_ref().map_or("unmatched", |e| e.path());
     let probe = resolved
         .as_ref()
-        .is_ok_and(|e| matches!(e, Endpoint::Healthz | Endpoint::Metrics));
+        .is_ok_and(|e| matches!(e, Endpoint::Healthz | Endpoint::Readyz | Endpoint::Metrics));
     let result = match resolved {
         Ok(endpoint) => router::dispatch(&app, endpoint, Req { parts, body, ip }).await,
         Err(e) => Err(e),

@@ -34,6 +34,7 @@ impl Req {
 pub enum Endpoint {
     Page,
     Healthz,
+    Readyz,
     Metrics,
     OpenApi,
     Captcha,
@@ -53,6 +54,7 @@ pub enum Endpoint {
 pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/", Endpoint::Page),
     ("GET", "/healthz", Endpoint::Healthz),
+    ("GET", "/readyz", Endpoint::Readyz),
     ("GET", "/metrics", Endpoint::Metrics),
     ("GET", "/api/v1/openapi.json", Endpoint::OpenApi),
     ("POST", "/api/v1/captcha", Endpoint::Captcha),
@@ -88,7 +90,8 @@ pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, A
     endpoint.limit_address(app, req.ip).await?;
     match endpoint {
         Endpoint::Page => Ok(page::index()),
-        Endpoint::Healthz => ops::healthz(app).await,
+        Endpoint::Healthz => Ok(ops::healthz()),
+        Endpoint::Readyz => ops::readyz(app).await,
         Endpoint::Metrics => ops::metrics(app).await,
         Endpoint::OpenApi => Ok(ops::openapi()),
         Endpoint::Captcha => captcha::create(app).await,
@@ -126,6 +129,7 @@ impl Endpoint {
             | Endpoint::PasswordReset => app.limits.address_check(ip).await?,
             Endpoint::Page
             | Endpoint::Healthz
+            | Endpoint::Readyz
             | Endpoint::Metrics
             | Endpoint::OpenApi
             | Endpoint::Logout

@@ -19,6 +19,7 @@
 
 mod codec;
 mod memory;
+mod postgres;
 mod sled;
 
 use std::future::Future;
@@ -28,7 +29,7 @@ use std::sync::Arc;
 
 pub use self::sled::SledStore;
 
-use crate::config::Config;
+use crate::config::{Config, StorageEngine};
 use crate::model::{Counter, LoginMethod, PendingCode, Purpose, User, UserId};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -49,6 +50,9 @@ pub enum StoreError {
     Engine(String),
     #[error("stored record is unreadable: {0}")]
     Corrupt(String),
+    /// The store was written by a newer release (or is otherwise not ours to open).
+    #[error("{0}")]
+    Schema(String),
 }
 
 /// A finished value as a [`BoxFuture`], for engines whose work is done in the call.
@@ -343,8 +347,28 @@ pub struct Store {
 impl Store {
     /// Opens the configured engine (creating the sled data dir on first start).
     pub async fn open(cfg: &Config) -> anyhow::Result<Store> {
-        let sled = SledStore::open(&cfg.storage.data_dir, cfg.storage.cache_capacity_mb)?;
-        Ok(Self::embedded(Arc::new(sled), cfg)?)
+        match cfg.storage.engine {
+            StorageEngine::Sled => {
+                let sled = SledStore::open(&cfg.storage.data_dir, cfg.storage.cache_capacity_mb)?;
+                Ok(Self::embedded(Arc::new(sled), cfg)?)
+            }
+            StorageEngine::Postgres => {
+                let pg =
+                    Arc::new(postgres::PgStore::open(&cfg.storage.postgres, &cfg.limits).await?);
+                Ok(Store {
+                    users: pg.clone(),
+                    codes: pg.clone(),
+                    waits: pg.clone(),
+                    counters: pg.clone(),
+                    addresses: pg.clone(),
+                    captchas: pg.clone(),
+                    sessions: pg.clone(),
+                    keys: pg.clone(),
+                    snapshots: pg.clone(),
+                    engine: pg,
+                })
+            }
+        }
     }
 
     /// The sled engine, with what needs no persistence kept in this process's memory.

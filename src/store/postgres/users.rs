@@ -1,0 +1,320 @@
+//! [`Users`] and [`Sessions`] on PostgreSQL: `users`, `login_methods`, `revoked_tokens`.
+
+use tokio_postgres::Row;
+
+use super::{PgStore, Result};
+use crate::model::{LoginMethod, Method, User, UserId};
+use crate::store::{BoxFuture, NewUser, Sessions, StoreError, UserChange, Users};
+
+const USER_COLUMNS: &str = "id, phone, nickname, created_at, last_login_at, disabled, session_gen";
+
+fn user(row: &Row) -> User {
+    User {
+        id: row.get::<_, i64>(0) as UserId,
+        phone: row.get(1),
+        nickname: row.get(2),
+        created_at: row.get(3),
+        last_login_at: row.get(4),
+        disabled: row.get(5),
+        session_gen: row.get::<_, i64>(6) as u32,
+    }
+}
+
+pub(super) fn method_number(m: Method) -> i16 {
+    match m {
+        Method::Sms => 1,
+        Method::Password => 2,
+    }
+}
+
+fn method_of(n: i16) -> Result<Method> {
+    match n {
+        1 => Ok(Method::Sms),
+        2 => Ok(Method::Password),
+        other => Err(StoreError::Corrupt(format!("login method {other}"))),
+    }
+}
+
+/// The stored methods as three arrays, for `unnest` (sms is implied, never stored).
+fn method_arrays(methods: &[LoginMethod]) -> (Vec<i16>, Vec<String>, Vec<Option<String>>) {
+    let stored = methods.iter().filter(|m| m.method != Method::Sms);
+    (
+        stored.clone().map(|m| method_number(m.method)).collect(),
+        stored.clone().map(|m| m.identification.clone()).collect(),
+        stored.map(|m| m.access_code.clone()).collect(),
+    )
+}
+
+impl PgStore {
+    async fn user_where(
+        &self,
+        sql: &str,
+        key: &(dyn tokio_postgres::types::ToSql + Sync),
+    ) -> Result<Option<User>> {
+        Ok(self.query_opt(sql, &[key]).await?.as_ref().map(user))
+    }
+}
+
+impl Users for PgStore {
+    fn user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
+        Box::pin(async move {
+            let sql = "SELECT id, phone, nickname, created_at, last_login_at, disabled, session_gen FROM users WHERE id = $1";
+            self.user_where(sql, &(id as i64)).await
+        })
+    }
+
+    fn user_by_phone<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<Option<User>>> {
+        Box::pin(async move {
+            let sql = "SELECT id, phone, nickname, created_at, last_login_at, disabled, session_gen FROM users WHERE phone = $1";
+            self.user_where(sql, &phone).await
+        })
+    }
+
+    fn has_user<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let row = self
+                .query_opt("SELECT 1 FROM users WHERE phone = $1", &[&phone])
+                .await?;
+            Ok(row.is_some())
+        })
+    }
+
+    fn create_user_if_absent<'a>(
+        &'a self,
+        new: NewUser<'a>,
+        methods: &'a [LoginMethod],
+    ) -> BoxFuture<'a, Result<(User, bool)>> {
+        Box::pin(async move {
+            let (kinds, idents, codes) = method_arrays(methods);
+            // One statement: the user and its methods commit together, and of racing
+            // creates for one phone the unique index lets exactly one insert.
+            let created = self
+                .query_opt(
+                    "WITH u AS (
+                        INSERT INTO users (phone, nickname, created_at, last_login_at)
+                        VALUES ($1, $2, $3, $4)
+                        ON CONFLICT (phone) DO NOTHING
+                        RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen
+                    ), m AS (
+                        INSERT INTO login_methods (user_id, method, identification, access_code)
+                        SELECT u.id, x.method, x.identification, x.access_code
+                        FROM u, unnest($5::smallint[], $6::text[], $7::text[])
+                            AS x(method, identification, access_code)
+                    )
+                    SELECT * FROM u",
+                    &[
+                        &new.phone,
+                        &new.nickname,
+                        &new.created_at,
+                        &new.last_login_at,
+                        &kinds,
+                        &idents,
+                        &codes,
+                    ],
+                )
+                .await?;
+            if let Some(row) = created {
+                return Ok((user(&row), true));
+            }
+            // The other create has committed (the insert waited for it): a new statement
+            // sees its user.
+            let existing = self.user_by_phone(new.phone).await?.ok_or_else(|| {
+                StoreError::Unavailable("the account was deleted while it was made".into())
+            })?;
+            Ok((existing, false))
+        })
+    }
+
+    fn update_user(&self, id: UserId, change: UserChange) -> BoxFuture<'_, Result<Option<User>>> {
+        Box::pin(async move {
+            let id = id as i64;
+            let row = match &change {
+                UserChange::LoggedIn { at } => {
+                    self.query_opt(
+                        "UPDATE users SET last_login_at = $2 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
+                        &[&id, at],
+                    )
+                    .await?
+                }
+                UserChange::Nickname(n) => {
+                    self.query_opt(
+                        "UPDATE users SET nickname = $2 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
+                        &[&id, n],
+                    )
+                    .await?
+                }
+                UserChange::Disabled(d) => {
+                    self.query_opt(
+                        "UPDATE users SET disabled = $2 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
+                        &[&id, d],
+                    )
+                    .await?
+                }
+                UserChange::EndSessions => {
+                    self.query_opt(
+                        "UPDATE users SET session_gen = (session_gen + 1) % 4294967296 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
+                        &[&id],
+                    )
+                    .await?
+                }
+            };
+            Ok(row.as_ref().map(user))
+        })
+    }
+
+    fn login_methods<'a>(&'a self, u: &'a User) -> BoxFuture<'a, Result<Vec<LoginMethod>>> {
+        Box::pin(async move {
+            let rows = self
+                .query(
+                    "SELECT method, identification, access_code FROM login_methods WHERE user_id = $1 ORDER BY method",
+                    &[&(u.id as i64)],
+                )
+                .await?;
+            let mut found = vec![LoginMethod {
+                method: Method::Sms,
+                identification: u.phone.clone(),
+                access_code: None,
+            }];
+            for row in rows {
+                found.push(LoginMethod {
+                    method: method_of(row.get(0))?,
+                    identification: row.get(1),
+                    access_code: row.get(2),
+                });
+            }
+            Ok(found)
+        })
+    }
+
+    fn put_login_method<'a>(
+        &'a self,
+        id: UserId,
+        method: &'a LoginMethod,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if method.method == Method::Sms {
+                return Ok(()); // implied
+            }
+            self.execute(
+                "INSERT INTO login_methods (user_id, method, identification, access_code)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (user_id, method) DO UPDATE
+                 SET identification = EXCLUDED.identification, access_code = EXCLUDED.access_code",
+                &[
+                    &(id as i64),
+                    &method_number(method.method),
+                    &method.identification,
+                    &method.access_code,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn put_login_method_ending_sessions<'a>(
+        &'a self,
+        id: UserId,
+        method: &'a LoginMethod,
+    ) -> BoxFuture<'a, Result<Option<User>>> {
+        Box::pin(async move {
+            // One statement, so one commit: the sessions end with the new method in place.
+            let row = self
+                .query_opt(
+                    "WITH u AS (
+                        UPDATE users SET session_gen = (session_gen + 1) % 4294967296
+                        WHERE id = $1
+                        RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen
+                    ), m AS (
+                        INSERT INTO login_methods (user_id, method, identification, access_code)
+                        SELECT u.id, $2, $3, $4 FROM u
+                        ON CONFLICT (user_id, method) DO UPDATE
+                        SET identification = EXCLUDED.identification, access_code = EXCLUDED.access_code
+                    )
+                    SELECT * FROM u",
+                    &[
+                        &(id as i64),
+                        &method_number(method.method),
+                        &method.identification,
+                        &method.access_code,
+                    ],
+                )
+                .await?;
+            Ok(row.as_ref().map(user))
+        })
+    }
+
+    fn user_count(&self) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let row = self.query_opt("SELECT count(*) FROM users", &[]).await?;
+            Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+        })
+    }
+
+    fn users(&self) -> BoxFuture<'_, Result<Vec<User>>> {
+        Box::pin(async move {
+            let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY id");
+            Ok(self.query(&sql, &[]).await?.iter().map(user).collect())
+        })
+    }
+
+    fn delete_user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
+        Box::pin(async move {
+            // The login methods go with it (ON DELETE CASCADE), in the same commit; the
+            // identity column never gives the id out again.
+            let row = self
+                .query_opt(
+                    "DELETE FROM users WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
+                    &[&(id as i64)],
+                )
+                .await?;
+            Ok(row.as_ref().map(user))
+        })
+    }
+}
+
+impl Sessions for PgStore {
+    fn revoke<'a>(&'a self, jti: &'a str, exp: i64) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let inserted = self
+                .execute(
+                    "INSERT INTO revoked_tokens (jti, exp) VALUES ($1, $2) ON CONFLICT (jti) DO NOTHING",
+                    &[&jti, &exp],
+                )
+                .await?;
+            Ok(inserted == 1)
+        })
+    }
+
+    fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let row = self
+                .query_opt("SELECT 1 FROM revoked_tokens WHERE jti = $1", &[&jti])
+                .await?;
+            Ok(row.is_some())
+        })
+    }
+
+    fn session_user<'a>(&'a self, id: UserId, jti: &'a str) -> BoxFuture<'a, Result<Option<User>>> {
+        Box::pin(async move {
+            // The user and the revocation check in one round trip.
+            let row = self
+                .query_opt(
+                    "SELECT id, phone, nickname, created_at, last_login_at, disabled, session_gen FROM users
+                     WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)",
+                    &[&(id as i64), &jti],
+                )
+                .await?;
+            Ok(row.as_ref().map(user))
+        })
+    }
+
+    fn prune_revocations(&self, now: i64) -> BoxFuture<'_, Result<usize>> {
+        Box::pin(async move {
+            let n = self
+                .execute("DELETE FROM revoked_tokens WHERE exp < $1", &[&now])
+                .await?;
+            Ok(n as usize)
+        })
+    }
+}
