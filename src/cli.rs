@@ -1,5 +1,5 @@
 //! The command line: `smsauth [serve] [--config FILE]`, and the admin commands
-//! (`user ...`, `backup FILE`, `restore FILE`) on the same configuration's data dir.
+//! (`user ...`, `backup FILE`, `restore FILE`, `migrate`) on the same configuration's store.
 
 use std::path::PathBuf;
 
@@ -38,6 +38,8 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Bring the store's schema to this release's and exit (a start does this too).
+    Migrate,
 }
 
 /// `smsauth user ...`. PHONE takes any form the API accepts (`13812345678`, `+86 138...`).

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Command::User { action } => runtime.block_on(command::user(&cfg, action.into())),
         Command::Backup { file } => runtime.block_on(command::backup(&cfg, &file)),
         Command::Restore { file } => runtime.block_on(command::restore(&cfg, &file)),
+        Command::Migrate => runtime.block_on(command::migrate(&cfg)),
     };
     match admin {
         Ok(text) => {
@@ -53,7 +54,7 @@ fn serve(runtime: &tokio::runtime::Runtime, cfg: Config) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("smsauth: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(command::exit_code(&e))
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::socket::{self, ClientError};
 use super::{AdminError, Op, backup};
 use crate::clock::rfc3339;
-use crate::config::Config;
+use crate::config::{Config, StorageEngine};
 use crate::phone::PhoneParser;
 use crate::store::{SledStore, Store, StoreError};
 
@@ -48,7 +48,11 @@ enum Target {
     Server(PathBuf),
 }
 
-fn open(cfg: &Config) -> Result<Target, CommandError> {
+async fn open(cfg: &Config) -> Result<Target, CommandError> {
+    if cfg.storage.engine == StorageEngine::Postgres {
+        // Shared by every instance and locked by none: act on it directly.
+        return Ok(Target::Direct(Store::open(cfg).await?));
+    }
     let dir = &cfg.storage.data_dir;
     // Never create a store here: a mistyped data_dir should not look like an empty site.
     if !dir.join("db").exists() {
@@ -87,7 +91,7 @@ fn remote(cfg: &Config, e: ClientError) -> CommandError {
 
 /// `smsauth user ...`: prints the answer, returns the text to print.
 pub async fn user(cfg: &Config, op: Op) -> Result<String, CommandError> {
-    let answer = match open(cfg)? {
+    let answer = match open(cfg).await? {
         Target::Direct(store) => {
             let phones = PhoneParser::new(&cfg.phone).map_err(|e| fail(e.to_string()))?;
             let answer = super::execute(&store, &phones, &op).await;
@@ -104,7 +108,7 @@ pub async fn user(cfg: &Config, op: Op) -> Result<String, CommandError> {
 
 /// `smsauth backup FILE`.
 pub async fn backup(cfg: &Config, file: &Path) -> Result<String, CommandError> {
-    let (snapshot, via) = match open(cfg)? {
+    let (snapshot, via) = match open(cfg).await? {
         Target::Direct(store) => {
             let records = backup::snapshot_records(&*store.snapshots)
                 .map_err(|e| fail(format!("cannot read the store: {e}")))?;
@@ -122,6 +126,39 @@ pub async fn backup(cfg: &Config, file: &Path) -> Result<String, CommandError> {
         "backed up {count} records from {via} to {} (mode 0600: it holds the server's keys)\n",
         file.display()
     ))
+}
+
+/// `smsauth migrate`: brings the store's schema to this release's, as a start would, and
+/// nothing else; for operators who migrate as a step of its own before a rolling restart.
+pub async fn migrate(cfg: &Config) -> Result<String, CommandError> {
+    let dir = &cfg.storage.data_dir;
+    if cfg.storage.engine == StorageEngine::Sled && !dir.join("db").exists() {
+        return Err(fail(format!(
+            "no smsauth data in {} (storage.data_dir); check --config",
+            dir.display()
+        )));
+    }
+    let store = Store::open(cfg).await.map_err(|e| CommandError {
+        exit_code: exit_code(&e),
+        message: format!("{e:#}"),
+    })?;
+    drop(store);
+    Ok(format!(
+        "the {} store is at this release's schema\n",
+        match cfg.storage.engine {
+            StorageEngine::Sled => "sled",
+            StorageEngine::Postgres => "PostgreSQL",
+        }
+    ))
+}
+
+/// The exit status for a failure to open the store: 2 for a store this release must not
+/// touch (a newer schema), as for a refused configuration; 1 otherwise.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    let refused = e
+        .chain()
+        .any(|c| matches!(c.downcast_ref::<StoreError>(), Some(StoreError::Schema(_))));
+    if refused { 2 } else { 1 }
 }
 
 /// `smsauth restore FILE`.

@@ -65,18 +65,23 @@ fn classify(e: tokio_postgres::Error) -> StoreError {
                 .contains(&code)
         }
     };
-    // tokio-postgres says only "db error" itself; the server's words are its source.
-    let detail = match e.as_db_error() {
-        Some(db) => format!("{} ({}): {}", e, db.code().code(), db.message()),
-        None => match std::error::Error::source(&e) {
-            Some(cause) => format!("{e}: {cause}"),
-            None => e.to_string(),
-        },
-    };
+    let detail = detail(&e);
     if unavailable {
         StoreError::Unavailable(detail)
     } else {
         StoreError::Engine(detail)
+    }
+}
+
+/// tokio-postgres says only "db error" or "error connecting to server" itself; the
+/// server's words, or the socket's, are its source.
+fn detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({}): {}", e, db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 
@@ -165,9 +170,10 @@ impl PgStore {
                     ""
                 };
                 if !why.is_empty() {
-                    anyhow::bail!("PostgreSQL at {}: {why}: {err}", self.target);
+                    anyhow::bail!("PostgreSQL at {}: {why}: {}", self.target, detail(&err));
                 }
             }
+            let err = detail(&err);
             tracing::warn!(target_db = %self.target, attempt, error = %err, "PostgreSQL does not answer yet; retrying");
             if tokio::time::Instant::now() >= give_up {
                 anyhow::bail!(
