@@ -58,6 +58,7 @@ impl App {
         let passwords = Passwords::new(&cfg.password)?;
         let captchas = Captchas::new(&cfg.captcha, store.captchas.clone());
         let limits = Limits::new(&cfg.limits, store.counters.clone(), store.addresses.clone());
+        let metrics = Metrics::new(Some(&*store.engine));
         Ok(Arc::new(App {
             store,
             phones,
@@ -68,7 +69,7 @@ impl App {
             limits,
             sms,
             cfg,
-            metrics: Metrics::new(),
+            metrics,
         }))
     }
 

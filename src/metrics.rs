@@ -74,12 +74,13 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// The service's metrics, with the figures of its store's engine.
+    pub fn new(engine: Option<&dyn crate::store::Engine>) -> Self {
         let mut registry = Registry::with_prefix("smsauth");
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = LatencyFamily::new_with_constructor(latency_histogram);
@@ -143,6 +144,9 @@ impl Metrics {
             "Client addresses held by each in-memory limiter",
             tracked_addresses.clone(),
         );
+        if let Some(engine) = engine {
+            engine.register_metrics(&mut registry);
+        }
         Metrics {
             registry,
             requests,

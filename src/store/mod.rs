@@ -327,6 +327,11 @@ pub trait Engine: Send + Sync {
     fn size_on_disk(&self) -> BoxFuture<'_, Result<u64>>;
     /// Periodic work of the engine's own (the sled engine's user-count checkpoint).
     fn maintain(&self) -> BoxFuture<'_, Result<()>>;
+    /// Registers the engine's own figures for /metrics (PostgreSQL: its pool and
+    /// statements).
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
+    /// Brings them up to date, at scrape time.
+    fn observe(&self) {}
 }
 
 /// One engine's parts. Cheap to clone; each domain module keeps the parts it uses.

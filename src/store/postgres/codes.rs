@@ -23,6 +23,7 @@ impl PendingCodes for PgStore {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.execute(
+                "put_code",
                 "INSERT INTO pending_codes (phone, purpose, hash, sent_at, expires_at, attempts)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (phone, purpose) DO UPDATE
@@ -60,6 +61,7 @@ impl PendingCodes for PgStore {
             // server's key, so how much of it matched tells nothing about the code.
             let row = self
                 .query_opt(
+                    "check_code",
                     "WITH used AS (
                         DELETE FROM pending_codes
                         WHERE phone = $1 AND purpose = $2 AND hash = $3
@@ -118,6 +120,7 @@ impl PendingCodes for PgStore {
     fn discard_code<'a>(&'a self, phone: &'a str, purpose: Purpose) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.execute(
+                "discard_code",
                 "DELETE FROM pending_codes WHERE phone = $1 AND purpose = $2",
                 &[&phone, &purpose_number(purpose)],
             )
@@ -129,7 +132,11 @@ impl PendingCodes for PgStore {
     fn pending_code_count(&self) -> BoxFuture<'_, Result<u64>> {
         Box::pin(async move {
             let row = self
-                .query_opt("SELECT count(*) FROM pending_codes", &[])
+                .query_opt(
+                    "pending_code_count",
+                    "SELECT count(*) FROM pending_codes",
+                    &[],
+                )
                 .await?;
             Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
         })
@@ -137,8 +144,12 @@ impl PendingCodes for PgStore {
 
     fn sweep_codes(&self, now: i64) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.execute("DELETE FROM pending_codes WHERE expires_at <= $1", &[&now])
-                .await?;
+            self.execute(
+                "sweep_codes",
+                "DELETE FROM pending_codes WHERE expires_at <= $1",
+                &[&now],
+            )
+            .await?;
             Ok(())
         })
     }
@@ -155,6 +166,7 @@ impl ResendWaits for PgStore {
             // The claim is taken only if the last one is `interval` old: atomic per phone.
             let claimed = self
                 .query_opt(
+                    "reserve_send",
                     "INSERT INTO resend_waits (phone, sent_at) VALUES ($1, $2)
                      ON CONFLICT (phone) DO UPDATE SET sent_at = EXCLUDED.sent_at
                      WHERE resend_waits.sent_at <= $2::bigint - $3::bigint
@@ -167,6 +179,7 @@ impl ResendWaits for PgStore {
             }
             let last: i64 = self
                 .query_opt(
+                    "reserve_send",
                     "SELECT sent_at FROM resend_waits WHERE phone = $1",
                     &[&phone],
                 )
@@ -178,8 +191,12 @@ impl ResendWaits for PgStore {
 
     fn release_send<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.execute("DELETE FROM resend_waits WHERE phone = $1", &[&phone])
-                .await?;
+            self.execute(
+                "release_send",
+                "DELETE FROM resend_waits WHERE phone = $1",
+                &[&phone],
+            )
+            .await?;
             Ok(())
         })
     }
@@ -187,6 +204,7 @@ impl ResendWaits for PgStore {
     fn prune_waits(&self, now: i64, interval: i64) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.execute(
+                "prune_waits",
                 "DELETE FROM resend_waits WHERE sent_at <= $1",
                 &[&(now - interval)],
             )
@@ -205,6 +223,7 @@ impl CaptchaAnswers for PgStore {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.execute(
+                "put_captcha",
                 "INSERT INTO captchas (id, answer, expires_at) VALUES ($1, $2, $3)",
                 &[&id, &answer, &expires_at],
             )
@@ -217,6 +236,7 @@ impl CaptchaAnswers for PgStore {
         Box::pin(async move {
             let row = self
                 .query_opt(
+                    "take_captcha",
                     "DELETE FROM captchas WHERE id = $1 RETURNING answer, expires_at",
                     &[&id],
                 )
@@ -227,8 +247,12 @@ impl CaptchaAnswers for PgStore {
 
     fn prune_captchas(&self, now: i64) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.execute("DELETE FROM captchas WHERE expires_at <= $1", &[&now])
-                .await?;
+            self.execute(
+                "prune_captchas",
+                "DELETE FROM captchas WHERE expires_at <= $1",
+                &[&now],
+            )
+            .await?;
             Ok(())
         })
     }

@@ -73,6 +73,7 @@ impl Counters for PgStore {
             let limit = limit as i64;
             let counted = self
                 .query_opt(
+                    "count_up",
                     "INSERT INTO counters (kind, win, subject, count) VALUES ($1, $2, $3, 1)
                      ON CONFLICT (kind, win, subject) DO UPDATE SET count = counters.count + 1
                      WHERE $4::bigint = 0 OR counters.count < $4::bigint
@@ -95,6 +96,7 @@ impl Counters for PgStore {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.execute(
+                "count_down",
                 "UPDATE counters SET count = count - 1
                  WHERE kind = $1 AND win = $2 AND subject = $3 AND count > 0",
                 &[&counter_number(counter), &window, &subject],
@@ -113,6 +115,7 @@ impl Counters for PgStore {
         Box::pin(async move {
             let row = self
                 .query_opt(
+                    "count",
                     "SELECT count FROM counters WHERE kind = $1 AND win = $2 AND subject = $3",
                     &[&counter_number(counter), &window, &subject],
                 )
@@ -149,6 +152,7 @@ impl Counters for PgStore {
             for counter in Counter::ALL {
                 pruned += self
                     .execute(
+                        "prune_counters",
                         "DELETE FROM counters WHERE kind = $1 AND win < $2",
                         &[&counter_number(counter), &oldest_kept(counter)],
                     )
@@ -175,7 +179,7 @@ impl AddressLimits for PgStore {
             // GCRA: the theoretical arrival time moves one emission interval per request
             // and may run at most `burst` intervals ahead of now.
             let allowed = self
-                .query_opt(
+                .query_opt("check_address", 
                     "INSERT INTO address_limits (kind, ip, tat_ms) VALUES ($1, $2, $3::bigint + $4::bigint)
                      ON CONFLICT (kind, ip) DO UPDATE
                      SET tat_ms = GREATEST(address_limits.tat_ms, $3::bigint) + $4::bigint
@@ -189,6 +193,7 @@ impl AddressLimits for PgStore {
             }
             let tat: i64 = self
                 .query_opt(
+                    "check_address",
                     "SELECT tat_ms FROM address_limits WHERE kind = $1 AND ip = $2",
                     &[&kind, &ip],
                 )
@@ -201,8 +206,12 @@ impl AddressLimits for PgStore {
 
     fn prune_addresses(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.execute("DELETE FROM address_limits WHERE tat_ms < $1", &[&now_ms()])
-                .await?;
+            self.execute(
+                "prune_addresses",
+                "DELETE FROM address_limits WHERE tat_ms < $1",
+                &[&now_ms()],
+            )
+            .await?;
             Ok(())
         })
     }
@@ -211,6 +220,7 @@ impl AddressLimits for PgStore {
         Box::pin(async move {
             let rows = self
                 .query(
+                    "tracked_addresses",
                     "SELECT kind, count(*) FROM address_limits GROUP BY kind",
                     &[],
                 )

@@ -16,6 +16,7 @@
 
 mod codes;
 mod limits;
+mod metrics;
 mod users;
 
 use std::time::Duration;
@@ -45,6 +46,7 @@ pub struct PgStore {
     quotas: limits::Quotas,
     /// Host and port, for messages (never the password).
     target: String,
+    metrics: metrics::PgMetrics,
 }
 
 /// A database error as the store's: what says "not now" is `Unavailable`.
@@ -128,6 +130,7 @@ impl PgStore {
             deadline: wait + statement,
             quotas: limits::Quotas::new(limits),
             target,
+            metrics: metrics::PgMetrics::new(),
         };
         store
             .wait_until_up(Duration::from_secs(cfg.connect_timeout_secs))
@@ -231,16 +234,25 @@ impl PgStore {
         Ok(())
     }
 
-    /// Runs `op` on a pooled connection within the deadline.
+    /// Runs `work` on a pooled connection within the deadline; `op` names it in metrics.
     async fn with_client<T>(
         &self,
-        op: impl AsyncFnOnce(
+        op: &'static str,
+        work: impl AsyncFnOnce(
             &deadpool_postgres::Client,
         ) -> std::result::Result<T, tokio_postgres::Error>,
     ) -> Result<T> {
         let run = async {
+            let asked = std::time::Instant::now();
             let client = self.pool.get().await.map_err(pool_error)?;
-            op(&client).await.map_err(classify)
+            let got = std::time::Instant::now();
+            self.metrics.pool_wait.observe((got - asked).as_secs_f64());
+            let result = work(&client).await.map_err(classify);
+            self.metrics
+                .statements
+                .get_or_create(&metrics::OpLabels { op })
+                .observe(got.elapsed().as_secs_f64());
+            result
         };
         match tokio::time::timeout(self.deadline, run).await {
             Ok(result) => result,
@@ -252,24 +264,39 @@ impl PgStore {
         }
     }
 
-    async fn query_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
-        self.with_client(async |c| {
+    async fn query_opt(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        self.with_client(op, async |c| {
             let statement = c.prepare_cached(sql).await?;
             c.query_opt(&statement, params).await
         })
         .await
     }
 
-    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        self.with_client(async |c| {
+    async fn query(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        self.with_client(op, async |c| {
             let statement = c.prepare_cached(sql).await?;
             c.query(&statement, params).await
         })
         .await
     }
 
-    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        self.with_client(async |c| {
+    async fn execute(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64> {
+        self.with_client(op, async |c| {
             let statement = c.prepare_cached(sql).await?;
             c.execute(&statement, params).await
         })
@@ -295,13 +322,17 @@ impl Engine for PgStore {
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.query_opt("SELECT 1", &[]).await.map(|_| ()) })
+        Box::pin(async move { self.query_opt("ready", "SELECT 1", &[]).await.map(|_| ()) })
     }
 
     fn size_on_disk(&self) -> BoxFuture<'_, Result<u64>> {
         Box::pin(async move {
             let row = self
-                .query_opt("SELECT pg_database_size(current_database())", &[])
+                .query_opt(
+                    "size_on_disk",
+                    "SELECT pg_database_size(current_database())",
+                    &[],
+                )
                 .await?;
             Ok(row.map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
         })
@@ -309,6 +340,20 @@ impl Engine for PgStore {
 
     fn maintain(&self) -> BoxFuture<'_, Result<()>> {
         super::ready(Ok(())) // PostgreSQL's autovacuum does the upkeep
+    }
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.metrics.register(registry);
+    }
+
+    fn observe(&self) {
+        let status = self.pool.status();
+        let m = &self.metrics;
+        m.pool_max.set(status.max_size as i64);
+        m.pool_size.set(status.size as i64);
+        m.pool_in_use
+            .set(status.size.saturating_sub(status.available) as i64);
+        m.pool_waiting.set(status.waiting as i64);
     }
 }
 
@@ -322,12 +367,17 @@ impl Keys for PgStore {
             // Two statements: the second reads after the first has seen any racing
             // instance's insert commit, so every instance gets the one key kept.
             self.execute(
+                "key_or_insert",
                 "INSERT INTO server_keys (name, key) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
                 &[&name, &fresh],
             )
             .await?;
             let row = self
-                .query_opt("SELECT key FROM server_keys WHERE name = $1", &[&name])
+                .query_opt(
+                    "key_or_insert",
+                    "SELECT key FROM server_keys WHERE name = $1",
+                    &[&name],
+                )
                 .await?
                 .ok_or_else(|| StoreError::Engine(format!("server key {name} vanished")))?;
             Ok(row.get(0))

@@ -48,10 +48,15 @@ fn method_arrays(methods: &[LoginMethod]) -> (Vec<i16>, Vec<String>, Vec<Option<
 impl PgStore {
     async fn user_where(
         &self,
+        op: &'static str,
         sql: &str,
         key: &(dyn tokio_postgres::types::ToSql + Sync),
     ) -> Result<Option<User>> {
-        Ok(self.query_opt(sql, &[key]).await?.as_ref().map(user))
+        Ok(self
+            .query_opt(op, sql, &[key])
+            .await?
+            .as_ref()
+            .map(user))
     }
 }
 
@@ -59,21 +64,25 @@ impl Users for PgStore {
     fn user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
         Box::pin(async move {
             let sql = "SELECT id, phone, nickname, created_at, last_login_at, disabled, session_gen FROM users WHERE id = $1";
-            self.user_where(sql, &(id as i64)).await
+            self.user_where("user", sql, &(id as i64)).await
         })
     }
 
     fn user_by_phone<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<Option<User>>> {
         Box::pin(async move {
             let sql = "SELECT id, phone, nickname, created_at, last_login_at, disabled, session_gen FROM users WHERE phone = $1";
-            self.user_where(sql, &phone).await
+            self.user_where("user_by_phone", sql, &phone).await
         })
     }
 
     fn has_user<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let row = self
-                .query_opt("SELECT 1 FROM users WHERE phone = $1", &[&phone])
+                .query_opt(
+                    "has_user",
+                    "SELECT 1 FROM users WHERE phone = $1",
+                    &[&phone],
+                )
                 .await?;
             Ok(row.is_some())
         })
@@ -89,7 +98,7 @@ impl Users for PgStore {
             // One statement: the user and its methods commit together, and of racing
             // creates for one phone the unique index lets exactly one insert.
             let created = self
-                .query_opt(
+                .query_opt("create_user_if_absent", 
                     "WITH u AS (
                         INSERT INTO users (phone, nickname, created_at, last_login_at)
                         VALUES ($1, $2, $3, $4)
@@ -130,28 +139,28 @@ impl Users for PgStore {
             let id = id as i64;
             let row = match &change {
                 UserChange::LoggedIn { at } => {
-                    self.query_opt(
+                    self.query_opt("update_user", 
                         "UPDATE users SET last_login_at = $2 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
                         &[&id, at],
                     )
                     .await?
                 }
                 UserChange::Nickname(n) => {
-                    self.query_opt(
+                    self.query_opt("update_user", 
                         "UPDATE users SET nickname = $2 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
                         &[&id, n],
                     )
                     .await?
                 }
                 UserChange::Disabled(d) => {
-                    self.query_opt(
+                    self.query_opt("update_user", 
                         "UPDATE users SET disabled = $2 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
                         &[&id, d],
                     )
                     .await?
                 }
                 UserChange::EndSessions => {
-                    self.query_opt(
+                    self.query_opt("update_user", 
                         "UPDATE users SET session_gen = (session_gen + 1) % 4294967296 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
                         &[&id],
                     )
@@ -165,7 +174,7 @@ impl Users for PgStore {
     fn login_methods<'a>(&'a self, u: &'a User) -> BoxFuture<'a, Result<Vec<LoginMethod>>> {
         Box::pin(async move {
             let rows = self
-                .query(
+                .query("login_methods", 
                     "SELECT method, identification, access_code FROM login_methods WHERE user_id = $1 ORDER BY method",
                     &[&(u.id as i64)],
                 )
@@ -196,6 +205,7 @@ impl Users for PgStore {
                 return Ok(()); // implied
             }
             self.execute(
+                "put_login_method",
                 "INSERT INTO login_methods (user_id, method, identification, access_code)
                  VALUES ($1, $2, $3, $4)
                  ON CONFLICT (user_id, method) DO UPDATE
@@ -220,7 +230,7 @@ impl Users for PgStore {
         Box::pin(async move {
             // One statement, so one commit: the sessions end with the new method in place.
             let row = self
-                .query_opt(
+                .query_opt("put_login_method_ending_sessions", 
                     "WITH u AS (
                         UPDATE users SET session_gen = (session_gen + 1) % 4294967296
                         WHERE id = $1
@@ -246,7 +256,9 @@ impl Users for PgStore {
 
     fn user_count(&self) -> BoxFuture<'_, Result<u64>> {
         Box::pin(async move {
-            let row = self.query_opt("SELECT count(*) FROM users", &[]).await?;
+            let row = self
+                .query_opt("user_count", "SELECT count(*) FROM users", &[])
+                .await?;
             Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
         })
     }
@@ -254,7 +266,12 @@ impl Users for PgStore {
     fn users(&self) -> BoxFuture<'_, Result<Vec<User>>> {
         Box::pin(async move {
             let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY id");
-            Ok(self.query(&sql, &[]).await?.iter().map(user).collect())
+            Ok(self
+                .query("users", &sql, &[])
+                .await?
+                .iter()
+                .map(user)
+                .collect())
         })
     }
 
@@ -263,7 +280,7 @@ impl Users for PgStore {
             // The login methods go with it (ON DELETE CASCADE), in the same commit; the
             // identity column never gives the id out again.
             let row = self
-                .query_opt(
+                .query_opt("delete_user", 
                     "DELETE FROM users WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
                     &[&(id as i64)],
                 )
@@ -277,7 +294,7 @@ impl Sessions for PgStore {
     fn revoke<'a>(&'a self, jti: &'a str, exp: i64) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let inserted = self
-                .execute(
+                .execute("revoke", 
                     "INSERT INTO revoked_tokens (jti, exp) VALUES ($1, $2) ON CONFLICT (jti) DO NOTHING",
                     &[&jti, &exp],
                 )
@@ -289,7 +306,11 @@ impl Sessions for PgStore {
     fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let row = self
-                .query_opt("SELECT 1 FROM revoked_tokens WHERE jti = $1", &[&jti])
+                .query_opt(
+                    "is_revoked",
+                    "SELECT 1 FROM revoked_tokens WHERE jti = $1",
+                    &[&jti],
+                )
                 .await?;
             Ok(row.is_some())
         })
@@ -299,7 +320,7 @@ impl Sessions for PgStore {
         Box::pin(async move {
             // The user and the revocation check in one round trip.
             let row = self
-                .query_opt(
+                .query_opt("session_user", 
                     "SELECT id, phone, nickname, created_at, last_login_at, disabled, session_gen FROM users
                      WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)",
                     &[&(id as i64), &jti],
@@ -312,7 +333,11 @@ impl Sessions for PgStore {
     fn prune_revocations(&self, now: i64) -> BoxFuture<'_, Result<usize>> {
         Box::pin(async move {
             let n = self
-                .execute("DELETE FROM revoked_tokens WHERE exp < $1", &[&now])
+                .execute(
+                    "prune_revocations",
+                    "DELETE FROM revoked_tokens WHERE exp < $1",
+                    &[&now],
+                )
                 .await?;
             Ok(n as usize)
         })
