@@ -54,6 +54,24 @@ pub fn load_or_insert(dir: &Path, name: &str, fresh: Vec<u8>) -> anyhow::Result<
     }
 }
 
+/// The server keys the data dir holds (`NAME.key` files), by name.
+pub fn in_dir(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut found = Vec::new();
+    for name in NAMES {
+        let path = dir.join(format!("{name}.key"));
+        if path.exists() {
+            found.push((
+                name.to_owned(),
+                load_or_insert(dir, &format!("{name}.key"), Vec::new())?,
+            ));
+        }
+    }
+    Ok(found)
+}
+
+/// The keys a server makes: the token signing key and the code HMAC key.
+pub const NAMES: [&str; 2] = ["token", "code"];
+
 #[cfg(test)]
 mod tests {
     use super::*;

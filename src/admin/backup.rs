@@ -258,20 +258,18 @@ pub fn snapshot_records(store: &dyn Snapshots) -> Result<Vec<u8>, StoreError> {
     Ok(w.into_records())
 }
 
-/// Builds the backup file from a store snapshot (bare records) and the data dir's key
-/// files, and writes it to `file` (mode 0600, replaced atomically). Returns the count of
-/// records written.
-pub fn write_file(file: &Path, snapshot: &[u8], data_dir: &Path) -> anyhow::Result<u64> {
+/// Builds the backup file from a store snapshot (bare records) and the server's keys (by
+/// name, as [`crate::store::Keys::export_keys`] gives them), and writes it to `file`
+/// (mode 0600, replaced atomically). Returns the count of records written. A key travels
+/// as the data dir keeps it, `NAME.key` holding its hex, whichever engine kept it.
+pub fn write_file(file: &Path, snapshot: &[u8], keys: &[(String, Vec<u8>)]) -> anyhow::Result<u64> {
     let mut w = Writer::new();
-    for name in KEY_FILES {
-        let path = data_dir.join(name);
-        match fs::read(&path) {
-            Ok(content) => w.file(name, &content)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot read key file {}", path.display()));
-            }
+    for (name, key) in keys {
+        let file_name = format!("{name}.key");
+        if !KEY_FILES.contains(&file_name.as_str()) {
+            bail!("unexpected server key {name:?}");
         }
+        w.file(&file_name, hex::encode(key).as_bytes())?;
     }
     for r in parse_records(snapshot).context("the snapshot is malformed")? {
         w.record(&r)?;
@@ -306,6 +304,32 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Loads a checked backup into a new, empty store of any engine: its records, then its
+/// keys. Blocking: run it on a blocking thread.
+pub fn load(backup: &Backup<'_>, store: &crate::store::Store) -> anyhow::Result<Vec<String>> {
+    let mut key_files = Vec::new();
+    for r in &backup.records {
+        match *r {
+            Record::Tree { tree, key, value } => store.snapshots.import(tree, key, value)?,
+            Record::File { name, content } => {
+                let hex_text = std::str::from_utf8(content).unwrap_or("").trim();
+                let key = hex::decode(hex_text)
+                    .with_context(|| format!("the backup's {name} is not a hex key"))?;
+                let stem = name.trim_end_matches(".key");
+                let rt = tokio::runtime::Handle::current();
+                let kept = rt.block_on(store.keys.key_or_insert(stem, key.clone()))?;
+                if kept != key {
+                    bail!(
+                        "the store already has a different {stem} key; restore only into an empty store"
+                    );
+                }
+                key_files.push(name.to_owned());
+            }
+        }
+    }
+    Ok(key_files)
 }
 
 /// What a restore did.

@@ -108,20 +108,30 @@ pub async fn user(cfg: &Config, op: Op) -> Result<String, CommandError> {
 
 /// `smsauth backup FILE`.
 pub async fn backup(cfg: &Config, file: &Path) -> Result<String, CommandError> {
-    let (snapshot, via) = match open(cfg).await? {
+    let (snapshot, keys, via) = match open(cfg).await? {
         Target::Direct(store) => {
-            let records = backup::snapshot_records(&*store.snapshots)
-                .map_err(|e| fail(format!("cannot read the store: {e}")))?;
-            (records, "the store")
+            let keys = store
+                .keys
+                .export_keys()
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let snapshots = store.snapshots.clone();
+            let records =
+                tokio::task::spawn_blocking(move || backup::snapshot_records(&*snapshots))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|e| fail(format!("cannot read the store: {e}")))?;
+            (records, keys, "the store")
         }
         Target::Server(sock) => {
             let records = socket::request_snapshot(&sock)
                 .await
                 .map_err(|e| remote(cfg, e))?;
-            (records.to_vec(), "the running server")
+            let keys = crate::keys::in_dir(&cfg.storage.data_dir)?;
+            (records.to_vec(), keys, "the running server")
         }
     };
-    let count = backup::write_file(file, &snapshot, &cfg.storage.data_dir)?;
+    let count = backup::write_file(file, &snapshot, &keys)?;
     Ok(format!(
         "backed up {count} records from {via} to {} (mode 0600: it holds the server's keys)\n",
         file.display()
@@ -163,6 +173,9 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 
 /// `smsauth restore FILE`.
 pub async fn restore(cfg: &Config, file: &Path) -> Result<String, CommandError> {
+    if cfg.storage.engine == StorageEngine::Postgres {
+        return restore_shared(cfg, file).await;
+    }
     let dir = cfg.storage.data_dir.clone();
     let cache = cfg.storage.cache_capacity_mb;
     let file = file.to_owned();
@@ -178,6 +191,55 @@ pub async fn restore(cfg: &Config, file: &Path) -> Result<String, CommandError> 
         cfg.storage.data_dir.display()
     );
     if !restored.key_files.iter().any(|k| k == "token.key") {
+        text.push_str(
+            "note: the backup has no token.key (token.secret was set): start with the same token.secret, or sessions will not verify\n",
+        );
+    }
+    Ok(text)
+}
+
+/// `smsauth restore FILE` into an empty PostgreSQL database (no instance may serve it
+/// meanwhile: stop them first).
+async fn restore_shared(cfg: &Config, file: &Path) -> Result<String, CommandError> {
+    let bytes =
+        std::fs::read(file).map_err(|e| fail(format!("cannot read {}: {e}", file.display())))?;
+    let parsed = backup::Backup::parse(&bytes)
+        .map_err(|e| fail(format!("refusing {}: {e}", file.display())))?;
+    let store = Store::open(cfg).await?;
+    let users = store
+        .users
+        .user_count()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let keys = store
+        .keys
+        .export_keys()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if users != 0 || !keys.is_empty() {
+        return Err(fail(
+            "the PostgreSQL database is not empty (it has users or server keys); restore only loads into an empty database: create a new one, point storage.postgres.url at it, and run restore again",
+        ));
+    }
+    let taken_at = parsed.taken_at;
+    let records = parsed.records.len();
+    let loader = store.clone();
+    let key_files = tokio::task::spawn_blocking(move || {
+        let parsed = backup::Backup::parse(&bytes).expect("parsed once already");
+        backup::load(&parsed, &loader)
+    })
+    .await
+    .map_err(|e| fail(e.to_string()))??;
+    let users = store
+        .users
+        .user_count()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let mut text = format!(
+        "restored {records} records ({users} users) taken at {} into the PostgreSQL database\n",
+        rfc3339(taken_at)
+    );
+    if !key_files.iter().any(|k| k == "token.key") {
         text.push_str(
             "note: the backup has no token.key (token.secret was set): start with the same token.secret, or sessions will not verify\n",
         );

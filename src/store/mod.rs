@@ -18,6 +18,7 @@
 //! share, so they act as one. No engine type leaves its module.
 
 mod codec;
+mod layout;
 mod memory;
 mod postgres;
 mod sled;
@@ -297,12 +298,17 @@ pub trait Sessions: Send + Sync {
     fn prune_revocations(&self, now: i64) -> BoxFuture<'_, Result<usize>>;
 }
 
+/// A server key and its name (`token`, `code`).
+pub type NamedKey = (String, Vec<u8>);
+
 /// The server's own secrets, made once and shared by every instance of a cluster.
 pub trait Keys: Send + Sync {
     /// The key `name`, or `fresh` stored as it if there is none yet. Atomic: instances
     /// starting together all get the same key.
     fn key_or_insert<'a>(&'a self, name: &'a str, fresh: Vec<u8>)
     -> BoxFuture<'a, Result<Vec<u8>>>;
+    /// Every key kept, by name, for a backup.
+    fn export_keys(&self) -> BoxFuture<'_, Result<Vec<NamedKey>>>;
 }
 
 /// The whole store as records, for `smsauth backup` and `restore`. Blocking: call from a

@@ -6,7 +6,7 @@ use super::{PgStore, Result};
 use crate::model::{PendingCode, Purpose};
 use crate::store::{BoxFuture, CaptchaAnswers, CodeCheck, PendingCodes, ResendWaits};
 
-fn purpose_number(p: Purpose) -> i16 {
+pub(super) fn purpose_number(p: Purpose) -> i16 {
     match p {
         Purpose::Login => 1,
         Purpose::Register => 2,

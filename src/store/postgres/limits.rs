@@ -9,7 +9,7 @@ use crate::config::LimitsConfig;
 use crate::model::Counter;
 use crate::store::{AddressLimit, AddressLimits, BoxFuture, Counters};
 
-fn counter_number(c: Counter) -> i16 {
+pub(super) fn counter_number(c: Counter) -> i16 {
     match c {
         Counter::PhoneSendsPerDay => 1,
         Counter::SendsPerDay => 2,

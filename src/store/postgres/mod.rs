@@ -14,6 +14,7 @@
 //! - The schema is versioned (`smsauth_schema`) and migrated at start under an advisory
 //!   lock, so instances starting together migrate once.
 
+mod backup;
 mod codes;
 mod limits;
 mod metrics;
@@ -26,7 +27,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{BoxFuture, Engine, Keys, RecordSink, Snapshots, StoreError};
+use super::{BoxFuture, Engine, Keys, NamedKey, StoreError};
 use crate::config::{LimitsConfig, PostgresConfig};
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -47,6 +48,8 @@ pub struct PgStore {
     /// Host and port, for messages (never the password).
     target: String,
     metrics: metrics::PgMetrics,
+    /// For [`super::Snapshots`], which is called from a blocking thread.
+    runtime: tokio::runtime::Handle,
 }
 
 /// A database error as the store's: what says "not now" is `Unavailable`.
@@ -131,6 +134,7 @@ impl PgStore {
             quotas: limits::Quotas::new(limits),
             target,
             metrics: metrics::PgMetrics::new(),
+            runtime: tokio::runtime::Handle::current(),
         };
         store
             .wait_until_up(Duration::from_secs(cfg.connect_timeout_secs))
@@ -383,18 +387,17 @@ impl Keys for PgStore {
             Ok(row.get(0))
         })
     }
-}
 
-impl Snapshots for PgStore {
-    fn snapshot(&self, _sink: &mut RecordSink<'_>) -> Result<()> {
-        Err(StoreError::Engine(
-            "backups of a PostgreSQL store are not available in this release; use pg_dump".into(),
-        ))
-    }
-
-    fn import(&self, _tree: &str, _key: &[u8], _value: &[u8]) -> Result<()> {
-        Err(StoreError::Engine(
-            "restoring into a PostgreSQL store is not available in this release".into(),
-        ))
+    fn export_keys(&self) -> BoxFuture<'_, Result<Vec<NamedKey>>> {
+        Box::pin(async move {
+            let rows = self
+                .query(
+                    "export_keys",
+                    "SELECT name, key FROM server_keys ORDER BY name",
+                    &[],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
     }
 }

@@ -8,7 +8,7 @@ use crate::store::{BoxFuture, NewUser, Sessions, StoreError, UserChange, Users};
 
 const USER_COLUMNS: &str = "id, phone, nickname, created_at, last_login_at, disabled, session_gen";
 
-fn user(row: &Row) -> User {
+pub(super) fn row_user(row: &Row) -> User {
     User {
         id: row.get::<_, i64>(0) as UserId,
         phone: row.get(1),
@@ -27,7 +27,7 @@ pub(super) fn method_number(m: Method) -> i16 {
     }
 }
 
-fn method_of(n: i16) -> Result<Method> {
+pub(super) fn method_of(n: i16) -> Result<Method> {
     match n {
         1 => Ok(Method::Sms),
         2 => Ok(Method::Password),
@@ -56,7 +56,7 @@ impl PgStore {
             .query_opt(op, sql, &[key])
             .await?
             .as_ref()
-            .map(user))
+            .map(row_user))
     }
 }
 
@@ -123,7 +123,7 @@ impl Users for PgStore {
                 )
                 .await?;
             if let Some(row) = created {
-                return Ok((user(&row), true));
+                return Ok((row_user(&row), true));
             }
             // The other create has committed (the insert waited for it): a new statement
             // sees its user.
@@ -167,7 +167,7 @@ impl Users for PgStore {
                     .await?
                 }
             };
-            Ok(row.as_ref().map(user))
+            Ok(row.as_ref().map(row_user))
         })
     }
 
@@ -250,7 +250,7 @@ impl Users for PgStore {
                     ],
                 )
                 .await?;
-            Ok(row.as_ref().map(user))
+            Ok(row.as_ref().map(row_user))
         })
     }
 
@@ -270,7 +270,7 @@ impl Users for PgStore {
                 .query("users", &sql, &[])
                 .await?
                 .iter()
-                .map(user)
+                .map(row_user)
                 .collect())
         })
     }
@@ -285,7 +285,7 @@ impl Users for PgStore {
                     &[&(id as i64)],
                 )
                 .await?;
-            Ok(row.as_ref().map(user))
+            Ok(row.as_ref().map(row_user))
         })
     }
 }
@@ -326,7 +326,7 @@ impl Sessions for PgStore {
                     &[&(id as i64), &jti],
                 )
                 .await?;
-            Ok(row.as_ref().map(user))
+            Ok(row.as_ref().map(row_user))
         })
     }
 

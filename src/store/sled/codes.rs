@@ -15,11 +15,12 @@ use std::time::Duration;
 use moka::sync::Cache;
 use subtle::ConstantTimeEq;
 
-use super::{SledStore, code_key, parse_code_key};
+use super::SledStore;
 use crate::clock::now;
 use crate::model::{PendingCode, Purpose};
 use crate::sharded::KeyLocks;
 use crate::store::codec::{decode, encode};
+use crate::store::layout::{code_key, parse_code_key};
 use crate::store::{BoxFuture, CodeCheck, PendingCodes, StoreError, ready};
 
 type Result<T> = std::result::Result<T, StoreError>;

@@ -10,9 +10,10 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use super::{SledStore, counter_byte, counter_key};
+use super::SledStore;
 use crate::model::Counter;
 use crate::store::codec::{read_u64, u64_key};
+use crate::store::layout::{counter_byte, counter_key};
 use crate::store::{BoxFuture, Counters, StoreError, ready};
 
 type Result<T> = std::result::Result<T, StoreError>;

@@ -1,15 +1,6 @@
 //! The embedded engine: every part of [`super::Store`] that must persist, on sled 0.34
-//! (what need not persist is in [`super::memory`]). Trees are named `<key>_<value>`:
-//!
-//! | tree | key | value |
-//! | --- | --- | --- |
-//! | `meta` | name | `schema_version` u32 BE; `next_user_id`, `users_total`, `first_id_of_run` u64 BE; `closed_cleanly`; `users_checkpoint` codec([`UserCountCheckpoint`]) |
-//! | `userid_user` | user id u64 BE | codec([`User`]) |
-//! | `phone_userid` | E.164 bytes | user id u64 BE |
-//! | `useridmethod_login` | user id u64 BE, method byte | codec([`crate::model::LoginMethod`]) |
-//! | `phonepurpose_code` | E.164 bytes, 0xff, purpose byte | codec([`crate::model::PendingCode`]) |
-//! | `jti_exp` | token id bytes | expiry unix secs i64 BE |
-//! | `counter_count` | counter byte, window i64 BE, subject bytes | count u64 BE |
+//! (what need not persist is in [`super::memory`]). Trees are named `<key>_<value>`;
+//! their layout, which is also a backup's, is in [`super::layout`].
 //!
 //! No sled transaction or batch is ever used. The first one switches sled 0.34 into a
 //! mode where every operation takes a process-wide lock that transactions take
@@ -67,18 +58,16 @@ use self::counters::DailyBudget;
 use self::group_commit::GroupCommit;
 use self::user_cache::UserCache;
 use super::codec::{decode, encode, read_u64, u64_key};
+use super::layout::{self, STORED_METHODS, method_byte, method_key};
 use super::{BoxFuture, Engine, Keys, RecordSink, Snapshots, StoreError, UserChange, ready};
-use crate::model::{Counter, Method, Purpose, User, UserId};
+use crate::model::{Method, User, UserId};
 use crate::sharded::KeyLocks;
 
 /// 1: the first layout. 2: `sms` login methods are implied, no longer stored. 3: a
 /// deletion is listed in the user-count checkpoint before it commits; a release that
 /// does not know this would delete without listing, and a start after a crash would then
 /// count wrong, so a version 2 release must refuse the store (it refuses newer ones).
-const SCHEMA_VERSION: u32 = 3;
-const META_SCHEMA: &[u8] = b"schema_version";
-const META_NEXT_ID: &[u8] = b"next_user_id";
-const META_USERS: &[u8] = b"users_total";
+use super::layout::{META_NEXT_ID, META_SCHEMA, META_USERS, SCHEMA_VERSION};
 const META_FIRST_ID_OF_RUN: &[u8] = b"first_id_of_run";
 const META_CLOSED_CLEANLY: &[u8] = b"closed_cleanly";
 const META_USERS_CHECKPOINT: &[u8] = b"users_checkpoint";
@@ -155,13 +144,13 @@ impl SledStore {
             .map_err(|e| StoreError::Engine(format!("cannot open {}: {e}", log_path.display())))?;
         let store = SledStore {
             dir: dir.to_owned(),
-            meta: db.open_tree("meta")?,
-            users: db.open_tree("userid_user")?,
-            phones: db.open_tree("phone_userid")?,
-            methods: db.open_tree("useridmethod_login")?,
-            codes: db.open_tree("phonepurpose_code")?,
-            revoked: db.open_tree("jti_exp")?,
-            counters: db.open_tree("counter_count")?,
+            meta: db.open_tree(layout::META)?,
+            users: db.open_tree(layout::USERS)?,
+            phones: db.open_tree(layout::PHONES)?,
+            methods: db.open_tree(layout::METHODS)?,
+            codes: db.open_tree(layout::CODES)?,
+            revoked: db.open_tree(layout::REVOKED)?,
+            counters: db.open_tree(layout::COUNTERS)?,
             commit: GroupCommit::new(db.clone(), log_file),
             db,
             gate: RwLock::new(()),
@@ -407,65 +396,6 @@ fn retry_while_locked<T, E>(
     }
 }
 
-/// Login methods with a stored record, in key order (`sms` is implied, never stored).
-const STORED_METHODS: [Method; 1] = [Method::Password];
-
-fn method_byte(method: Method) -> u8 {
-    match method {
-        Method::Sms => 1,
-        Method::Password => 2,
-    }
-}
-
-fn method_key(id: UserId, method: Method) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[..8].copy_from_slice(&u64_key(id));
-    k[8] = method_byte(method);
-    k
-}
-
-fn purpose_byte(p: Purpose) -> u8 {
-    match p {
-        Purpose::Login => 1,
-        Purpose::Register => 2,
-        Purpose::ResetPassword => 3,
-    }
-}
-
-fn code_key(phone: &str, purpose: Purpose) -> Vec<u8> {
-    let mut k = Vec::with_capacity(phone.len() + 2);
-    k.extend_from_slice(phone.as_bytes());
-    k.push(0xff);
-    k.push(purpose_byte(purpose));
-    k
-}
-
-fn parse_code_key(k: &[u8]) -> Option<(String, Purpose)> {
-    let (&p, rest) = k.split_last()?;
-    let (&sep, phone) = rest.split_last()?;
-    if sep != 0xff {
-        return None;
-    }
-    let purpose = Purpose::ALL.into_iter().find(|x| purpose_byte(*x) == p)?;
-    Some((String::from_utf8(phone.to_vec()).ok()?, purpose))
-}
-
-fn counter_byte(c: Counter) -> u8 {
-    match c {
-        Counter::PhoneSendsPerDay => 1,
-        Counter::SendsPerDay => 2,
-        Counter::PhoneFailuresPerHour => 3,
-    }
-}
-
-fn counter_key(counter: Counter, window: i64, subject: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9 + subject.len());
-    k.push(counter_byte(counter));
-    k.extend_from_slice(&window.to_be_bytes());
-    k.extend_from_slice(subject.as_bytes());
-    k
-}
-
 /// Runs `work`, which may take long (a scan of a whole tree), where the runtime allows:
 /// on a multi-threaded runtime the worker hands its other tasks over first; outside a
 /// runtime it simply runs.
@@ -522,6 +452,10 @@ impl Keys for SledStore {
             crate::keys::load_or_insert(&self.dir, &format!("{name}.key"), fresh)
                 .map_err(|e| StoreError::Engine(format!("{e:#}"))),
         )
+    }
+
+    fn export_keys(&self) -> BoxFuture<'_, Result<Vec<super::NamedKey>, StoreError>> {
+        ready(crate::keys::in_dir(&self.dir).map_err(|e| StoreError::Engine(format!("{e:#}"))))
     }
 }
 

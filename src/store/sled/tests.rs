@@ -1,5 +1,6 @@
 use super::*;
-use crate::model::{LoginMethod, PendingCode};
+use crate::model::{Counter, LoginMethod, PendingCode, Purpose};
+use crate::store::layout::{META_SCHEMA, META_USERS, SCHEMA_VERSION, method_key, parse_code_key};
 use crate::store::{BoxFuture, CodeCheck, Counters, NewUser, PendingCodes, Sessions, Users};
 
 /// The engine's calls are done when they return: their futures are ready.

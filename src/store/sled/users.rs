@@ -2,9 +2,10 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{STORED_METHODS, SledStore, method_key};
+use super::SledStore;
 use crate::model::{LoginMethod, Method, User, UserId};
 use crate::store::codec::{decode, encode, read_u64, u64_key};
+use crate::store::layout::{STORED_METHODS, method_key};
 use crate::store::{BoxFuture, NewUser, StoreError, UserChange, Users, ready};
 
 type Result<T> = std::result::Result<T, StoreError>;

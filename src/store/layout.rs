@@ -1,0 +1,122 @@
+//! The layout of the embedded engine's records, which is also the layout of a backup
+//! file's records (`smsauth backup` writes them for either engine): tree names, keys and
+//! values. Values are [`super::codec`] encodings of the model's types unless said.
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `meta` | name | `schema_version` u32 BE; `next_user_id`, `users_total` u64 BE; others the sled engine's own |
+//! | `userid_user` | user id u64 BE | codec([`crate::model::User`]) |
+//! | `phone_userid` | E.164 bytes | user id u64 BE |
+//! | `useridmethod_login` | user id u64 BE, method byte | codec([`crate::model::LoginMethod`]) |
+//! | `phonepurpose_code` | E.164 bytes, 0xff, purpose byte | codec([`crate::model::PendingCode`]) |
+//! | `jti_exp` | token id bytes | expiry unix secs i64 BE |
+//! | `counter_count` | counter byte, window i64 BE, subject bytes | count u64 BE |
+
+use super::codec::u64_key;
+use crate::model::{Counter, Method, Purpose, UserId};
+
+/// The version of this layout (`meta/schema_version`): the sled engine's schema.
+pub const SCHEMA_VERSION: u32 = 3;
+
+pub const META: &str = "meta";
+pub const USERS: &str = "userid_user";
+pub const PHONES: &str = "phone_userid";
+pub const METHODS: &str = "useridmethod_login";
+pub const CODES: &str = "phonepurpose_code";
+pub const REVOKED: &str = "jti_exp";
+pub const COUNTERS: &str = "counter_count";
+pub const META_SCHEMA: &[u8] = b"schema_version";
+pub const META_NEXT_ID: &[u8] = b"next_user_id";
+pub const META_USERS: &[u8] = b"users_total";
+
+/// Login methods with a stored record, in key order (`sms` is implied, never stored).
+pub const STORED_METHODS: [Method; 1] = [Method::Password];
+
+pub fn method_byte(method: Method) -> u8 {
+    match method {
+        Method::Sms => 1,
+        Method::Password => 2,
+    }
+}
+
+pub fn method_key(id: UserId, method: Method) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[..8].copy_from_slice(&u64_key(id));
+    k[8] = method_byte(method);
+    k
+}
+
+pub fn purpose_byte(p: Purpose) -> u8 {
+    match p {
+        Purpose::Login => 1,
+        Purpose::Register => 2,
+        Purpose::ResetPassword => 3,
+    }
+}
+
+pub fn code_key(phone: &str, purpose: Purpose) -> Vec<u8> {
+    let mut k = Vec::with_capacity(phone.len() + 2);
+    k.extend_from_slice(phone.as_bytes());
+    k.push(0xff);
+    k.push(purpose_byte(purpose));
+    k
+}
+
+pub fn parse_code_key(k: &[u8]) -> Option<(String, Purpose)> {
+    let (&p, rest) = k.split_last()?;
+    let (&sep, phone) = rest.split_last()?;
+    if sep != 0xff {
+        return None;
+    }
+    let purpose = Purpose::ALL.into_iter().find(|x| purpose_byte(*x) == p)?;
+    Some((String::from_utf8(phone.to_vec()).ok()?, purpose))
+}
+
+pub fn counter_byte(c: Counter) -> u8 {
+    match c {
+        Counter::PhoneSendsPerDay => 1,
+        Counter::SendsPerDay => 2,
+        Counter::PhoneFailuresPerHour => 3,
+    }
+}
+
+pub fn counter_key(counter: Counter, window: i64, subject: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + subject.len());
+    k.push(counter_byte(counter));
+    k.extend_from_slice(&window.to_be_bytes());
+    k.extend_from_slice(subject.as_bytes());
+    k
+}
+
+/// The counter, window and subject of a `counter_count` key.
+pub fn parse_counter_key(k: &[u8]) -> Option<(Counter, i64, String)> {
+    let (&c, rest) = k.split_first()?;
+    let counter = Counter::ALL.into_iter().find(|x| counter_byte(*x) == c)?;
+    let window = i64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    Some((counter, window, String::from_utf8(rest[8..].to_vec()).ok()?))
+}
+
+/// The user id of a `useridmethod_login` key.
+pub fn method_key_user(k: &[u8]) -> Option<UserId> {
+    Some(u64::from_be_bytes(k.get(..8)?.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_back() {
+        let k = counter_key(Counter::PhoneFailuresPerHour, -3, "+861");
+        assert_eq!(
+            parse_counter_key(&k),
+            Some((Counter::PhoneFailuresPerHour, -3, "+861".to_string()))
+        );
+        let k = code_key("+861", Purpose::ResetPassword);
+        assert_eq!(
+            parse_code_key(&k),
+            Some(("+861".to_string(), Purpose::ResetPassword))
+        );
+        assert_eq!(method_key_user(&method_key(7, Method::Password)), Some(7));
+    }
+}
