@@ -124,6 +124,13 @@ fn mode(path: &Path) -> u32 {
 
 #[tokio::test]
 async fn ten_thousand_users_round_trip_and_old_sessions_still_work() {
+    if common::engine() == "postgres" {
+        eprintln!(
+            "skipped under TEST_STORAGE_ENGINE=postgres: it fills the data dir and compares \
+             the restored one through SledStore and sled's trees"
+        );
+        return;
+    }
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let started = Instant::now();
     fill(&dir.path().join("data"));

@@ -170,4 +170,12 @@ async fn codes_are_never_written_in_plain_text() {
             }
         }
     }
+    // Nor in any table, on PostgreSQL.
+    if common::engine() == "postgres" {
+        let tables = common::postgres_tables(s.dir().path());
+        assert!(!tables.is_empty(), "the engine made no tables");
+        for (table, rows) in tables {
+            assert!(!rows.contains(code.as_str()), "{table} holds the code");
+        }
+    }
 }

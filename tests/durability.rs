@@ -87,9 +87,12 @@ async fn kill9_after_a_login_keeps_the_code_used_up() {
 #[tokio::test]
 async fn kill9_with_registrations_in_flight_loses_no_acknowledged_user() {
     const N: usize = 48;
-    // All from one address: lift the per-address limits, which are not under test here.
-    let mut s =
-        TestServer::start("[limits]\nip_per_hour = 0\nverify_per_ip_per_minute = 0\n").await;
+    // All from one address: lift the per-address limits, which are not under test here;
+    // and the resend wait, which a shared store (PostgreSQL) keeps across the kill.
+    let mut s = TestServer::start(
+        "[code]\nresend_interval_secs = 0\n[limits]\nip_per_hour = 0\nverify_per_ip_per_minute = 0\n",
+    )
+    .await;
     let phones: Vec<String> = (0..N).map(|i| format!("1391234{i:04}")).collect();
     let mut codes = HashMap::new();
     for p in &phones {

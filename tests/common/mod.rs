@@ -1,13 +1,18 @@
 //! Test harness: runs the real `smsauth` binary on an ephemeral loopback port with a
 //! temporary data dir, reads its JSON log (where the `log` sender writes codes), and
 //! talks HTTP to it. Restarts are real processes: SIGTERM, or kill -9.
+//!
+//! With TEST_STORAGE_ENGINE=postgres every server and admin command runs on PostgreSQL
+//! instead of sled: one database per harness dir, in this test binary's shared cluster.
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod cluster;
 pub mod postgres;
 pub mod receiver;
 pub mod webdriver;
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,6 +23,11 @@ use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_smsauth");
 const WAIT: Duration = Duration::from_secs(20);
+/// `postgres` runs every server on PostgreSQL instead of sled. Not an SMSAUTH_ name: the
+/// servers inherit the environment, and smsauth refuses unknown SMSAUTH_ variables.
+pub const ENGINE_VAR: &str = "TEST_STORAGE_ENGINE";
+/// In a harness dir (beside `data/`): the URL of that dir's PostgreSQL database.
+const POSTGRES_URL_FILE: &str = "postgres.url";
 
 /// Log lines of one server process, shared with the thread that reads them.
 #[derive(Default)]
@@ -58,7 +68,7 @@ impl TestServer {
             .env_remove("RUST_LOG")
             // The harness's own settings, as variables so the file is all the test's.
             .env("SMSAUTH_SERVER__LISTEN", "127.0.0.1:0")
-            .env("SMSAUTH_STORAGE__DATA_DIR", dir.path().join("data"))
+            .envs(storage_env(dir.path()))
             .env("SMSAUTH_LOG__FORMAT", "json")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -294,8 +304,9 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> std::process:
 }
 
 /// Runs an admin command (`user list`, `backup FILE`, ...) on the data dir the harness
-/// lays out under `dir` (`dir/data`, configuration `dir/smsauth.toml`), as an operator
-/// would beside a running or stopped server.
+/// lays out under `dir` (`dir/data`, configuration `dir/smsauth.toml`, and the dir's
+/// database under TEST_STORAGE_ENGINE=postgres), as an operator would beside a running or
+/// stopped server.
 pub fn admin(dir: &Path, args: &[&str]) -> std::process::Output {
     let config = dir.join("smsauth.toml");
     if !config.exists() {
@@ -306,9 +317,86 @@ pub fn admin(dir: &Path, args: &[&str]) -> std::process::Output {
         .arg("--config")
         .arg(&config)
         .env_remove("RUST_LOG")
-        .env("SMSAUTH_STORAGE__DATA_DIR", dir.join("data"))
+        .envs(storage_env(dir))
         .current_dir(dir);
     cmd.output().expect("run smsauth")
+}
+
+/// The storage engine the harness runs servers and commands on: `sled` (the default) or
+/// `postgres` (TEST_STORAGE_ENGINE=postgres), for tests that must know.
+pub fn engine() -> &'static str {
+    match std::env::var(ENGINE_VAR).as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("" | "sled") => "sled",
+        Ok("postgres") => "postgres",
+        other => panic!("{ENGINE_VAR} must be `sled` or `postgres`, not {other:?}"),
+    }
+}
+
+/// The storage settings of a process (server or command) on the harness dir `dir`, as
+/// variables: the data dir `dir/data` and, under TEST_STORAGE_ENGINE=postgres, the
+/// engine and the dir's own database (see `postgres_url`).
+pub fn storage_env(dir: &Path) -> Vec<(&'static str, OsString)> {
+    let mut env = vec![(
+        "SMSAUTH_STORAGE__DATA_DIR",
+        dir.join("data").into_os_string(),
+    )];
+    if engine() == "postgres" {
+        env.push(("SMSAUTH_STORAGE__ENGINE", "postgres".into()));
+        env.push(("SMSAUTH_STORAGE__POSTGRES__URL", postgres_url(dir).into()));
+    }
+    env
+}
+
+/// The shared PostgreSQL cluster of this test binary; TEST_STORAGE_ENGINE=postgres only.
+pub fn shared_postgres() -> &'static postgres::Postgres {
+    postgres::Postgres::shared().unwrap_or_else(|| {
+        panic!(
+            "{ENGINE_VAR}=postgres, but there is no PostgreSQL to run the servers on \
+             (install the PostgreSQL server binaries: Debian package `postgresql`)"
+        )
+    })
+}
+
+/// The PostgreSQL database of the harness dir `dir`: made by the first server or command
+/// on the dir, its URL kept in `dir/postgres.url`, so that restarts and later processes
+/// on the same dir find the same data.
+pub fn postgres_url(dir: &Path) -> String {
+    // Two threads must not both make one for the same dir.
+    static MAKING: Mutex<()> = Mutex::new(());
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let file = dir.join(POSTGRES_URL_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(url) => url.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let url = shared_postgres().new_database();
+            std::fs::write(&file, &url).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+            url
+        }
+        Err(e) => panic!("read {}: {e}", file.display()),
+    }
+}
+
+/// Every table of the PostgreSQL database of `dir` with all its rows as text (one row
+/// per line, `(col,col,...)`), schema-blind: for checks of what the engine stored,
+/// whatever its tables are.
+pub fn postgres_tables(dir: &Path) -> Vec<(String, String)> {
+    let pg = shared_postgres();
+    let url = postgres_url(dir);
+    let names = pg.psql_url(
+        &url,
+        "SELECT quote_ident(table_schema) || '.' || quote_ident(table_name) \
+         FROM information_schema.tables \
+         WHERE table_type = 'BASE TABLE' \
+         AND table_schema NOT IN ('pg_catalog', 'information_schema') \
+         ORDER BY 1;",
+    );
+    names
+        .lines()
+        .map(|table| {
+            let rows = pg.psql_url(&url, &format!("SELECT t::text FROM {table} t;"));
+            (table.to_owned(), rows)
+        })
+        .collect()
 }
 
 /// stdout of a command that must have succeeded.
