@@ -281,8 +281,14 @@ async fn kill9_costs_at_most_the_stored_ahead_part_of_the_daily_budget() {
     let s = TestServer::start(BUDGET_300).await;
     assert_eq!(send_to_new_phones(&s, 0, 4).await, 4);
     let s = s.kill9_and_restart().await;
-    // 4 sent, 6 stored ahead when the process died.
-    assert_eq!(sends_until_the_budget_is_spent(&s, 100).await, 294);
+    // 4 sent, 6 stored ahead when the process died (sled). PostgreSQL counts every send
+    // in the database, so a crash costs nothing there.
+    let left = if common::engine() == "postgres" {
+        296
+    } else {
+        294
+    };
+    assert_eq!(sends_until_the_budget_is_spent(&s, 100).await, left);
     let s = s.kill9_and_restart().await;
     assert_eq!(sends_until_the_budget_is_spent(&s, 500).await, 0);
 }
@@ -447,6 +453,12 @@ async fn a_flood_of_addresses_keeps_limiter_memory_bounded() {
             results.iter().all(|(status, _)| *status == 400),
             "{results:?}"
         );
+    }
+    if common::engine() == "postgres" {
+        eprintln!(
+            "skipped the memory bound under TEST_STORAGE_ENGINE=postgres: the addresses are kept in the database, none in this process"
+        );
+        return;
     }
     let (_, metrics) = s.get_text("/metrics").await;
     let tracked = metric(
