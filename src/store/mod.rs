@@ -106,6 +106,14 @@ pub trait Users: Send + Sync {
         new: NewUser<'a>,
         methods: &'a [LoginMethod],
     ) -> BoxFuture<'a, Result<(User, bool)>>;
+    /// A code login: creates the user as [`Users::create_user_if_absent`] does, and if the
+    /// phone had one already, records the login (`new.last_login_at`) unless the account
+    /// is disabled. Returns the user as stored after it and whether it was created.
+    fn log_in_or_create<'a>(
+        &'a self,
+        new: NewUser<'a>,
+        methods: &'a [LoginMethod],
+    ) -> BoxFuture<'a, Result<(User, bool)>>;
     fn update_user(&self, id: UserId, change: UserChange) -> BoxFuture<'_, Result<Option<User>>>;
     /// The user's login methods: `sms` always (every account was made by proving its
     /// phone, so the method is implied by the user record and not stored), then the

@@ -13,7 +13,7 @@ use crate::http::cookie;
 use crate::http::router::Req;
 use crate::model::{LoginMethod, Method, Purpose, User};
 use crate::phone::{Phone, mask};
-use crate::store::{NewUser, UserChange};
+use crate::store::NewUser;
 
 /// The answer to every successful login or registration.
 #[derive(Serialize)]
@@ -82,24 +82,15 @@ pub async fn sms_login(app: &App, req: Req) -> Result<Resp, ApiError> {
         created_at: now,
         last_login_at: Some(now),
     };
-    let (mut user, created) = app
+    let (user, created) = app
         .store
         .users
-        .create_user_if_absent(new, &[sms_method(&phone)])
+        .log_in_or_create(new, &[sms_method(&phone)])
         .await?;
+    app.store.engine.flush().await?; // the code is used up either way
     if user.disabled {
-        app.store.engine.flush().await?; // the code is used up all the same
         return Err(ApiError::Unauthorized("this account is disabled"));
     }
-    if !created {
-        user = app
-            .store
-            .users
-            .update_user(user.id, UserChange::LoggedIn { at: now })
-            .await?
-            .ok_or_else(|| ApiError::Internal("user vanished during login".into()))?;
-    }
-    app.store.engine.flush().await?;
     tracing::info!(user_id = user.id, phone = %phone.masked(), created, "sms login");
     app.metrics.login("sms");
     if created {

@@ -134,6 +134,55 @@ impl Users for PgStore {
         })
     }
 
+    fn log_in_or_create<'a>(
+        &'a self,
+        new: NewUser<'a>,
+        methods: &'a [LoginMethod],
+    ) -> BoxFuture<'a, Result<(User, bool)>> {
+        Box::pin(async move {
+            let (kinds, idents, codes) = method_arrays(methods);
+            // One statement for the common case: the create, or the login of an existing
+            // enabled account (its last login set). A row an upsert inserted has xmax 0.
+            let row = self
+                .query_opt(
+                    "log_in_or_create",
+                    "WITH u AS (
+                        INSERT INTO users (phone, nickname, created_at, last_login_at)
+                        VALUES ($1, $2, $3, $4)
+                        ON CONFLICT (phone) DO UPDATE SET last_login_at = EXCLUDED.last_login_at
+                        WHERE NOT users.disabled
+                        RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen,
+                                  (xmax = 0) AS created
+                    ), m AS (
+                        INSERT INTO login_methods (user_id, method, identification, access_code)
+                        SELECT u.id, x.method, x.identification, x.access_code
+                        FROM u, unnest($5::smallint[], $6::text[], $7::text[])
+                            AS x(method, identification, access_code)
+                        WHERE u.created
+                    )
+                    SELECT * FROM u",
+                    &[
+                        &new.phone,
+                        &new.nickname,
+                        &new.created_at,
+                        &new.last_login_at,
+                        &kinds,
+                        &idents,
+                        &codes,
+                    ],
+                )
+                .await?;
+            if let Some(row) = row {
+                return Ok((row_user(&row), row.get::<_, bool>(7)));
+            }
+            // A disabled account: nothing changed; the caller refuses it.
+            let existing = self.user_by_phone(new.phone).await?.ok_or_else(|| {
+                StoreError::Engine("the account was deleted during its login".into())
+            })?;
+            Ok((existing, false))
+        })
+    }
+
     fn update_user(&self, id: UserId, change: UserChange) -> BoxFuture<'_, Result<Option<User>>> {
         Box::pin(async move {
             let id = id as i64;

@@ -164,6 +164,27 @@ impl Users for SledStore {
         ready(self.create_now(new, methods))
     }
 
+    fn log_in_or_create<'a>(
+        &'a self,
+        new: NewUser<'a>,
+        methods: &'a [LoginMethod],
+    ) -> BoxFuture<'a, Result<(User, bool)>> {
+        let at = new.last_login_at;
+        ready((|| {
+            let (user, created) = self.create_now(new, methods)?;
+            let Some(at) = at.filter(|_| !created && !user.disabled) else {
+                return Ok((user, created));
+            };
+            let _gate = self.write_gate();
+            let user = self
+                .change_user(user.id, &UserChange::LoggedIn { at })?
+                .ok_or_else(|| {
+                    StoreError::Engine("the account was deleted during its login".into())
+                })?;
+            Ok((user, false))
+        })())
+    }
+
     fn update_user(&self, id: UserId, change: UserChange) -> BoxFuture<'_, Result<Option<User>>> {
         let _gate = self.write_gate();
         ready(self.change_user(id, &change))
