@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use tokio_postgres::IsolationLevel;
 
-use super::users::{method_number, row_user};
+use super::users::{method_number, row_user, user_columns};
 use super::{PgStore, Result, classify, pool_error};
 use crate::model::{LoginMethod, Method, PendingCode, Purpose, User};
 use crate::store::codec::{decode, encode, read_i64, read_u64, u64_key};
@@ -50,10 +50,7 @@ impl PgStore {
             trees.entry(tree).or_default().insert(k, v);
         };
         let users = tx
-            .query(
-                "SELECT id, phone, nickname, created_at, last_login_at, disabled, session_gen FROM users",
-                &[],
-            )
+            .query(concat!("SELECT ", user_columns!(), " FROM users"), &[])
             .await
             .map_err(classify)?;
         for row in &users {

@@ -6,7 +6,27 @@ use super::{PgStore, Result};
 use crate::model::{LoginMethod, Method, User, UserId};
 use crate::store::{BoxFuture, NewUser, Sessions, StoreError, UserChange, Users};
 
-const USER_COLUMNS: &str = "id, phone, nickname, created_at, last_login_at, disabled, session_gen";
+/// The columns [`row_user`] reads, in its order: for `concat!` into each statement.
+macro_rules! user_columns {
+    () => {
+        "id, phone, nickname, created_at, last_login_at, disabled, session_gen"
+    };
+}
+pub(super) use user_columns;
+
+/// The insert of a new user's stored login methods, for a statement whose CTE `u` holds
+/// the new user (`u.created` true when it was inserted).
+macro_rules! insert_methods {
+    () => {
+        "m AS (
+            INSERT INTO login_methods (user_id, method, identification, access_code)
+            SELECT u.id, x.method, x.identification, x.access_code
+            FROM u, unnest($5::smallint[], $6::text[], $7::text[])
+                AS x(method, identification, access_code)
+            WHERE u.created
+        )"
+    };
+}
 
 pub(super) fn row_user(row: &Row) -> User {
     User {
@@ -46,6 +66,42 @@ fn method_arrays(methods: &[LoginMethod]) -> (Vec<i16>, Vec<String>, Vec<Option<
 }
 
 impl PgStore {
+    /// Runs `sql`, a statement of [`insert_methods!`]'s shape that answers the user's
+    /// columns and `created`, for `new` and its `methods`: Some((user, created)) if it
+    /// answered a row.
+    async fn insert_user(
+        &self,
+        op: &'static str,
+        sql: &str,
+        new: &NewUser<'_>,
+        methods: &[LoginMethod],
+    ) -> Result<Option<(User, bool)>> {
+        let (kinds, idents, codes) = method_arrays(methods);
+        let row = self
+            .query_opt(
+                op,
+                sql,
+                &[
+                    &new.phone,
+                    &new.nickname,
+                    &new.created_at,
+                    &new.last_login_at,
+                    &kinds,
+                    &idents,
+                    &codes,
+                ],
+            )
+            .await?;
+        Ok(row.map(|r| (row_user(&r), r.get::<_, bool>(7))))
+    }
+
+    /// The user of a phone that an insert found taken.
+    async fn existing(&self, phone: &str) -> Result<User> {
+        self.user_by_phone(phone).await?.ok_or_else(|| {
+            StoreError::Unavailable("the account was deleted while it was used".into())
+        })
+    }
+
     async fn user_where(
         &self,
         op: &'static str,
@@ -63,14 +119,14 @@ impl PgStore {
 impl Users for PgStore {
     fn user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
         Box::pin(async move {
-            let sql = "SELECT id, phone, nickname, created_at, last_login_at, disabled, session_gen FROM users WHERE id = $1";
+            let sql = concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1");
             self.user_where("user", sql, &(id as i64)).await
         })
     }
 
     fn user_by_phone<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<Option<User>>> {
         Box::pin(async move {
-            let sql = "SELECT id, phone, nickname, created_at, last_login_at, disabled, session_gen FROM users WHERE phone = $1";
+            let sql = concat!("SELECT ", user_columns!(), " FROM users WHERE phone = $1");
             self.user_where("user_by_phone", sql, &phone).await
         })
     }
@@ -94,43 +150,29 @@ impl Users for PgStore {
         methods: &'a [LoginMethod],
     ) -> BoxFuture<'a, Result<(User, bool)>> {
         Box::pin(async move {
-            let (kinds, idents, codes) = method_arrays(methods);
-            // One statement: the user and its methods commit together, and of racing
-            // creates for one phone the unique index lets exactly one insert.
-            let created = self
-                .query_opt("create_user_if_absent", 
-                    "WITH u AS (
-                        INSERT INTO users (phone, nickname, created_at, last_login_at)
-                        VALUES ($1, $2, $3, $4)
-                        ON CONFLICT (phone) DO NOTHING
-                        RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen
-                    ), m AS (
-                        INSERT INTO login_methods (user_id, method, identification, access_code)
-                        SELECT u.id, x.method, x.identification, x.access_code
-                        FROM u, unnest($5::smallint[], $6::text[], $7::text[])
-                            AS x(method, identification, access_code)
-                    )
-                    SELECT * FROM u",
-                    &[
-                        &new.phone,
-                        &new.nickname,
-                        &new.created_at,
-                        &new.last_login_at,
-                        &kinds,
-                        &idents,
-                        &codes,
-                    ],
-                )
-                .await?;
-            if let Some(row) = created {
-                return Ok((row_user(&row), true));
+            // Of racing creates for one phone the unique index lets exactly one insert.
+            let sql = concat!(
+                "WITH u AS (
+                    INSERT INTO users (phone, nickname, created_at, last_login_at)
+                    VALUES ($1, $2, $3, $4)
+                    ON CONFLICT (phone) DO NOTHING
+                    RETURNING ",
+                user_columns!(),
+                ", true AS created
+                ), ",
+                insert_methods!(),
+                "
+                SELECT * FROM u"
+            );
+            match self
+                .insert_user("create_user_if_absent", sql, &new, methods)
+                .await?
+            {
+                Some(created) => Ok(created),
+                // The other create has committed (the insert waited for it): a new
+                // statement sees its user.
+                None => Ok((self.existing(new.phone).await?, false)),
             }
-            // The other create has committed (the insert waited for it): a new statement
-            // sees its user.
-            let existing = self.user_by_phone(new.phone).await?.ok_or_else(|| {
-                StoreError::Unavailable("the account was deleted while it was made".into())
-            })?;
-            Ok((existing, false))
         })
     }
 
@@ -140,46 +182,30 @@ impl Users for PgStore {
         methods: &'a [LoginMethod],
     ) -> BoxFuture<'a, Result<(User, bool)>> {
         Box::pin(async move {
-            let (kinds, idents, codes) = method_arrays(methods);
-            // One statement for the common case: the create, or the login of an existing
-            // enabled account (its last login set). A row an upsert inserted has xmax 0.
-            let row = self
-                .query_opt(
-                    "log_in_or_create",
-                    "WITH u AS (
-                        INSERT INTO users (phone, nickname, created_at, last_login_at)
-                        VALUES ($1, $2, $3, $4)
-                        ON CONFLICT (phone) DO UPDATE SET last_login_at = EXCLUDED.last_login_at
-                        WHERE NOT users.disabled
-                        RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen,
-                                  (xmax = 0) AS created
-                    ), m AS (
-                        INSERT INTO login_methods (user_id, method, identification, access_code)
-                        SELECT u.id, x.method, x.identification, x.access_code
-                        FROM u, unnest($5::smallint[], $6::text[], $7::text[])
-                            AS x(method, identification, access_code)
-                        WHERE u.created
-                    )
-                    SELECT * FROM u",
-                    &[
-                        &new.phone,
-                        &new.nickname,
-                        &new.created_at,
-                        &new.last_login_at,
-                        &kinds,
-                        &idents,
-                        &codes,
-                    ],
-                )
-                .await?;
-            if let Some(row) = row {
-                return Ok((row_user(&row), row.get::<_, bool>(7)));
+            // The create, or the login of an existing enabled account (its last login
+            // set), in one statement. A row an upsert inserted has xmax 0.
+            let sql = concat!(
+                "WITH u AS (
+                    INSERT INTO users (phone, nickname, created_at, last_login_at)
+                    VALUES ($1, $2, $3, $4)
+                    ON CONFLICT (phone) DO UPDATE SET last_login_at = EXCLUDED.last_login_at
+                    WHERE NOT users.disabled
+                    RETURNING ",
+                user_columns!(),
+                ", (xmax = 0) AS created
+                ), ",
+                insert_methods!(),
+                "
+                SELECT * FROM u"
+            );
+            match self
+                .insert_user("log_in_or_create", sql, &new, methods)
+                .await?
+            {
+                Some(done) => Ok(done),
+                // A disabled account: nothing changed; the caller refuses it.
+                None => Ok((self.existing(new.phone).await?, false)),
             }
-            // A disabled account: nothing changed; the caller refuses it.
-            let existing = self.user_by_phone(new.phone).await?.ok_or_else(|| {
-                StoreError::Engine("the account was deleted during its login".into())
-            })?;
-            Ok((existing, false))
         })
     }
 
@@ -189,28 +215,28 @@ impl Users for PgStore {
             let row = match &change {
                 UserChange::LoggedIn { at } => {
                     self.query_opt("update_user", 
-                        "UPDATE users SET last_login_at = $2 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
+                        concat!("UPDATE users SET last_login_at = $2 WHERE id = $1 RETURNING ", user_columns!()),
                         &[&id, at],
                     )
                     .await?
                 }
                 UserChange::Nickname(n) => {
                     self.query_opt("update_user", 
-                        "UPDATE users SET nickname = $2 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
+                        concat!("UPDATE users SET nickname = $2 WHERE id = $1 RETURNING ", user_columns!()),
                         &[&id, n],
                     )
                     .await?
                 }
                 UserChange::Disabled(d) => {
                     self.query_opt("update_user", 
-                        "UPDATE users SET disabled = $2 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
+                        concat!("UPDATE users SET disabled = $2 WHERE id = $1 RETURNING ", user_columns!()),
                         &[&id, d],
                     )
                     .await?
                 }
                 UserChange::EndSessions => {
                     self.query_opt("update_user", 
-                        "UPDATE users SET session_gen = (session_gen + 1) % 4294967296 WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
+                        concat!("UPDATE users SET session_gen = (session_gen + 1) % 4294967296 WHERE id = $1 RETURNING ", user_columns!()),
                         &[&id],
                     )
                     .await?
@@ -280,17 +306,17 @@ impl Users for PgStore {
             // One statement, so one commit: the sessions end with the new method in place.
             let row = self
                 .query_opt("put_login_method_ending_sessions", 
-                    "WITH u AS (
+                    concat!("WITH u AS (
                         UPDATE users SET session_gen = (session_gen + 1) % 4294967296
                         WHERE id = $1
-                        RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen
+                        RETURNING ", user_columns!(), "
                     ), m AS (
                         INSERT INTO login_methods (user_id, method, identification, access_code)
                         SELECT u.id, $2, $3, $4 FROM u
                         ON CONFLICT (user_id, method) DO UPDATE
                         SET identification = EXCLUDED.identification, access_code = EXCLUDED.access_code
                     )
-                    SELECT * FROM u",
+                    SELECT * FROM u"),
                     &[
                         &(id as i64),
                         &method_number(method.method),
@@ -314,9 +340,9 @@ impl Users for PgStore {
 
     fn users(&self) -> BoxFuture<'_, Result<Vec<User>>> {
         Box::pin(async move {
-            let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY id");
+            let sql = concat!("SELECT ", user_columns!(), " FROM users ORDER BY id");
             Ok(self
-                .query("users", &sql, &[])
+                .query("users", sql, &[])
                 .await?
                 .iter()
                 .map(row_user)
@@ -329,8 +355,12 @@ impl Users for PgStore {
             // The login methods go with it (ON DELETE CASCADE), in the same commit; the
             // identity column never gives the id out again.
             let row = self
-                .query_opt("delete_user", 
-                    "DELETE FROM users WHERE id = $1 RETURNING id, phone, nickname, created_at, last_login_at, disabled, session_gen",
+                .query_opt(
+                    "delete_user",
+                    concat!(
+                        "DELETE FROM users WHERE id = $1 RETURNING ",
+                        user_columns!()
+                    ),
                     &[&(id as i64)],
                 )
                 .await?;
@@ -369,9 +399,14 @@ impl Sessions for PgStore {
         Box::pin(async move {
             // The user and the revocation check in one round trip.
             let row = self
-                .query_opt("session_user", 
-                    "SELECT id, phone, nickname, created_at, last_login_at, disabled, session_gen FROM users
-                     WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)",
+                .query_opt(
+                    "session_user",
+                    concat!(
+                        "SELECT ",
+                        user_columns!(),
+                        " FROM users
+                     WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)"
+                    ),
                     &[&(id as i64), &jti],
                 )
                 .await?;
