@@ -14,20 +14,6 @@ macro_rules! user_columns {
 }
 pub(super) use user_columns;
 
-/// The insert of a new user's stored login methods, for a statement whose CTE `u` holds
-/// the new user (`u.created` true when it was inserted).
-macro_rules! insert_methods {
-    () => {
-        "m AS (
-            INSERT INTO login_methods (user_id, method, identification, access_code)
-            SELECT u.id, x.method, x.identification, x.access_code
-            FROM u, unnest($5::smallint[], $6::text[], $7::text[])
-                AS x(method, identification, access_code)
-            WHERE u.created
-        )"
-    };
-}
-
 pub(super) fn row_user(row: &Row) -> User {
     User {
         id: row.get::<_, i64>(0) as UserId,
@@ -66,35 +52,6 @@ fn method_arrays(methods: &[LoginMethod]) -> (Vec<i16>, Vec<String>, Vec<Option<
 }
 
 impl PgStore {
-    /// Runs `sql`, a statement of [`insert_methods!`]'s shape that answers the user's
-    /// columns and `created`, for `new` and its `methods`: Some((user, created)) if it
-    /// answered a row.
-    async fn insert_user(
-        &self,
-        op: &'static str,
-        sql: &str,
-        new: &NewUser<'_>,
-        methods: &[LoginMethod],
-    ) -> Result<Option<(User, bool)>> {
-        let (kinds, idents, codes) = method_arrays(methods);
-        let row = self
-            .query_opt(
-                op,
-                sql,
-                &[
-                    &new.phone,
-                    &new.nickname,
-                    &new.created_at,
-                    &new.last_login_at,
-                    &kinds,
-                    &idents,
-                    &codes,
-                ],
-            )
-            .await?;
-        Ok(row.map(|r| (row_user(&r), r.get::<_, bool>(7))))
-    }
-
     /// The user of a phone that an insert found taken.
     async fn existing(&self, phone: &str) -> Result<User> {
         self.user_by_phone(phone).await?.ok_or_else(|| {
@@ -150,29 +107,45 @@ impl Users for PgStore {
         methods: &'a [LoginMethod],
     ) -> BoxFuture<'a, Result<(User, bool)>> {
         Box::pin(async move {
-            // Of racing creates for one phone the unique index lets exactly one insert.
-            let sql = concat!(
-                "WITH u AS (
-                    INSERT INTO users (phone, nickname, created_at, last_login_at)
-                    VALUES ($1, $2, $3, $4)
-                    ON CONFLICT (phone) DO NOTHING
-                    RETURNING ",
-                user_columns!(),
-                ", true AS created
-                ), ",
-                insert_methods!(),
-                "
-                SELECT * FROM u"
-            );
-            match self
-                .insert_user("create_user_if_absent", sql, &new, methods)
-                .await?
-            {
-                Some(created) => Ok(created),
-                // The other create has committed (the insert waited for it): a new
-                // statement sees its user.
-                None => Ok((self.existing(new.phone).await?, false)),
+            let (kinds, idents, codes) = method_arrays(methods);
+            // One statement: the user and its methods commit together, and of racing
+            // creates for one phone the unique index lets exactly one insert.
+            let created = self
+                .query_opt(
+                    "create_user_if_absent",
+                    concat!(
+                        "WITH u AS (
+                            INSERT INTO users (phone, nickname, created_at, last_login_at)
+                            VALUES ($1, $2, $3, $4)
+                            ON CONFLICT (phone) DO NOTHING
+                            RETURNING ",
+                        user_columns!(),
+                        "
+                        ), m AS (
+                            INSERT INTO login_methods (user_id, method, identification, access_code)
+                            SELECT u.id, x.method, x.identification, x.access_code
+                            FROM u, unnest($5::smallint[], $6::text[], $7::text[])
+                                AS x(method, identification, access_code)
+                        )
+                        SELECT * FROM u"
+                    ),
+                    &[
+                        &new.phone,
+                        &new.nickname,
+                        &new.created_at,
+                        &new.last_login_at,
+                        &kinds,
+                        &idents,
+                        &codes,
+                    ],
+                )
+                .await?;
+            if let Some(row) = created {
+                return Ok((row_user(&row), true));
             }
+            // The other create has committed (the insert waited for it): a new statement
+            // sees its user.
+            Ok((self.existing(new.phone).await?, false))
         })
     }
 
@@ -182,30 +155,35 @@ impl Users for PgStore {
         methods: &'a [LoginMethod],
     ) -> BoxFuture<'a, Result<(User, bool)>> {
         Box::pin(async move {
-            // The create, or the login of an existing enabled account (its last login
-            // set), in one statement. A row an upsert inserted has xmax 0.
-            let sql = concat!(
-                "WITH u AS (
-                    INSERT INTO users (phone, nickname, created_at, last_login_at)
-                    VALUES ($1, $2, $3, $4)
-                    ON CONFLICT (phone) DO UPDATE SET last_login_at = EXCLUDED.last_login_at
-                    WHERE NOT users.disabled
-                    RETURNING ",
-                user_columns!(),
-                ", (xmax = 0) AS created
-                ), ",
-                insert_methods!(),
-                "
-                SELECT * FROM u"
-            );
-            match self
-                .insert_user("log_in_or_create", sql, &new, methods)
-                .await?
-            {
-                Some(done) => Ok(done),
-                // A disabled account: nothing changed; the caller refuses it.
-                None => Ok((self.existing(new.phone).await?, false)),
+            // Most code logins are of existing accounts: one update records the login.
+            // Tried before the insert, because an insert that finds the phone taken still
+            // uses up a number of the id sequence: ids would grow with every login.
+            let (phone, at) = (new.phone, new.last_login_at);
+            let login = async || -> Result<Option<User>> {
+                let Some(at) = at else {
+                    return self.user_by_phone(phone).await;
+                };
+                let row = self
+                    .query_opt(
+                        "log_in",
+                        concat!(
+                            "UPDATE users SET last_login_at = $2 WHERE phone = $1 AND NOT disabled RETURNING ",
+                            user_columns!()
+                        ),
+                        &[&phone, &at],
+                    )
+                    .await?;
+                Ok(row.as_ref().map(row_user))
+            };
+            if let Some(user) = login().await? {
+                return Ok((user, false));
             }
+            let (user, created) = self.create_user_if_absent(new, methods).await?;
+            if created || user.disabled {
+                return Ok((user, created)); // a disabled account: the caller refuses it
+            }
+            // Another instance made it between the two statements: log in to it.
+            Ok((login().await?.unwrap_or(user), false))
         })
     }
 
