@@ -5,10 +5,15 @@
 //! server answering a constant 200, served and driven the same way in the same run, so
 //! the ratios compare like with like on whatever machine this runs on.
 //!
+//! With `--engine postgres` the scenarios run against the PostgreSQL engine instead, on
+//! `smsauth serve` processes sharing a throwaway PostgreSQL: see [`postgres`].
+//!
 //! Output: a markdown table on stdout, and JSON in target/bench/load-<time>.json and
 //! target/bench/load-latest.json.
 //!
 //! Options: `cargo bench --bench load -- --help` ([`USAGE`]).
+
+mod postgres;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -45,6 +50,7 @@ const USAGE: &str = "\
 cargo bench --bench load [-- OPTIONS]   (or the BENCH_* variables)
 
   --quick            BENCH_QUICK=1        short runs (0.5 s warm-up, 2 s in 2 slices): < 1 min
+                                          (--engine postgres: < 2 min)
   --duration SECS    BENCH_DURATION       measured time per scenario (default 9)
   --rounds N         BENCH_ROUNDS         slices it is measured in, each right after a
                                           slice of the ceiling (default 3)
@@ -59,6 +65,15 @@ cargo bench --bench load [-- OPTIONS]   (or the BENCH_* variables)
   --scale-codes N    BENCH_SCALE_CODES    pending codes in scale mode (default 100,000)
   --no-log           BENCH_LOG=0          no log subscriber (default: the server's
                                           per-request log lines are formatted into a sink)
+  --engine E         BENCH_ENGINE         sled (default): the in-process server above;
+                                          postgres: send-code, sms-login-existing,
+                                          sms-login-new and me on the PostgreSQL engine,
+                                          on 1 and then 2 `smsauth serve` processes
+                                          sharing a throwaway PostgreSQL the bench starts
+                                          (PostgreSQL must be installed); both: sled, then
+                                          postgres, with the sled ratios beside
+  --pg-pool-rate N   BENCH_PG_POOL_RATE   postgres: logins/s to prepare codes for
+                                          (default 6,000)
 ";
 
 /// Every code the `log` sender "sends" in this run.
@@ -90,6 +105,29 @@ struct Opts {
     /// Logins per second to prepare codes for (they are single use).
     pool_rate: f64,
     log: bool,
+    engine: EngineChoice,
+    /// [`Opts::pool_rate`] for the PostgreSQL engine: it logs in far fewer a second, and
+    /// each code prepared costs a commit.
+    pg_pool_rate: f64,
+}
+
+/// Which storage engine(s) the scenarios run on (`--engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum EngineChoice {
+    Sled,
+    Postgres,
+    Both,
+}
+
+impl EngineChoice {
+    fn sled(self) -> bool {
+        self != EngineChoice::Postgres
+    }
+
+    fn postgres(self) -> bool {
+        self != EngineChoice::Sled
+    }
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -108,6 +146,8 @@ const OPTIONS: &[&str] = &[
     "scale",
     "scale_users",
     "scale_codes",
+    "engine",
+    "pg_pool_rate",
 ];
 
 impl Opts {
@@ -150,6 +190,19 @@ impl Opts {
                     .unwrap_or_else(|_| panic!("{k}: expected a number, got {v:?}"))
             })
         };
+        let engine = match vars.get("engine").map(|e| e.trim()) {
+            None | Some("" | "sled") => EngineChoice::Sled,
+            Some("postgres" | "pg") => EngineChoice::Postgres,
+            Some("both") => EngineChoice::Both,
+            Some(other) => {
+                eprint!("--engine: sled, postgres or both, not {other:?}\n\n{USAGE}");
+                std::process::exit(2);
+            }
+        };
+        if flag("scale") && engine.postgres() {
+            eprintln!("--scale runs on sled only; drop --engine or --scale");
+            std::process::exit(2);
+        }
         let quick = flag("quick");
         let (duration, warmup) = if quick { (2.0, 0.5) } else { (9.0, 2.0) };
         Opts {
@@ -172,6 +225,8 @@ impl Opts {
             rounds: num("rounds", if quick { 2.0 } else { 3.0 }) as u32,
             pool_rate: num("pool_rate", 40_000.0),
             log: vars.get("log").is_none_or(|v| v != "0"),
+            engine,
+            pg_pool_rate: num("pg_pool_rate", 6_000.0),
         }
     }
 
@@ -202,6 +257,9 @@ struct ConnOutcome {
     latencies_us: Vec<u32>,
     errors: u64,
     first_error: Option<String>,
+    /// Every answer with a status, warm-up and errors included: what the server did
+    /// work for (the PostgreSQL runs divide their statements by it).
+    answered: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -224,6 +282,9 @@ struct Stats {
     /// The bare hyper server's rate in the slices next to this scenario's.
     ceiling_rps: Option<f64>,
     ratio_to_ceiling: Option<f64>,
+    /// [`ConnOutcome::answered`] summed per server address (the index in `drive`'s).
+    #[serde(skip)]
+    answered_by_address: Vec<u64>,
 }
 
 fn get(path: &str) -> Request<Body> {
@@ -254,10 +315,11 @@ fn post_json(path: &str, body: String) -> Request<Body> {
         .expect("request")
 }
 
-/// Runs `loads` at the same time against `addr`: all connections are opened first, then
-/// `warmup`, then `duration` measured.
+/// Runs `loads` at the same time against `addrs`, each load's connections split evenly
+/// across them (connection `i` to `addrs[i % len]`): all connections are opened first,
+/// then `warmup`, then `duration` measured.
 async fn drive(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     loads: Vec<Load>,
     warmup: Duration,
     duration: Duration,
@@ -273,6 +335,7 @@ async fn drive(
         ran_out.push(out.clone());
         let mut handles = Vec::new();
         for conn in 0..load.connections {
+            let addr = addrs[conn % addrs.len()];
             let make = load.make.clone();
             let expect = load.expect;
             let (ready, start, out) = (ready.clone(), start.clone(), out.clone());
@@ -292,10 +355,12 @@ async fn drive(
         let mut raw = Raw {
             name: load.name.clone(),
             connections: load.connections,
+            answered: vec![0; addrs.len()],
             ..Default::default()
         };
-        for h in handles {
+        for (conn, h) in handles.into_iter().enumerate() {
             let o = h.await.expect("connection task");
+            raw.answered[conn % addrs.len()] += o.answered;
             raw.latencies_us.extend(o.latencies_us);
             raw.errors += o.errors;
             if raw.first_error.is_none() {
@@ -329,6 +394,8 @@ struct Raw {
     errors: u64,
     first_error: Option<String>,
     ran_out_after_s: Option<f64>,
+    /// Answers per server address, warm-ups included (see [`ConnOutcome::answered`]).
+    answered: Vec<u64>,
 }
 
 impl Raw {
@@ -340,6 +407,9 @@ impl Raw {
         self.latencies_us.extend(other.latencies_us);
         self.seconds += other.seconds;
         self.errors += other.errors;
+        for (sum, n) in self.answered.iter_mut().zip(other.answered) {
+            *sum += n;
+        }
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
@@ -349,6 +419,7 @@ impl Raw {
     }
 
     fn stats(mut self, ceiling_rps: Option<f64>) -> Stats {
+        let answered_by_address = std::mem::take(&mut self.answered);
         let lat = &mut self.latencies_us;
         lat.sort_unstable();
         let pct = |p: f64| -> f64 {
@@ -378,6 +449,7 @@ impl Raw {
             ran_out_after_s: self.ran_out_after_s,
             ceiling_rps,
             ratio_to_ceiling: ceiling_rps.map(|c| rps / c),
+            answered_by_address,
         }
     }
 }
@@ -405,12 +477,12 @@ async fn measure(bench: &Bench, loads: Vec<Load>) -> (Vec<Stats>, Raw) {
             expect: StatusCode::OK,
         };
         ceiling.add(
-            drive(bench.ceiling, vec![ceiling_load], warmup, slice)
+            drive(&[bench.ceiling], vec![ceiling_load], warmup, slice)
                 .await
                 .remove(0),
         );
         eprintln!("    slice {}/{rounds}: {}", round + 1, loads[0].name);
-        let raws = drive(bench.addr, loads.clone(), warmup, slice).await;
+        let raws = drive(&bench.addrs, loads.clone(), warmup, slice).await;
         let done = raws.iter().any(|r| r.ran_out_after_s.is_some());
         if sums.is_empty() {
             sums = raws;
@@ -432,11 +504,12 @@ async fn measure(bench: &Bench, loads: Vec<Load>) -> (Vec<Stats>, Raw) {
     )
 }
 
-/// Where the two servers listen, and the options.
+/// Where the ceiling and the server(s) under test listen, and the options.
 struct Bench {
     opts: Opts,
     ceiling: SocketAddr,
-    addr: SocketAddr,
+    /// One address, or one per instance when several serve one PostgreSQL database.
+    addrs: Vec<SocketAddr>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -507,6 +580,9 @@ async fn connection(
             }
         };
         let done = Instant::now();
+        if answer.is_ok() {
+            outcome.answered += 1;
+        }
         match answer {
             Ok((status, _)) if status == expect => {
                 // Counted if it completes in the measured window: a slow request
@@ -564,7 +640,15 @@ fn e164(national: &str) -> String {
     format!("+86{national}")
 }
 
-fn bench_config(data_dir: &Path, listen: &str, token_secret: &str, code_ttl: u64) -> String {
+/// `storage`: more of the `[storage]` table (TOML lines, which may open
+/// `[storage.postgres]`); empty for the default engine.
+fn bench_config(
+    data_dir: &Path,
+    listen: &str,
+    token_secret: &str,
+    code_ttl: u64,
+    storage: &str,
+) -> String {
     // The load is many phones from one address, so the limits are raised out of its way,
     // not turned off (0 would skip their checks): every request does the work it does in
     // production. The resend interval stays at its default, as no phone gets two codes.
@@ -574,7 +658,7 @@ fn bench_config(data_dir: &Path, listen: &str, token_secret: &str, code_ttl: u64
 listen = "{listen}"
 [storage]
 data_dir = "{data_dir}"
-[token]
+{storage}[token]
 secret = "{token_secret}"
 [code]
 ttl_secs = {code_ttl}
@@ -609,6 +693,29 @@ fn sms_method(phone: &str) -> LoginMethod {
     }
 }
 
+/// The phone and login methods of bench user `i` of `series`.
+fn bench_user(series: u32, i: u64, password_phc: Option<&str>) -> (String, Vec<LoginMethod>) {
+    let phone = e164(&national(series, i));
+    let mut methods = vec![sms_method(&phone)];
+    if let Some(phc) = password_phc {
+        methods.push(LoginMethod {
+            method: LoginKind::Password,
+            identification: phone.clone(),
+            access_code: Some(phc.to_owned()),
+        });
+    }
+    (phone, methods)
+}
+
+fn new_user(phone: &str) -> NewUser<'_> {
+    NewUser {
+        phone,
+        nickname: "bench".into(),
+        created_at: smsauth::clock::now(),
+        last_login_at: None,
+    }
+}
+
 /// Creates users for national numbers `series`/0..n through the store, on every core.
 fn create_users(
     store: &Arc<dyn Users>,
@@ -624,22 +731,8 @@ fn create_users(
                 s.spawn(move || {
                     let mut users = Vec::new();
                     for i in (t * per)..((t + 1) * per).min(n) {
-                        let phone = e164(&national(series, i));
-                        let mut methods = vec![sms_method(&phone)];
-                        if let Some(phc) = password_phc {
-                            methods.push(LoginMethod {
-                                method: LoginKind::Password,
-                                identification: phone.clone(),
-                                access_code: Some(phc.to_owned()),
-                            });
-                        }
-                        let new = NewUser {
-                            phone: &phone,
-                            nickname: "bench".into(),
-                            created_at: smsauth::clock::now(),
-                            last_login_at: None,
-                        };
-                        let made = store.create_user_if_absent(new, &methods);
+                        let (phone, methods) = bench_user(series, i, password_phc);
+                        let made = store.create_user_if_absent(new_user(&phone), &methods);
                         users.push(futures::executor::block_on(made).expect("create user").0);
                     }
                     users
@@ -740,6 +833,8 @@ struct Report {
     targets: Vec<Target>,
     #[serde(skip_serializing_if = "Option::is_none")]
     scale: Option<ScaleReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postgres: Option<postgres::PgReport>,
 }
 
 #[derive(Serialize, Clone)]
@@ -945,7 +1040,7 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         let (report, ceiling) = scale_mode(&opts, ceiling).await;
         ceiling_all.add(ceiling);
         scale = Some(report);
-    } else {
+    } else if opts.engine.sled() {
         let dir = tempfile::tempdir().expect("temp dir");
         let cfg = load_config(
             dir.path(),
@@ -954,6 +1049,7 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
                 "127.0.0.1:0",
                 "bench-token-secret-of-at-least-32-characters",
                 3600,
+                "",
             ),
         );
         let password_cfg = cfg.password.clone();
@@ -961,7 +1057,7 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         let bench = Bench {
             opts: opts.clone(),
             ceiling,
-            addr: server.local_addr(),
+            addrs: vec![server.local_addr()],
         };
         let app = server.app().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1099,6 +1195,14 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
             .expect("server task")
             .expect("server stopped cleanly");
     }
+    // After sled, so that its rows can stand beside the same scenarios on PostgreSQL.
+    let pg = if opts.engine.postgres() && !opts.scale {
+        let (report, ceiling) = postgres::run(&opts, ceiling, &rows).await;
+        ceiling_all.add(ceiling);
+        Some(report)
+    } else {
+        None
+    };
     let ceiling_rps = ceiling_all.latencies_us.len() as f64 / ceiling_all.seconds.max(1e-9);
     rows.insert(0, {
         let mut c = ceiling_all;
@@ -1169,6 +1273,9 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         }
         println!();
     }
+    if let Some(pg) = &pg {
+        println!("{}", postgres::markdown(pg));
+    }
     Report {
         date,
         git_commit: git_commit(),
@@ -1181,6 +1288,7 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         scenarios: rows,
         targets,
         scale,
+        postgres: pg,
     }
 }
 
@@ -1239,7 +1347,7 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     let port = free_port();
     let cfg = load_config(
         dir.path(),
-        &bench_config(&data, &format!("127.0.0.1:{port}"), SECRET, 3600),
+        &bench_config(&data, &format!("127.0.0.1:{port}"), SECRET, 3600, ""),
     );
     let mut report = ScaleReport {
         users: opts.scale_users,
@@ -1301,7 +1409,7 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
 
     let config_path = dir.path().join("smsauth.toml");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let (mut child, spawned) = serve(&config_path, addr).await;
+    let (mut child, spawned) = serve(&config_path, addr, Stdio::null()).await;
     let pid = child.id();
     report.start_to_serving_ms = spawned.as_secs_f64() * 1000.0;
     report.rss_serving_mib = status_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
@@ -1311,7 +1419,7 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     let bench = Bench {
         opts: opts.clone(),
         ceiling,
-        addr,
+        addrs: vec![addr],
     };
     let one = |name: &str, make: MakeRequest| {
         vec![Load {
@@ -1342,7 +1450,7 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     eprintln!("  scale: kill -9 and start again");
     let _ = child.kill();
     let _ = child.wait();
-    let (mut child, spawned) = serve(&config_path, addr).await;
+    let (mut child, spawned) = serve(&config_path, addr, Stdio::null()).await;
     report.crash_start_to_serving_ms = spawned.as_secs_f64() * 1000.0;
     report.crash_rss_serving_mib = status_kib(child.id(), "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
     report.crash_users = users_metric(addr).await;
@@ -1353,16 +1461,20 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
     (report, ceiling_all)
 }
 
-/// Starts the release binary on `config_path`; returns it once it answers `/healthz` on
-/// `addr`, with the time that took from spawn.
-async fn serve(config_path: &Path, addr: SocketAddr) -> (std::process::Child, Duration) {
+/// Starts the release binary on `config_path`, its log (stdout) into `log`; returns it
+/// once it answers `/healthz` on `addr`, with the time that took from spawn.
+async fn serve(
+    config_path: &Path,
+    addr: SocketAddr,
+    log: Stdio,
+) -> (std::process::Child, Duration) {
     let spawned = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_smsauth"))
         .args(["serve", "--config"])
         .arg(config_path)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(log)
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start smsauth");
