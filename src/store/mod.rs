@@ -56,6 +56,17 @@ pub enum StoreError {
     Schema(String),
 }
 
+/// How many sends of the daily budget an engine may count ahead of what it has stored:
+/// what a crash can cost, at most 1% of the budget and never over 64 sends (a budget of
+/// 100 or less is counted exactly).
+fn budget_block(limit: u64) -> u64 {
+    if limit == 0 {
+        64
+    } else {
+        (limit / 100).clamp(1, 64)
+    }
+}
+
 /// A finished value as a [`BoxFuture`], for engines whose work is done in the call.
 pub fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
     Box::pin(std::future::ready(value))
@@ -224,8 +235,8 @@ pub trait Counters: Send + Sync {
     ) -> BoxFuture<'a, Result<u64>>;
     /// One send from the service's daily budget of `limit` (0: none) for day `day`: true
     /// if it was taken. Every send in the service takes one, so engines may count it
-    /// ahead of what they store; after a crash the budget may come up short by that
-    /// much, never long.
+    /// ahead of what they store, in blocks of [`budget_block`]; after a crash the budget
+    /// may come up short by that much (per instance), never long.
     fn take_budget(&self, day: i64, limit: u64) -> BoxFuture<'_, Result<bool>>;
     /// Gives back a send of the budget that did not happen.
     fn give_back_budget(&self, day: i64) -> BoxFuture<'_, Result<()>>;
@@ -412,5 +423,18 @@ impl Store {
             snapshots: sled.clone(),
             engine: sled,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_counted_at_most_one_percent_ahead() {
+        assert_eq!(budget_block(0), 64);
+        assert_eq!(budget_block(100), 1);
+        assert_eq!(budget_block(250), 2);
+        assert_eq!(budget_block(10_000), 64);
     }
 }

@@ -45,6 +45,8 @@ pub struct PgStore {
     deadline: Duration,
     /// The per-address quotas, as GCRA parameters.
     quotas: limits::Quotas,
+    /// The daily budget reserved by this instance and not used yet.
+    budget: limits::ReservedBudget,
     /// Host and port, for messages (never the password).
     target: String,
     metrics: metrics::PgMetrics,
@@ -132,6 +134,7 @@ impl PgStore {
             pool,
             deadline: wait + statement,
             quotas: limits::Quotas::new(limits),
+            budget: limits::ReservedBudget::default(),
             target,
             metrics: metrics::PgMetrics::new(),
             runtime: tokio::runtime::Handle::current(),

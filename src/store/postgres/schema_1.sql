@@ -44,15 +44,19 @@ CREATE TABLE counters (
     PRIMARY KEY (kind, win, subject)
 );
 
--- GCRA state per address: the theoretical arrival time, in milliseconds.
-CREATE TABLE address_limits (
+-- GCRA state per address: the theoretical arrival time, in milliseconds. UNLOGGED, like
+-- the embedded engine's limiters in memory: it needs no durability (a crash of the
+-- database empties it), and its commits then wait for no WAL flush. Every request from
+-- one address updates one row, so its lock is held only as long as the statement.
+CREATE UNLOGGED TABLE address_limits (
     kind   smallint NOT NULL,
     ip     text     NOT NULL,
     tat_ms bigint   NOT NULL,
     PRIMARY KEY (kind, ip)
 );
 
-CREATE TABLE captchas (
+-- UNLOGGED for the same reason: a captcha lost in a crash is simply asked for again.
+CREATE UNLOGGED TABLE captchas (
     id         text   PRIMARY KEY,
     answer     text   NOT NULL,
     expires_at bigint NOT NULL

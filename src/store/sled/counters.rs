@@ -14,7 +14,7 @@ use super::SledStore;
 use crate::model::Counter;
 use crate::store::codec::{read_u64, u64_key};
 use crate::store::layout::{counter_byte, counter_key};
-use crate::store::{BoxFuture, Counters, StoreError, ready};
+use crate::store::{BoxFuture, Counters, StoreError, budget_block, ready};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -34,16 +34,6 @@ impl DailyBudget {
             used: 0,
             stored: 0,
         }))
-    }
-}
-
-/// How far the stored daily count runs ahead: what a crash can cost, at most 1% of the
-/// budget and never over 64 sends (a budget of 100 or less is stored at every send).
-fn budget_block(limit: u64) -> u64 {
-    if limit == 0 {
-        64
-    } else {
-        (limit / 100).clamp(1, 64)
     }
 }
 
@@ -204,18 +194,5 @@ impl Counters for SledStore {
         oldest_kept: &'a (dyn Fn(Counter) -> i64 + Sync),
     ) -> BoxFuture<'a, Result<usize>> {
         ready(super::blocking(|| self.prune_counters_now(oldest_kept)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_stored_budget_runs_at_most_one_percent_ahead() {
-        assert_eq!(budget_block(0), 64);
-        assert_eq!(budget_block(100), 1);
-        assert_eq!(budget_block(250), 2);
-        assert_eq!(budget_block(10_000), 64);
     }
 }
