@@ -304,6 +304,9 @@ pub trait CaptchaAnswers: Send + Sync {
     fn prune_captchas(&self, now: i64) -> BoxFuture<'_, Result<()>>;
 }
 
+/// A user with its login methods.
+pub type Account = (User, Vec<LoginMethod>);
+
 /// Tokens ended before their expiry, and the user a session belongs to.
 pub trait Sessions: Send + Sync {
     /// Marks a token id as used up until `exp`. True if it was not marked before: the
@@ -313,6 +316,13 @@ pub trait Sessions: Send + Sync {
     /// The user of a session with token id `jti`, unless the token is revoked: what an
     /// authenticated request needs, in one read where the engine allows.
     fn session_user<'a>(&'a self, id: UserId, jti: &'a str) -> BoxFuture<'a, Result<Option<User>>>;
+    /// [`Sessions::session_user`] with the user's login methods (as
+    /// [`Users::login_methods`] gives them), in one read where the engine allows.
+    fn session_account<'a>(
+        &'a self,
+        id: UserId,
+        jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Account>>>;
     /// Forgets revocations of tokens that have expired anyway.
     fn prune_revocations(&self, now: i64) -> BoxFuture<'_, Result<usize>>;
 }

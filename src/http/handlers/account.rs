@@ -3,7 +3,7 @@
 use http::StatusCode;
 use serde::Deserialize;
 
-use super::{UserView, authenticate, nickname};
+use super::{UserView, authenticate, authenticate_with_methods, nickname};
 use crate::app::App;
 use crate::error::ApiError;
 use crate::http::body::{Resp, json_response};
@@ -11,10 +11,10 @@ use crate::http::router::Req;
 use crate::store::UserChange;
 
 pub async fn get_me(app: &App, req: Req) -> Result<Resp, ApiError> {
-    let (user, _) = authenticate(app, &req.parts).await?;
+    let (user, methods) = authenticate_with_methods(app, &req.parts).await?;
     Ok(json_response(
         StatusCode::OK,
-        &UserView::load(app, &user).await?,
+        &UserView::new(&user, &methods),
     ))
 }
 

@@ -18,7 +18,7 @@ use crate::clock::rfc3339;
 use crate::codes::CodeError;
 use crate::error::ApiError;
 use crate::http::cookie;
-use crate::model::User;
+use crate::model::{LoginMethod, User};
 use crate::phone::Phone;
 use crate::token::Session;
 
@@ -35,23 +35,20 @@ pub struct UserView {
 
 impl UserView {
     pub async fn load(app: &App, user: &User) -> Result<Self, ApiError> {
-        // In the store's order: sms first, then the stored ones in method order.
-        let methods = app
-            .store
-            .users
-            .login_methods(user)
-            .await?
-            .iter()
-            .map(|m| m.method.as_str())
-            .collect();
-        Ok(UserView {
+        let methods = app.store.users.login_methods(user).await?;
+        Ok(Self::new(user, &methods))
+    }
+
+    /// `methods` in the store's order: sms first, then the stored ones in method order.
+    pub fn new(user: &User, methods: &[LoginMethod]) -> Self {
+        UserView {
             id: user.id,
             phone: user.phone.clone(),
             nickname: user.nickname.clone(),
             created_at: rfc3339(user.created_at),
             last_login_at: user.last_login_at.map(rfc3339),
-            login_methods: methods,
-        })
+            login_methods: methods.iter().map(|m| m.method.as_str()).collect(),
+        }
     }
 }
 
@@ -150,6 +147,41 @@ const SESSION_REFUSED: &str = "the session token is missing, invalid, expired or
 /// `Authorization: Bearer` token, or (with `token.cookie`) the session cookie; a change of
 /// state authenticated by the cookie must come from our own origin.
 pub async fn authenticate(app: &App, head: &Parts) -> Result<(User, Session), ApiError> {
+    let session = session_token(app, head)?;
+    let user = app
+        .store
+        .sessions
+        .session_user(session.user_id, &session.jti)
+        .await?;
+    Ok((current(user, &session)?, session))
+}
+
+/// [`authenticate`], with the user's login methods read in the same store call: what
+/// GET /me shows.
+pub async fn authenticate_with_methods(
+    app: &App,
+    head: &Parts,
+) -> Result<(User, Vec<LoginMethod>), ApiError> {
+    let session = session_token(app, head)?;
+    let account = app
+        .store
+        .sessions
+        .session_account(session.user_id, &session.jti)
+        .await?;
+    let (user, methods) = account.ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
+    Ok((current(Some(user), &session)?, methods))
+}
+
+/// The session's user if it may still use it: enabled, and the session of its current
+/// generation.
+fn current(user: Option<User>, session: &Session) -> Result<User, ApiError> {
+    user.filter(|u| !u.disabled && u.session_gen == session.session_gen)
+        .ok_or(ApiError::Unauthorized(SESSION_REFUSED))
+}
+
+/// The request's session token, checked (signature, expiry, issuer): the bearer token,
+/// or with `token.cookie` the session cookie.
+fn session_token(app: &App, head: &Parts) -> Result<Session, ApiError> {
     let bearer = head
         .headers
         .get(AUTHORIZATION)
@@ -172,16 +204,7 @@ pub async fn authenticate(app: &App, head: &Parts) -> Result<(User, Session), Ap
         }
         None => return Err(ApiError::Unauthorized(SESSION_REFUSED)),
     };
-    let session = app
-        .tokens
+    app.tokens
         .verify_session(token)
-        .ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
-    let user = app
-        .store
-        .sessions
-        .session_user(session.user_id, &session.jti)
-        .await?
-        .filter(|u| !u.disabled && u.session_gen == session.session_gen)
-        .ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
-    Ok((user, session))
+        .ok_or(ApiError::Unauthorized(SESSION_REFUSED))
 }

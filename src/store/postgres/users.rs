@@ -392,6 +392,47 @@ impl Sessions for PgStore {
         })
     }
 
+    fn session_account<'a>(
+        &'a self,
+        id: UserId,
+        jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<crate::store::Account>>> {
+        Box::pin(async move {
+            // The user, its stored methods and the revocation check in one statement: a
+            // row per stored method, or one with no method.
+            let rows = self
+                .query(
+                    "session_account",
+                    "SELECT u.id, u.phone, u.nickname, u.created_at, u.last_login_at, u.disabled,
+                            u.session_gen, m.method, m.identification, m.access_code
+                     FROM users u LEFT JOIN login_methods m ON m.user_id = u.id
+                     WHERE u.id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)
+                     ORDER BY m.method",
+                    &[&(id as i64), &jti],
+                )
+                .await?;
+            let Some(first) = rows.first() else {
+                return Ok(None);
+            };
+            let user = row_user(first);
+            let mut methods = vec![LoginMethod {
+                method: Method::Sms,
+                identification: user.phone.clone(),
+                access_code: None,
+            }];
+            for row in &rows {
+                if let Some(method) = row.get::<_, Option<i16>>(7) {
+                    methods.push(LoginMethod {
+                        method: method_of(method)?,
+                        identification: row.get(8),
+                        access_code: row.get(9),
+                    });
+                }
+            }
+            Ok(Some((user, methods)))
+        })
+    }
+
     fn prune_revocations(&self, now: i64) -> BoxFuture<'_, Result<usize>> {
         Box::pin(async move {
             let n = self

@@ -87,6 +87,23 @@ impl Sessions for SledStore {
         ready(self.user_now(id))
     }
 
+    fn session_account<'a>(
+        &'a self,
+        id: UserId,
+        jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<crate::store::Account>>> {
+        if self.is_revoked_now(jti) {
+            return ready(Ok(None));
+        }
+        ready((|| {
+            let Some(user) = self.user_now(id)? else {
+                return Ok(None);
+            };
+            let methods = self.login_methods_now(&user)?;
+            Ok(Some((user, methods)))
+        })())
+    }
+
     fn prune_revocations(&self, now: i64) -> BoxFuture<'_, Result<usize>> {
         ready(super::blocking(|| self.prune_revocations_now(now)))
     }

@@ -65,7 +65,7 @@ impl SledStore {
         Ok((user, true))
     }
 
-    fn login_methods_now(&self, user: &User) -> Result<Vec<LoginMethod>> {
+    pub(super) fn login_methods_now(&self, user: &User) -> Result<Vec<LoginMethod>> {
         let mut found = vec![LoginMethod {
             method: Method::Sms,
             identification: user.phone.clone(),
