@@ -135,8 +135,8 @@ async fn a_database_outage_is_503_and_both_instances_recover_without_a_restart()
     assert!(register(&client, &b, "13800020003").await.is_some());
 }
 
-/// Registrations and logouts run on both instances while PostgreSQL restarts (fast
-/// shutdown): every one answered 2xx is in the database afterwards.
+/// Registrations, logouts and password changes run on both instances while PostgreSQL
+/// restarts (fast shutdown): every one answered 2xx is in the database afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_restart_under_load_loses_nothing_acknowledged() {
     let Some(c) = cluster(LOAD) else { return };
@@ -146,6 +146,7 @@ async fn a_database_restart_under_load_loses_nothing_acknowledged() {
     let worker = async |w: usize| {
         let mut acknowledged = Vec::new();
         let mut logged_out = Vec::new();
+        let mut reset = Vec::new();
         for i in 0..60 {
             let s = if (w + i).is_multiple_of(2) { &a } else { &b };
             let phone = format!("1371{w:02}{i:05}");
@@ -159,12 +160,14 @@ async fn a_database_restart_under_load_loses_nothing_acknowledged() {
                     if out.is_ok_and(|r| r.status() == 204) {
                         logged_out.push(token.clone());
                     }
+                } else if i % 3 == 1 && set_password(&client, s, &phone).await {
+                    reset.push(phone.clone());
                 }
                 acknowledged.push(phone);
             }
             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        (acknowledged, logged_out)
+        (acknowledged, logged_out, reset)
     };
     let restart = async {
         let started = Instant::now();
@@ -178,7 +181,22 @@ async fn a_database_restart_under_load_loses_nothing_acknowledged() {
     let (results, ()) = tokio::join!(futures::future::join_all((0..4).map(worker)), restart);
     let stored = phones_in(&c);
     let mut acknowledged = 0;
-    for (phones, logged_out) in &results {
+    let mut passwords = 0;
+    for (phones, logged_out, reset) in &results {
+        for p in reset {
+            let login = client
+                .post(b.url("/api/v1/auth/login"))
+                .json(&json!({ "phone": p, "password": NEW_PASSWORD }))
+                .send()
+                .await
+                .expect("an answer");
+            assert_eq!(
+                login.status(),
+                200,
+                "{p}'s password change was acknowledged and lost"
+            );
+        }
+        passwords += reset.len();
         for p in phones {
             assert!(
                 stored.contains(&common::e164(p)),
@@ -194,6 +212,31 @@ async fn a_database_restart_under_load_loses_nothing_acknowledged() {
         acknowledged > 100,
         "only {acknowledged} registrations went through"
     );
+    assert!(
+        passwords > 20,
+        "only {passwords} password changes went through"
+    );
+}
+
+const NEW_PASSWORD: &str = "a new long enough password 44";
+
+/// Sets `phone`'s password with a reset code on `s`: true if it was answered 204.
+async fn set_password(client: &reqwest::Client, s: &TestServer, phone: &str) -> bool {
+    let post = |path: &str, body: Value| client.post(s.url(path)).json(&body).send();
+    let sent = post(
+        "/api/v1/sms/code",
+        json!({ "phone": phone, "purpose": "reset_password" }),
+    )
+    .await;
+    if !sent.is_ok_and(|r| r.status() == 200) {
+        return false;
+    }
+    let reset = post(
+        "/api/v1/auth/password/reset",
+        json!({ "phone": phone, "code": CODE, "new_password": NEW_PASSWORD }),
+    )
+    .await;
+    reset.is_ok_and(|r| r.status() == 204)
 }
 
 /// One instance killed with -9 while both serve: the other answers every request of its
