@@ -6,7 +6,7 @@ use http::StatusCode;
 use serde::Deserialize;
 
 use super::session::{default_nickname, sms_method, token_response};
-use super::{nickname, parse_phone, redeem_proof};
+use super::{UserView, nickname, parse_phone, redeem_proof};
 use crate::app::App;
 use crate::clock::now;
 use crate::error::ApiError;
@@ -72,7 +72,8 @@ pub async fn register(app: &App, req: Req) -> Result<Resp, ApiError> {
     }
     tracing::info!(user_id = user.id, phone = %phone.masked(), "registered with a password");
     app.metrics.registration("password");
-    token_response(app, &user, true, StatusCode::CREATED).await
+    let view = UserView::new(&user, &methods);
+    Ok(token_response(app, &user, view, true, StatusCode::CREATED))
 }
 
 #[derive(Deserialize)]
@@ -126,7 +127,8 @@ pub async fn login(app: &App, req: Req) -> Result<Resp, ApiError> {
     app.store.engine.flush().await?;
     tracing::info!(user_id = user.id, phone = %phone.masked(), "password login");
     app.metrics.login("password");
-    token_response(app, &user, false, StatusCode::OK).await
+    let view = UserView::load(app, &user).await?;
+    Ok(token_response(app, &user, view, false, StatusCode::OK))
 }
 
 #[derive(Deserialize)]

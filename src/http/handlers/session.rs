@@ -25,18 +25,20 @@ pub struct TokenResponse {
     pub created: bool,
 }
 
-pub async fn token_response(
+/// The answer to a login: a new session for `user`, shown as `view`.
+pub fn token_response(
     app: &App,
     user: &User,
+    view: UserView,
     created: bool,
     status: StatusCode,
-) -> Result<Resp, ApiError> {
+) -> Resp {
     let issued = app.tokens.issue_session(user);
     let body = TokenResponse {
         access_token: issued.token,
         token_type: "Bearer",
         expires_in: issued.expires_in,
-        user: UserView::load(app, user).await?,
+        user: view,
         created,
     };
     let mut resp = json_response(status, &body);
@@ -44,7 +46,7 @@ pub async fn token_response(
         let cookie = cookie::set(&app.cfg.token, &body.access_token, body.expires_in);
         resp.headers_mut().insert(SET_COOKIE, cookie);
     }
-    Ok(resp)
+    resp
 }
 
 /// The nickname a new account starts with: its national number with the middle masked.
@@ -96,7 +98,13 @@ pub async fn sms_login(app: &App, req: Req) -> Result<Resp, ApiError> {
     if created {
         app.metrics.registration("sms");
     }
-    token_response(app, &user, created, StatusCode::OK).await
+    // A new account has the methods it was made with: no need to read them back.
+    let view = if created {
+        UserView::new(&user, &[sms_method(&phone)])
+    } else {
+        UserView::load(app, &user).await?
+    };
+    Ok(token_response(app, &user, view, created, StatusCode::OK))
 }
 
 /// Ends the presented session; the token is refused from then on, restarts included.
