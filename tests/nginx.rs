@@ -198,21 +198,13 @@ async fn nginx_auth_request_guards_a_site_with_the_session_cookie() {
     .await;
     assert_eq!(status, 200);
     let code = s.take_code("+8613812349501");
-    let resp = client
-        .post(format!("{base}/api/v1/auth/sms-login"))
-        .json(&json!({ "phone": "13812349501", "code": code }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let cookie = resp.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let user: serde_json::Value = resp.json().await.unwrap();
+    let (user, cookie) = sms_login(
+        &client,
+        &format!("{base}/api/v1/auth/sms-login"),
+        "13812349501",
+        &code,
+    )
+    .await;
 
     // With the cookie: through to the application, which is told who it is.
     let resp = client
@@ -366,8 +358,19 @@ async fn login_through(
     .await;
     assert_eq!(status, 200, "{body}");
     let (sender, code) = code_from_either(servers, &common::e164(phone)).await;
+    let (user, cookie) = sms_login(client, &site.url("/api/v1/auth/sms-login"), phone, &code).await;
+    (sender, user, cookie)
+}
+
+/// A code login at `url`: the answer's body and its session cookie (`name=value`).
+async fn sms_login(
+    client: &reqwest::Client,
+    url: &str,
+    phone: &str,
+    code: &str,
+) -> (serde_json::Value, String) {
     let resp = client
-        .post(site.url("/api/v1/auth/sms-login"))
+        .post(url)
         .json(&json!({ "phone": phone, "code": code }))
         .send()
         .await
@@ -380,7 +383,7 @@ async fn login_through(
         .next()
         .unwrap()
         .to_owned();
-    (sender, resp.json().await.unwrap(), cookie)
+    (resp.json().await.unwrap(), cookie)
 }
 
 /// One visit of a logged-in user through nginx: GET /api/v1/me with the bearer token,
