@@ -26,44 +26,46 @@ pub fn load_or_create(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
 /// Reads `dir/name`, or creates it holding `fresh`.
 pub fn load_or_insert(dir: &Path, name: &str, fresh: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     let path = dir.join(name);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let key = hex::decode(text.trim())
-                .with_context(|| format!("key file {} is not hex", path.display()))?;
-            if key.len() < KEY_BYTES {
-                bail!(
-                    "key file {} is shorter than {KEY_BYTES} bytes",
-                    path.display()
-                );
-            }
-            Ok(key)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = fresh;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("cannot create key file {}", path.display()))?;
-            file.write_all(hex::encode(&key).as_bytes())?;
-            file.sync_all()?;
-            Ok(key)
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot read key file {}", path.display())),
+    if let Some(key) = read(&path)? {
+        return Ok(key);
     }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create key file {}", path.display()))?;
+    file.write_all(hex::encode(&fresh).as_bytes())?;
+    file.sync_all()?;
+    Ok(fresh)
+}
+
+/// The key in the file at `path`; None if there is no such file.
+fn read(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read key file {}", path.display()));
+        }
+    };
+    let key = hex::decode(text.trim())
+        .with_context(|| format!("key file {} is not hex", path.display()))?;
+    if key.len() < KEY_BYTES {
+        bail!(
+            "key file {} is shorter than {KEY_BYTES} bytes",
+            path.display()
+        );
+    }
+    Ok(Some(key))
 }
 
 /// The server keys the data dir holds (`NAME.key` files), by name.
 pub fn in_dir(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut found = Vec::new();
     for name in NAMES {
-        let path = dir.join(format!("{name}.key"));
-        if path.exists() {
-            found.push((
-                name.to_owned(),
-                load_or_insert(dir, &format!("{name}.key"), Vec::new())?,
-            ));
+        if let Some(key) = read(&dir.join(format!("{name}.key")))? {
+            found.push((name.to_owned(), key));
         }
     }
     Ok(found)
