@@ -92,6 +92,20 @@ fn detail(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Why a start gives up at once on this answer of the server: waiting will not mend it.
+fn refusal(code: &SqlState) -> Option<&'static str> {
+    if code == &SqlState::INVALID_PASSWORD || code == &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    {
+        Some("the credentials in storage.postgres.url were refused")
+    } else if code == &SqlState::INVALID_CATALOG_NAME {
+        Some(
+            "the database named in storage.postgres.url does not exist (see docs: create it first)",
+        )
+    } else {
+        None
+    }
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => classify(e),
@@ -155,35 +169,14 @@ impl PgStore {
             attempt += 1;
             let err = match self.pool.get().await {
                 Ok(_) => return Ok(()),
-                Err(deadpool_postgres::PoolError::Backend(e)) => e,
-                Err(other) => {
-                    tracing::warn!(target_db = %self.target, attempt, error = %other, "PostgreSQL does not answer yet");
-                    if tokio::time::Instant::now() >= give_up {
-                        anyhow::bail!(
-                            "PostgreSQL at {} did not answer within {} s: {other}",
-                            self.target,
-                            patience.as_secs()
-                        );
+                Err(deadpool_postgres::PoolError::Backend(e)) => {
+                    if let Some(why) = e.code().and_then(refusal) {
+                        anyhow::bail!("PostgreSQL at {}: {why}: {}", self.target, detail(&e));
                     }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
+                    detail(&e)
                 }
+                Err(other) => other.to_string(),
             };
-            if let Some(code) = err.code() {
-                let why = if code == &SqlState::INVALID_PASSWORD
-                    || code == &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-                {
-                    "the credentials in storage.postgres.url were refused"
-                } else if code == &SqlState::INVALID_CATALOG_NAME {
-                    "the database named in storage.postgres.url does not exist (see docs: create it first)"
-                } else {
-                    ""
-                };
-                if !why.is_empty() {
-                    anyhow::bail!("PostgreSQL at {}: {why}: {}", self.target, detail(&err));
-                }
-            }
-            let err = detail(&err);
             tracing::warn!(target_db = %self.target, attempt, error = %err, "PostgreSQL does not answer yet; retrying");
             if tokio::time::Instant::now() >= give_up {
                 anyhow::bail!(
