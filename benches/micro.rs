@@ -115,6 +115,7 @@ fn tokens_and_users(c: &mut Criterion) {
                 nickname: "bench".into(),
                 created_at: 1,
                 last_login_at: None,
+                avatar_url: None,
             },
             &[LoginMethod {
                 method: Method::Sms,

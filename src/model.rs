@@ -18,13 +18,17 @@ pub struct User {
     /// Carried in every session token; bumping it ends all of the user's sessions at once
     /// (password reset, admin logout) without listing tokens.
     pub session_gen: u32,
+    /// The picture WeChat gave at the last WeChat login or link; cleared by an unlink.
+    /// Added in record format 2 (see `store::codec`).
+    pub avatar_url: Option<String>,
 }
 
 /// How a user may log in, as seed 000's `user_login_method` table: one row per method.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoginMethod {
     pub method: Method,
-    /// What identifies the user for this method (the phone for both methods we have).
+    /// What identifies the user for this method: the phone for `sms` and `password`, the
+    /// WeChat id (unionid or openid, per `wechat.identity`) for `wechat`.
     pub identification: String,
     /// The secret to check, if the method has one: a PHC argon2id string for `password`.
     pub access_code: Option<String>,
@@ -34,6 +38,7 @@ pub struct LoginMethod {
 pub enum Method {
     Sms,
     Password,
+    Wechat,
 }
 
 impl Method {
@@ -41,6 +46,7 @@ impl Method {
         match self {
             Method::Sms => "sms",
             Method::Password => "password",
+            Method::Wechat => "wechat",
         }
     }
 }

@@ -239,6 +239,7 @@ mod tests {
             last_login_at: None,
             disabled: false,
             session_gen: 3,
+            avatar_url: None,
         }
     }
 

@@ -234,6 +234,7 @@ fn commands_honour_config_and_refuse_a_missing_data_dir() {
                 nickname: "x".into(),
                 created_at: 0,
                 last_login_at: None,
+                avatar_url: None,
             },
             &[],
         ))

@@ -47,6 +47,7 @@ fn fill(data: &Path) {
                 nickname: format!("user {i}"),
                 created_at: 1_700_000_000 + i as i64,
                 last_login_at: (i % 3 == 0).then_some(1_800_000_000),
+                avatar_url: None,
             },
             &methods,
         ))

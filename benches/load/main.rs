@@ -713,6 +713,7 @@ fn new_user(phone: &str) -> NewUser<'_> {
         nickname: "bench".into(),
         created_at: smsauth::clock::now(),
         last_login_at: None,
+        avatar_url: None,
     }
 }
 

@@ -288,6 +288,7 @@ mod tests {
             last_login_at: Some(2),
             disabled: false,
             session_gen: 4,
+            avatar_url: None,
         };
         let answer = Answer::User {
             user: UserInfo {
@@ -313,6 +314,7 @@ mod tests {
                 last_login_at: None,
                 disabled: true,
                 session_gen: 0,
+                avatar_url: None,
             },
             login_methods: None,
         };

@@ -5,23 +5,28 @@
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `meta` | name | `schema_version` u32 BE; `next_user_id`, `users_total` u64 BE; others the sled engine's own |
-//! | `userid_user` | user id u64 BE | codec([`crate::model::User`]) |
+//! | `userid_user` | user id u64 BE | codec user record ([`super::codec::encode_user`]) |
 //! | `phone_userid` | E.164 bytes | user id u64 BE |
 //! | `useridmethod_login` | user id u64 BE, method byte | codec([`crate::model::LoginMethod`]) |
+//! | `wechat_userid` | WeChat id bytes | user id u64 BE (valid only while the user's `wechat` method names it) |
+//! | `kindkey_grant` | grant kind byte, SHA-256 of the grant's token | expiry unix secs i64 BE, then the grant's bytes |
 //! | `phonepurpose_code` | E.164 bytes, 0xff, purpose byte | codec([`crate::model::PendingCode`]) |
 //! | `jti_exp` | token id bytes | expiry unix secs i64 BE |
 //! | `counter_count` | counter byte, window i64 BE, subject bytes | count u64 BE |
 
+use super::GrantKind;
 use super::codec::u64_key;
 use crate::model::{Counter, Method, Purpose, UserId};
 
 /// The version of this layout (`meta/schema_version`): the sled engine's schema.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 pub const META: &str = "meta";
 pub const USERS: &str = "userid_user";
 pub const PHONES: &str = "phone_userid";
 pub const METHODS: &str = "useridmethod_login";
+pub const WECHATS: &str = "wechat_userid";
+pub const GRANTS: &str = "kindkey_grant";
 pub const CODES: &str = "phonepurpose_code";
 pub const REVOKED: &str = "jti_exp";
 pub const COUNTERS: &str = "counter_count";
@@ -30,12 +35,13 @@ pub const META_NEXT_ID: &[u8] = b"next_user_id";
 pub const META_USERS: &[u8] = b"users_total";
 
 /// Login methods with a stored record, in key order (`sms` is implied, never stored).
-pub const STORED_METHODS: [Method; 1] = [Method::Password];
+pub const STORED_METHODS: [Method; 2] = [Method::Password, Method::Wechat];
 
 pub fn method_byte(method: Method) -> u8 {
     match method {
         Method::Sms => 1,
         Method::Password => 2,
+        Method::Wechat => 3,
     }
 }
 
@@ -43,6 +49,21 @@ pub fn method_key(id: UserId, method: Method) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[..8].copy_from_slice(&u64_key(id));
     k[8] = method_byte(method);
+    k
+}
+
+pub fn grant_byte(kind: GrantKind) -> u8 {
+    match kind {
+        GrantKind::WechatState => 1,
+        GrantKind::WechatTicket => 2,
+        GrantKind::WechatBind => 3,
+    }
+}
+
+pub fn grant_key(kind: GrantKind, digest: &[u8; 32]) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = grant_byte(kind);
+    k[1..].copy_from_slice(digest);
     k
 }
 

@@ -2,12 +2,13 @@
 //! engine. [`Store`] holds one of each; handlers and the domain modules (codes, tokens,
 //! limits, captcha) talk to these traits and never learn which engine runs.
 //!
-//! - [`Users`]: accounts and their login methods;
+//! - [`Users`]: accounts and their login methods (sms, password, WeChat);
 //! - [`PendingCodes`]: codes sent and not yet used, and [`ResendWaits`] between sends;
 //! - [`Counters`]: per-phone and service-wide counts in fixed windows (daily caps,
 //!   lockouts) and [`AddressLimits`] per client address;
 //! - [`CaptchaAnswers`]: the answers of pending captchas;
 //! - [`Sessions`]: revoked tokens, and the user a session belongs to;
+//! - [`Grants`]: short-lived single-use grants (WeChat's OAuth states and tickets);
 //! - [`Keys`]: the server's own secrets (code HMAC key, token key);
 //! - [`Snapshots`]: the whole store as records, for backups, and their import;
 //! - [`Engine`]: durability, readiness and the engine's own figures.
@@ -78,6 +79,22 @@ pub struct NewUser<'a> {
     pub nickname: String,
     pub created_at: i64,
     pub last_login_at: Option<i64>,
+    pub avatar_url: Option<String>,
+}
+
+/// What binding a WeChat id to an account came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WechatBind {
+    /// Bound now, or bound to this account already: the account as stored after it.
+    Bound { user: User, created: bool },
+    /// The WeChat id belongs to another account.
+    Taken,
+    /// The account has another WeChat id.
+    AlreadyBound,
+    /// The account is disabled: nothing was changed.
+    Disabled,
+    /// There is no such account.
+    NoUser,
 }
 
 /// One change to a stored user: each is a single atomic update in every engine.
@@ -88,6 +105,7 @@ pub enum UserChange {
     },
     Nickname(String),
     Disabled(bool),
+    Avatar(Option<String>),
     /// Bumps the session generation: every session issued before ends.
     EndSessions,
 }
@@ -98,6 +116,7 @@ impl UserChange {
             UserChange::LoggedIn { at } => user.last_login_at = Some(*at),
             UserChange::Nickname(n) => user.nickname.clone_from(n),
             UserChange::Disabled(d) => user.disabled = *d,
+            UserChange::Avatar(a) => user.avatar_url.clone_from(a),
             UserChange::EndSessions => user.session_gen = user.session_gen.wrapping_add(1),
         }
     }
@@ -149,6 +168,37 @@ pub trait Users: Send + Sync {
     /// reader at once, crashes included). Ids are never given out again, so an old token
     /// cannot pass for a later user. None if there was no such user.
     fn delete_user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>>;
+
+    /// The account a WeChat id is bound to.
+    fn user_by_wechat<'a>(&'a self, wechat_id: &'a str) -> BoxFuture<'a, Result<Option<User>>>;
+    /// A WeChat login: records it (`at`, and the avatar WeChat gave) on the account bound
+    /// to `wechat_id`, unless that account is disabled. The account as stored after it.
+    fn log_in_wechat<'a>(
+        &'a self,
+        wechat_id: &'a str,
+        at: i64,
+        avatar_url: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<User>>>;
+    /// Binds `wechat_id` to the account of `new.phone` and records the login there
+    /// (`new.last_login_at`, `new.avatar_url`); a phone without an account gets one, made
+    /// with both methods. One atomic change on every engine, so of racing binds of one
+    /// WeChat id (on any instance) one wins and the others are [`WechatBind::Taken`],
+    /// and a refused bind leaves nothing behind, not even a new account.
+    fn bind_wechat_to_phone<'a>(
+        &'a self,
+        new: NewUser<'a>,
+        wechat_id: &'a str,
+    ) -> BoxFuture<'a, Result<WechatBind>>;
+    /// Links `wechat_id` to account `id` (asked from a session: not a login), with the
+    /// avatar WeChat gave. Atomic as [`Users::bind_wechat_to_phone`].
+    fn link_wechat<'a>(
+        &'a self,
+        id: UserId,
+        wechat_id: &'a str,
+        avatar_url: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<WechatBind>>;
+    /// Removes the account's WeChat method and its avatar. None if there is no such user.
+    fn unlink_wechat(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>>;
 }
 
 /// What checking a code against the pending one found.
@@ -327,6 +377,49 @@ pub trait Sessions: Send + Sync {
     fn prune_revocations(&self, now: i64) -> BoxFuture<'_, Result<usize>>;
 }
 
+/// What a grant is for; a grant is only found under its own kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantKind {
+    /// A WeChat OAuth `state`, from /wechat/start or POST /me/wechat to the callback.
+    WechatState,
+    /// What the callback learnt of a WeChat user, for /wechat/exchange.
+    WechatTicket,
+    /// A WeChat user to bind to a phone, for /wechat/bind.
+    WechatBind,
+}
+
+impl GrantKind {
+    pub const ALL: [GrantKind; 3] = [
+        GrantKind::WechatState,
+        GrantKind::WechatTicket,
+        GrantKind::WechatBind,
+    ];
+}
+
+/// A grant as taken out of the store: its bytes and when it expires (unix seconds).
+pub type TakenGrant = (Vec<u8>, i64);
+
+/// Short-lived, single-use grants, kept under a digest of their token: the store never
+/// holds a token that would work if copied out of it.
+pub trait Grants: Send + Sync {
+    fn put_grant<'a>(
+        &'a self,
+        kind: GrantKind,
+        key: [u8; 32],
+        value: &'a [u8],
+        expires_at: i64,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Takes the grant out, live or not: (value, expires_at). Of racing takes of one
+    /// grant, on any instance, exactly one gets it.
+    fn take_grant(
+        &self,
+        kind: GrantKind,
+        key: [u8; 32],
+    ) -> BoxFuture<'_, Result<Option<TakenGrant>>>;
+    /// Deletes the grants that expired before `now`.
+    fn prune_grants(&self, now: i64) -> BoxFuture<'_, Result<usize>>;
+}
+
 /// A server key and its name (`token`, `code`).
 pub type NamedKey = (String, Vec<u8>);
 
@@ -379,6 +472,7 @@ pub struct Store {
     pub addresses: Arc<dyn AddressLimits>,
     pub captchas: Arc<dyn CaptchaAnswers>,
     pub sessions: Arc<dyn Sessions>,
+    pub grants: Arc<dyn Grants>,
     pub keys: Arc<dyn Keys>,
     pub snapshots: Arc<dyn Snapshots>,
     pub engine: Arc<dyn Engine>,
@@ -403,6 +497,7 @@ impl Store {
                     addresses: pg.clone(),
                     captchas: pg.clone(),
                     sessions: pg.clone(),
+                    grants: pg.clone(),
                     keys: pg.clone(),
                     snapshots: pg.clone(),
                     engine: pg,
@@ -429,6 +524,7 @@ impl Store {
                 cfg.captcha.ttl_secs,
             ))),
             sessions: sled.clone(),
+            grants: sled.clone(),
             keys: sled.clone(),
             snapshots: sled.clone(),
             engine: sled,

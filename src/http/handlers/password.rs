@@ -63,6 +63,7 @@ pub async fn register(app: &App, req: Req) -> Result<Resp, ApiError> {
         nickname,
         created_at: now,
         last_login_at: Some(now),
+        avatar_url: None,
     };
     let methods = [sms_method(&phone), password_method(&phone, phc)];
     let (user, created) = app.store.users.create_user_if_absent(new, &methods).await?;

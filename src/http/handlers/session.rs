@@ -83,6 +83,7 @@ pub async fn sms_login(app: &App, req: Req) -> Result<Resp, ApiError> {
         nickname: default_nickname(&phone, &app.cfg.phone.country_code),
         created_at: now,
         last_login_at: Some(now),
+        avatar_url: None,
     };
     let (user, created) = app
         .store

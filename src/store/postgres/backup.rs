@@ -1,7 +1,7 @@
 //! [`Snapshots`] on PostgreSQL, in the embedded engine's record layout
 //! ([`crate::store::layout`]): one backup format for both engines, so a deployment moves
 //! between them with `smsauth backup` and `smsauth restore`. Records of what needs no
-//! backup (resend waits, captchas, per-address limits) are not written, as the embedded
+//! backup (resend waits, captchas, per-address limits, grants) are not written, as the embedded
 //! engine keeps none of them on disk either.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use tokio_postgres::IsolationLevel;
 use super::users::{method_number, row_user, user_columns};
 use super::{PgStore, Result, classify, pool_error};
 use crate::model::{LoginMethod, Method, PendingCode, Purpose, User};
-use crate::store::codec::{decode, encode, read_i64, read_u64, u64_key};
+use crate::store::codec::{decode, decode_user, encode, encode_user, read_i64, read_u64, u64_key};
 use crate::store::layout::{
     self, code_key, counter_key, method_key, parse_code_key, parse_counter_key,
 };
@@ -60,7 +60,22 @@ impl PgStore {
                 user.phone.clone().into_bytes(),
                 u64_key(user.id).to_vec(),
             );
-            put(layout::USERS, u64_key(user.id).to_vec(), encode(&user));
+            put(layout::USERS, u64_key(user.id).to_vec(), encode_user(&user));
+        }
+        for row in tx
+            .query(
+                "SELECT identification, user_id FROM login_methods WHERE method = 3",
+                &[],
+            )
+            .await
+            .map_err(classify)?
+        {
+            let wechat_id: String = row.get(0);
+            put(
+                layout::WECHATS,
+                wechat_id.into_bytes(),
+                u64_key(row.get::<_, i64>(1) as u64).to_vec(),
+            );
         }
         for row in tx
             .query(
@@ -175,11 +190,11 @@ impl PgStore {
         let op = "import";
         match tree {
             layout::USERS => {
-                let u: User = decode(value)?;
+                let u: User = decode_user(value)?;
                 self.execute(
                     op,
-                    "INSERT INTO users (id, phone, nickname, created_at, last_login_at, disabled, session_gen)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    "INSERT INTO users (id, phone, nickname, created_at, last_login_at, disabled, session_gen, avatar_url)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                     &[
                         &(u.id as i64),
                         &u.phone,
@@ -188,6 +203,7 @@ impl PgStore {
                         &u.last_login_at,
                         &u.disabled,
                         &(u.session_gen as i64),
+                        &u.avatar_url,
                     ],
                 )
                 .await?;
@@ -258,8 +274,9 @@ impl PgStore {
             layout::META if key == layout::META_NEXT_ID => {
                 self.keep_ids_past(read_u64(value)? as i64 - 1).await
             }
-            // The phone index is users.phone; the other meta records are the embedded
-            // engine's own bookkeeping.
+            // The phone index is users.phone and the WeChat index the wechat methods;
+            // the other meta records are the embedded engine's own bookkeeping. Grants
+            // live minutes and are not carried over.
             _ => Ok(()),
         }
     }

@@ -16,9 +16,11 @@
 
 mod backup;
 mod codes;
+mod grants;
 mod limits;
 mod metrics;
 mod users;
+mod wechat;
 
 use std::time::Duration;
 
@@ -33,8 +35,8 @@ use crate::config::{LimitsConfig, PostgresConfig};
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// The schema this release writes; numbered scripts take a database from one to the next.
-const SCHEMA_VERSION: i32 = 1;
-const MIGRATIONS: [&str; 1] = [include_str!("schema_1.sql")];
+const SCHEMA_VERSION: i32 = 2;
+const MIGRATIONS: [&str; 2] = [include_str!("schema_1.sql"), include_str!("schema_2.sql")];
 /// Any fixed number: the advisory lock every instance takes while it migrates.
 const MIGRATION_LOCK: i64 = 0x0073_6d73_6175_7468; // "smsauth"
 
@@ -239,15 +241,16 @@ impl PgStore {
         &self,
         op: &'static str,
         work: impl AsyncFnOnce(
-            &deadpool_postgres::Client,
+            &mut deadpool_postgres::Client,
         ) -> std::result::Result<T, tokio_postgres::Error>,
     ) -> Result<T> {
         let run = async {
             let asked = std::time::Instant::now();
-            let client = self.pool.get().await.map_err(pool_error)?;
+            let mut client = self.pool.get().await.map_err(pool_error)?;
             let got = std::time::Instant::now();
             self.metrics.pool_wait.observe((got - asked).as_secs_f64());
-            let result = work(&client).await.map_err(classify);
+            // A transaction cut short by the deadline is rolled back as it is dropped.
+            let result = work(&mut client).await.map_err(classify);
             self.metrics
                 .statements
                 .get_or_create(&metrics::OpLabels { op })

@@ -4,12 +4,12 @@ use tokio_postgres::Row;
 
 use super::{PgStore, Result};
 use crate::model::{LoginMethod, Method, User, UserId};
-use crate::store::{BoxFuture, NewUser, Sessions, StoreError, UserChange, Users};
+use crate::store::{BoxFuture, NewUser, Sessions, StoreError, UserChange, Users, WechatBind};
 
 /// The columns [`row_user`] reads, in its order: for `concat!` into each statement.
 macro_rules! user_columns {
     () => {
-        "id, phone, nickname, created_at, last_login_at, disabled, session_gen"
+        "id, phone, nickname, created_at, last_login_at, disabled, session_gen, avatar_url"
     };
 }
 pub(super) use user_columns;
@@ -23,13 +23,18 @@ pub(super) fn row_user(row: &Row) -> User {
         last_login_at: row.get(4),
         disabled: row.get(5),
         session_gen: row.get::<_, i64>(6) as u32,
+        avatar_url: row.get(7),
     }
 }
+
+/// `wechat` in `login_methods.method`; schema 2's unique index names it.
+pub(super) const WECHAT: i16 = 3;
 
 pub(super) fn method_number(m: Method) -> i16 {
     match m {
         Method::Sms => 1,
         Method::Password => 2,
+        Method::Wechat => WECHAT,
     }
 }
 
@@ -37,6 +42,7 @@ pub(super) fn method_of(n: i16) -> Result<Method> {
     match n {
         1 => Ok(Method::Sms),
         2 => Ok(Method::Password),
+        WECHAT => Ok(Method::Wechat),
         other => Err(StoreError::Corrupt(format!("login method {other}"))),
     }
 }
@@ -115,8 +121,8 @@ impl Users for PgStore {
                     "create_user_if_absent",
                     concat!(
                         "WITH u AS (
-                            INSERT INTO users (phone, nickname, created_at, last_login_at)
-                            VALUES ($1, $2, $3, $4)
+                            INSERT INTO users (phone, nickname, created_at, last_login_at, avatar_url)
+                            VALUES ($1, $2, $3, $4, $8)
                             ON CONFLICT (phone) DO NOTHING
                             RETURNING ",
                         user_columns!(),
@@ -137,6 +143,7 @@ impl Users for PgStore {
                         &kinds,
                         &idents,
                         &codes,
+                        &new.avatar_url,
                     ],
                 )
                 .await?;
@@ -209,6 +216,13 @@ impl Users for PgStore {
                     self.query_opt("update_user", 
                         concat!("UPDATE users SET disabled = $2 WHERE id = $1 RETURNING ", user_columns!()),
                         &[&id, d],
+                    )
+                    .await?
+                }
+                UserChange::Avatar(a) => {
+                    self.query_opt("update_user",
+                        concat!("UPDATE users SET avatar_url = $2 WHERE id = $1 RETURNING ", user_columns!()),
+                        &[&id, a],
                     )
                     .await?
                 }
@@ -328,6 +342,40 @@ impl Users for PgStore {
         })
     }
 
+    fn user_by_wechat<'a>(&'a self, wechat_id: &'a str) -> BoxFuture<'a, Result<Option<User>>> {
+        Box::pin(self.user_by_wechat_id(wechat_id))
+    }
+
+    fn log_in_wechat<'a>(
+        &'a self,
+        wechat_id: &'a str,
+        at: i64,
+        avatar_url: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<User>>> {
+        Box::pin(self.log_in_wechat_id(wechat_id, at, avatar_url))
+    }
+
+    fn bind_wechat_to_phone<'a>(
+        &'a self,
+        new: NewUser<'a>,
+        wechat_id: &'a str,
+    ) -> BoxFuture<'a, Result<WechatBind>> {
+        Box::pin(self.bind_to_phone(new, wechat_id))
+    }
+
+    fn link_wechat<'a>(
+        &'a self,
+        id: UserId,
+        wechat_id: &'a str,
+        avatar_url: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<WechatBind>> {
+        Box::pin(self.link(id, wechat_id, avatar_url))
+    }
+
+    fn unlink_wechat(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
+        Box::pin(self.unlink(id))
+    }
+
     fn delete_user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
         Box::pin(async move {
             // The login methods go with it (ON DELETE CASCADE), in the same commit; the
@@ -404,7 +452,7 @@ impl Sessions for PgStore {
                 .query(
                     "session_account",
                     "SELECT u.id, u.phone, u.nickname, u.created_at, u.last_login_at, u.disabled,
-                            u.session_gen, m.method, m.identification, m.access_code
+                            u.session_gen, u.avatar_url, m.method, m.identification, m.access_code
                      FROM users u LEFT JOIN login_methods m ON m.user_id = u.id
                      WHERE u.id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)
                      ORDER BY m.method",
@@ -421,11 +469,11 @@ impl Sessions for PgStore {
                 access_code: None,
             }];
             for row in &rows {
-                if let Some(method) = row.get::<_, Option<i16>>(7) {
+                if let Some(method) = row.get::<_, Option<i16>>(8) {
                     methods.push(LoginMethod {
                         method: method_of(method)?,
-                        identification: row.get(8),
-                        access_code: row.get(9),
+                        identification: row.get(9),
+                        access_code: row.get(10),
                     });
                 }
             }

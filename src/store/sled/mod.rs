@@ -40,12 +40,14 @@
 
 mod codes;
 mod counters;
+mod grants;
 mod group_commit;
 mod sessions;
 #[cfg(test)]
 mod tests;
 mod user_cache;
 mod users;
+mod wechat;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -57,7 +59,7 @@ use self::codes::CodeCache;
 use self::counters::DailyBudget;
 use self::group_commit::GroupCommit;
 use self::user_cache::UserCache;
-use super::codec::{decode, encode, read_u64, u64_key};
+use super::codec::{decode, decode_user, encode, encode_user, read_u64, u64_key};
 use super::layout::{self, STORED_METHODS, method_byte, method_key};
 use super::{BoxFuture, Engine, Keys, RecordSink, Snapshots, StoreError, UserChange, ready};
 use crate::model::{Method, User, UserId};
@@ -67,6 +69,8 @@ use crate::sharded::KeyLocks;
 /// deletion is listed in the user-count checkpoint before it commits; a release that
 /// does not know this would delete without listing, and a start after a crash would then
 /// count wrong, so a version 2 release must refuse the store (it refuses newer ones).
+/// 4: user records of format 2 (with `avatar_url`), WeChat login methods and their
+/// index, and grants; a version 3 release could not read those users.
 use super::layout::{META_NEXT_ID, META_SCHEMA, META_USERS, SCHEMA_VERSION};
 const META_FIRST_ID_OF_RUN: &[u8] = b"first_id_of_run";
 const META_CLOSED_CLEANLY: &[u8] = b"closed_cleanly";
@@ -93,6 +97,10 @@ pub struct SledStore {
     users: sled::Tree,
     phones: sled::Tree,
     methods: sled::Tree,
+    /// WeChat id -> user id; an entry counts only while the user's `wechat` method names
+    /// that id (see [`wechat`]).
+    wechats: sled::Tree,
+    grants: sled::Tree,
     codes: sled::Tree,
     revoked: sled::Tree,
     counters: sled::Tree,
@@ -105,6 +113,10 @@ pub struct SledStore {
     checkpoint_next_id: AtomicU64,
     /// Serialize the creation and deletion of one phone's user.
     phone_locks: KeyLocks,
+    /// Serializes every change of a WeChat binding (rare: a login's first scan), so a
+    /// WeChat id and an account are checked and bound as one step. Taken before a phone
+    /// lock, never after.
+    wechat_binds: std::sync::Mutex<()>,
     /// Users recently read; every write to the users tree forgets its user after writing.
     cached: UserCache,
     /// jti -> exp of revoked tokens, mirrored from `revoked` for the per-request check.
@@ -148,6 +160,8 @@ impl SledStore {
             users: db.open_tree(layout::USERS)?,
             phones: db.open_tree(layout::PHONES)?,
             methods: db.open_tree(layout::METHODS)?,
+            wechats: db.open_tree(layout::WECHATS)?,
+            grants: db.open_tree(layout::GRANTS)?,
             codes: db.open_tree(layout::CODES)?,
             revoked: db.open_tree(layout::REVOKED)?,
             counters: db.open_tree(layout::COUNTERS)?,
@@ -158,6 +172,7 @@ impl SledStore {
             users_total: AtomicU64::new(0),
             checkpoint_next_id: AtomicU64::new(1),
             phone_locks: KeyLocks::new(PHONE_LOCKS),
+            wechat_binds: std::sync::Mutex::new(()),
             cached: UserCache::new(),
             revoked_ids: RwLock::new(HashMap::new()),
             pending: CodeCache::new(),
@@ -190,7 +205,7 @@ impl SledStore {
         if !closed_cleanly && let Some(first) = self.meta_u64(META_FIRST_ID_OF_RUN)? {
             for kv in self.users.range(u64_key(first)..) {
                 let (k, v) = kv?;
-                let user: User = decode(&v)?;
+                let user = decode_user(&v)?;
                 if !self.is_indexed(&user)? {
                     for method in STORED_METHODS {
                         self.methods.remove(method_key(user.id, method))?;
@@ -229,7 +244,7 @@ impl SledStore {
             // Listed before its commit point: the deletion happened unless the user is
             // still reachable through the index.
             let live = match self.users.get(u64_key(id))? {
-                Some(v) => self.is_indexed(&decode(&v)?)?,
+                Some(v) => self.is_indexed(&decode_user(&v)?)?,
                 None => false,
             };
             if !live {
@@ -237,7 +252,7 @@ impl SledStore {
             }
         }
         for kv in self.users.range(u64_key(cp.next_id)..) {
-            if self.is_indexed(&decode(&kv?.1)?)? {
+            if self.is_indexed(&decode_user(&kv?.1)?)? {
                 total += 1;
             }
         }
@@ -324,6 +339,7 @@ impl SledStore {
             );
         }
         // 2 to 3 changes no record: the checkpoint is stored at every open (`recover`).
+        // 3 to 4 neither: format-1 user records read as users without an avatar.
         self.meta
             .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
         self.flush_blocking()
@@ -355,10 +371,10 @@ impl SledStore {
         let mut failure = None;
         let updated = self.users.update_and_fetch(u64_key(id), |old| {
             let old = old?;
-            match decode::<User>(old) {
+            match decode_user(old) {
                 Ok(mut user) => {
                     change.apply(&mut user);
-                    Some(encode(&user))
+                    Some(encode_user(&user))
                 }
                 Err(e) => {
                     failure = Some(e);
@@ -371,7 +387,7 @@ impl SledStore {
             return Err(e);
         }
         self.wrote();
-        updated.map(|v| decode(&v)).transpose()
+        updated.map(|v| decode_user(&v)).transpose()
     }
 
     fn wrote(&self) {

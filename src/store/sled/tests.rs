@@ -44,6 +44,7 @@ fn new_user(phone: &str) -> NewUser<'_> {
         nickname: "n".into(),
         created_at: 1,
         last_login_at: None,
+        avatar_url: None,
     }
 }
 
@@ -88,8 +89,9 @@ fn an_open_after_a_crash_removes_orphans_and_recounts() {
             last_login_at: None,
             disabled: false,
             session_gen: 0,
+            avatar_url: None,
         };
-        s.users.insert(u64_key(2), encode(&orphan)).unwrap();
+        s.users.insert(u64_key(2), encode_user(&orphan)).unwrap();
     }
     {
         let raw = raw_reopen(dir.path());
@@ -215,6 +217,7 @@ fn schema_1_stores_lose_their_sms_method_records() {
         last_login_at: None,
         disabled: false,
         session_gen: 0,
+        avatar_url: None,
     };
     let (sms, password) = sms_and_password("+861");
     {
@@ -224,7 +227,7 @@ fn schema_1_stores_lose_their_sms_method_records() {
             .insert(META_SCHEMA, &1u32.to_be_bytes())
             .unwrap();
         tree("userid_user")
-            .insert(u64_key(1), encode(&user))
+            .insert(u64_key(1), encode_user(&user))
             .unwrap();
         tree("phone_userid").insert("+861", &u64_key(1)).unwrap();
         let methods = tree("useridmethod_login");
@@ -414,4 +417,133 @@ fn revoke_is_first_wins() {
     assert_eq!(done(s.prune_revocations(11)).unwrap(), 1);
     assert!(!done(s.is_revoked("a")).unwrap());
     assert_eq!(s.revoked.len(), 0);
+}
+
+#[test]
+fn a_wechat_binding_is_one_account_each_way_and_leaves_with_the_account() {
+    use crate::store::WechatBind;
+    let (_dir, s) = store();
+    let bound = |b: WechatBind| match b {
+        WechatBind::Bound { user, created } => (user, created),
+        other => panic!("not bound: {other:?}"),
+    };
+    let mut new = new_user("+8613800000001");
+    new.avatar_url = Some("https://a/1".into());
+    let (a, created) = bound(done(s.bind_wechat_to_phone(new, "wx-a")).unwrap());
+    assert!(created);
+    assert_eq!(a.avatar_url.as_deref(), Some("https://a/1"));
+    assert_eq!(
+        done(s.user_by_wechat("wx-a")).unwrap().map(|u| u.id),
+        Some(a.id)
+    );
+    let methods: Vec<_> = done(s.login_methods(&a))
+        .unwrap()
+        .into_iter()
+        .map(|m| m.method)
+        .collect();
+    assert_eq!(methods, [Method::Sms, Method::Wechat]);
+    // The id is taken for every other account; the account holds one id.
+    let (b, _) = done(s.create_user_if_absent(new_user("+8613800000002"), &[])).unwrap();
+    assert_eq!(
+        done(s.link_wechat(b.id, "wx-a", None)).unwrap(),
+        WechatBind::Taken
+    );
+    assert_eq!(
+        done(s.bind_wechat_to_phone(new_user("+8613800000002"), "wx-a")).unwrap(),
+        WechatBind::Taken
+    );
+    assert_eq!(
+        done(s.link_wechat(a.id, "wx-b", None)).unwrap(),
+        WechatBind::AlreadyBound
+    );
+    // Unlinked: gone both ways, avatar too; the id binds elsewhere.
+    let a = done(s.unlink_wechat(a.id)).unwrap().unwrap();
+    assert_eq!(a.avatar_url, None);
+    assert_eq!(done(s.user_by_wechat("wx-a")).unwrap(), None);
+    bound(done(s.link_wechat(b.id, "wx-a", None)).unwrap());
+    // A deleted account's binding goes with it.
+    done(s.delete_user(b.id)).unwrap();
+    assert_eq!(done(s.user_by_wechat("wx-a")).unwrap(), None);
+    assert!(s.wechats.get("wx-a").unwrap().is_none());
+}
+
+#[test]
+fn an_index_entry_no_method_record_confirms_is_ignored() {
+    use crate::store::WechatBind;
+    let (_dir, s) = store();
+    let (a, _) = done(s.create_user_if_absent(new_user("+8613800000003"), &[])).unwrap();
+    // What a crash between a bind's two writes leaves: the entry, not the record.
+    s.wechats.insert("wx-stale", &u64_key(a.id)).unwrap();
+    assert_eq!(done(s.user_by_wechat("wx-stale")).unwrap(), None);
+    let (b, _) = done(s.create_user_if_absent(new_user("+8613800000004"), &[])).unwrap();
+    assert!(matches!(
+        done(s.link_wechat(b.id, "wx-stale", None)).unwrap(),
+        WechatBind::Bound { .. }
+    ));
+    assert_eq!(
+        done(s.user_by_wechat("wx-stale")).unwrap().map(|u| u.id),
+        Some(b.id)
+    );
+}
+
+#[test]
+fn a_store_of_schema_3_with_format_1_users_opens_and_binds() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // The previous release's records: schema 3, a user record of format 1.
+        #[derive(serde::Serialize)]
+        struct UserV1<'a>(u64, &'a str, &'a str, i64, Option<i64>, bool, u32);
+        let s = SledStore::open(dir.path(), 8).unwrap();
+        s.meta.insert(META_SCHEMA, &3u32.to_be_bytes()).unwrap();
+        s.users
+            .insert(
+                u64_key(1),
+                encode(&UserV1(1, "+8613800000005", "old", 1, None, false, 0)),
+            )
+            .unwrap();
+        s.phones.insert("+8613800000005", &u64_key(1)).unwrap();
+        s.meta.insert(META_USERS, &u64_key(1)).unwrap();
+        s.flush_blocking().unwrap();
+    }
+    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    let version = s.meta.get(META_SCHEMA).unwrap().unwrap();
+    assert_eq!(&version[..], &SCHEMA_VERSION.to_be_bytes());
+    let old = done(s.user_by_phone("+8613800000005")).unwrap().unwrap();
+    assert_eq!(
+        (old.nickname.as_str(), old.avatar_url.as_deref()),
+        ("old", None)
+    );
+    let linked = done(s.link_wechat(old.id, "wx-old", Some("https://a/2"))).unwrap();
+    assert!(
+        matches!(linked, crate::store::WechatBind::Bound { .. }),
+        "{linked:?}"
+    );
+    let now = done(s.user(old.id)).unwrap().unwrap();
+    assert_eq!(now.avatar_url.as_deref(), Some("https://a/2"));
+}
+
+#[test]
+fn a_grant_is_taken_once_and_pruned_when_expired() {
+    use crate::store::{GrantKind, Grants};
+    let (_dir, s) = store();
+    done(s.put_grant(GrantKind::WechatTicket, [1; 32], b"live", 100)).unwrap();
+    done(s.put_grant(GrantKind::WechatTicket, [2; 32], b"old", 10)).unwrap();
+    // Kinds are apart: a ticket is no bind token.
+    assert_eq!(
+        done(s.take_grant(GrantKind::WechatBind, [1; 32])).unwrap(),
+        None
+    );
+    assert_eq!(
+        done(s.take_grant(GrantKind::WechatTicket, [1; 32])).unwrap(),
+        Some((b"live".to_vec(), 100))
+    );
+    assert_eq!(
+        done(s.take_grant(GrantKind::WechatTicket, [1; 32])).unwrap(),
+        None
+    );
+    assert_eq!(done(s.prune_grants(50)).unwrap(), 1);
+    assert_eq!(
+        done(s.take_grant(GrantKind::WechatTicket, [2; 32])).unwrap(),
+        None
+    );
 }

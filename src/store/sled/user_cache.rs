@@ -78,6 +78,7 @@ mod tests {
             last_login_at: None,
             disabled: false,
             session_gen: 0,
+            avatar_url: None,
         }
     }
 

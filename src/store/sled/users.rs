@@ -4,9 +4,9 @@ use std::sync::atomic::Ordering;
 
 use super::SledStore;
 use crate::model::{LoginMethod, Method, User, UserId};
-use crate::store::codec::{decode, encode, read_u64, u64_key};
+use crate::store::codec::{decode, decode_user, encode, encode_user, read_u64, u64_key};
 use crate::store::layout::{STORED_METHODS, method_key};
-use crate::store::{BoxFuture, NewUser, StoreError, UserChange, Users, ready};
+use crate::store::{BoxFuture, NewUser, StoreError, UserChange, Users, WechatBind, ready};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -19,7 +19,7 @@ impl SledStore {
         let user: Option<User> = self
             .users
             .get(u64_key(id))?
-            .map(|v| decode(&v))
+            .map(|v| decode_user(&v))
             .transpose()?;
         if let Some(user) = &user {
             self.cached.fill(user, miss);
@@ -40,6 +40,15 @@ impl SledStore {
             return Ok((user, false));
         }
         let _gate = self.write_gate();
+        self.create_gated(new, methods)
+    }
+
+    /// [`Self::create_now`] for a caller that holds the write gate.
+    pub(super) fn create_gated(
+        &self,
+        new: NewUser<'_>,
+        methods: &[LoginMethod],
+    ) -> Result<(User, bool)> {
         let _phone = self.phone_locks.lock(new.phone);
         if let Some(user) = self.user_by_phone_now(new.phone)? {
             return Ok((user, false));
@@ -53,9 +62,15 @@ impl SledStore {
             last_login_at: new.last_login_at,
             disabled: false,
             session_gen: 0,
+            avatar_url: new.avatar_url,
         };
-        self.users.insert(u64_key(id), encode(&user))?;
+        self.users.insert(u64_key(id), encode_user(&user))?;
         for m in methods.iter().filter(|m| m.method != Method::Sms) {
+            if m.method == Method::Wechat {
+                // Before its method record (see `wechat`), and both before the commit point.
+                self.wechats
+                    .insert(m.identification.as_bytes(), &u64_key(id))?;
+            }
             self.methods.insert(method_key(id, m.method), encode(m))?;
         }
         // The commit point (see the module doc).
@@ -115,7 +130,11 @@ impl SledStore {
         let Some(user) = self.user_now(id)? else {
             return Ok(None);
         };
+        let _binds = self.hold_wechat_binds();
         let _phone = self.phone_locks.lock(&user.phone);
+        // Unbound before the commit point: a WeChat login never finds an account whose
+        // deletion a crash cut short.
+        self.unbind_locked(id)?;
         // Recorded first, so the id is never given out again even if it was the highest.
         let next = self.next_id.load(Ordering::SeqCst);
         self.meta.insert(super::META_NEXT_ID, &u64_key(next))?;
@@ -216,11 +235,45 @@ impl Users for SledStore {
 
     fn users(&self) -> BoxFuture<'_, Result<Vec<User>>> {
         ready(super::blocking(|| {
-            self.users.iter().map(|kv| decode(&kv?.1)).collect()
+            self.users.iter().map(|kv| decode_user(&kv?.1)).collect()
         }))
     }
 
     fn delete_user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
         ready(self.delete_now(id))
+    }
+
+    fn user_by_wechat<'a>(&'a self, wechat_id: &'a str) -> BoxFuture<'a, Result<Option<User>>> {
+        ready(self.user_by_wechat_now(wechat_id))
+    }
+
+    fn log_in_wechat<'a>(
+        &'a self,
+        wechat_id: &'a str,
+        at: i64,
+        avatar_url: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<User>>> {
+        ready(self.log_in_wechat_now(wechat_id, at, avatar_url))
+    }
+
+    fn bind_wechat_to_phone<'a>(
+        &'a self,
+        new: NewUser<'a>,
+        wechat_id: &'a str,
+    ) -> BoxFuture<'a, Result<WechatBind>> {
+        ready(self.bind_wechat_to_phone_now(new, wechat_id))
+    }
+
+    fn link_wechat<'a>(
+        &'a self,
+        id: UserId,
+        wechat_id: &'a str,
+        avatar_url: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<WechatBind>> {
+        ready(self.link_wechat_now(id, wechat_id, avatar_url))
+    }
+
+    fn unlink_wechat(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
+        ready(self.unlink_wechat_now(id))
     }
 }

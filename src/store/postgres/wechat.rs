@@ -1,0 +1,221 @@
+//! WeChat bindings on PostgreSQL: `login_methods` rows of method 3, whose unique index
+//! (schema 2) lets one WeChat id belong to one account at most.
+//!
+//! A bind is one transaction: the account's row is locked (`FOR UPDATE`), so two binds of
+//! one account run one after the other, and the method row is inserted with
+//! `ON CONFLICT DO NOTHING`, so of two binds of one WeChat id the second waits for the
+//! first to commit and then inserts nothing. A bind that is refused rolls back whole,
+//! the account it would have made included.
+
+use deadpool_postgres::Transaction;
+
+use super::users::{WECHAT, row_user, user_columns};
+use super::{PgStore, Result};
+use crate::model::{User, UserId};
+use crate::store::{NewUser, WechatBind};
+
+/// Which account a bind is for.
+enum Target<'a> {
+    /// The account of this phone, made if there is none.
+    Phone(NewUser<'a>),
+    /// This account (a link from its session).
+    User(UserId, Option<&'a str>),
+}
+
+type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
+
+impl PgStore {
+    pub(super) async fn user_by_wechat_id(&self, wechat_id: &str) -> Result<Option<User>> {
+        let row = self
+            .query_opt(
+                "user_by_wechat",
+                concat!(
+                    "SELECT ",
+                    user_columns!(),
+                    " FROM users JOIN login_methods ON user_id = id
+                     WHERE method = 3 AND identification = $1"
+                ),
+                &[&wechat_id],
+            )
+            .await?;
+        Ok(row.as_ref().map(row_user))
+    }
+
+    pub(super) async fn log_in_wechat_id(
+        &self,
+        wechat_id: &str,
+        at: i64,
+        avatar_url: Option<&str>,
+    ) -> Result<Option<User>> {
+        let row = self
+            .query_opt(
+                "log_in_wechat",
+                concat!(
+                    "UPDATE users SET last_login_at = $2, avatar_url = $3
+                     FROM login_methods
+                     WHERE method = 3 AND identification = $1 AND user_id = id AND NOT disabled
+                     RETURNING ",
+                    user_columns!()
+                ),
+                &[&wechat_id, &at, &avatar_url],
+            )
+            .await?;
+        match row {
+            Some(row) => Ok(Some(row_user(&row))),
+            // Not bound, or bound to a disabled account, which the caller refuses.
+            None => self.user_by_wechat_id(wechat_id).await,
+        }
+    }
+
+    pub(super) async fn bind_to_phone(
+        &self,
+        new: NewUser<'_>,
+        wechat_id: &str,
+    ) -> Result<WechatBind> {
+        self.bind(Target::Phone(new), wechat_id).await
+    }
+
+    pub(super) async fn link(
+        &self,
+        id: UserId,
+        wechat_id: &str,
+        avatar_url: Option<&str>,
+    ) -> Result<WechatBind> {
+        self.bind(Target::User(id, avatar_url), wechat_id).await
+    }
+
+    async fn bind(&self, target: Target<'_>, wechat_id: &str) -> Result<WechatBind> {
+        self.with_client("bind_wechat", async |c| {
+            let tx = c.transaction().await?;
+            let outcome = bind_in(&tx, target, wechat_id).await?;
+            if matches!(outcome, WechatBind::Bound { .. }) {
+                tx.commit().await?;
+            } // else rolled back as `tx` is dropped
+            Ok(outcome)
+        })
+        .await
+    }
+
+    pub(super) async fn unlink(&self, id: UserId) -> Result<Option<User>> {
+        let row = self
+            .query_opt(
+                "unlink_wechat",
+                concat!(
+                    "WITH m AS (DELETE FROM login_methods WHERE user_id = $1 AND method = 3)
+                     UPDATE users SET avatar_url = NULL WHERE id = $1 RETURNING ",
+                    user_columns!()
+                ),
+                &[&(id as i64)],
+            )
+            .await?;
+        Ok(row.as_ref().map(row_user))
+    }
+}
+
+async fn bind_in(
+    tx: &Transaction<'_>,
+    target: Target<'_>,
+    wechat_id: &str,
+) -> PgResult<WechatBind> {
+    let lock_by_phone = concat!(
+        "SELECT ",
+        user_columns!(),
+        " FROM users WHERE phone = $1 FOR UPDATE"
+    );
+    let (user, created, login_at, avatar_url) = match &target {
+        Target::User(id, avatar) => {
+            let sql = concat!(
+                "SELECT ",
+                user_columns!(),
+                " FROM users WHERE id = $1 FOR UPDATE"
+            );
+            let st = tx.prepare_cached(sql).await?;
+            match tx.query_opt(&st, &[&(*id as i64)]).await? {
+                Some(row) => (row_user(&row), false, None, *avatar),
+                None => return Ok(WechatBind::NoUser),
+            }
+        }
+        Target::Phone(new) => {
+            let st = tx.prepare_cached(lock_by_phone).await?;
+            let found = match tx.query_opt(&st, &[&new.phone]).await? {
+                Some(row) => Some((row_user(&row), false)),
+                None => {
+                    let insert = concat!(
+                        "INSERT INTO users (phone, nickname, created_at, last_login_at, avatar_url)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (phone) DO NOTHING RETURNING ",
+                        user_columns!()
+                    );
+                    let ins = tx.prepare_cached(insert).await?;
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+                        &new.phone,
+                        &new.nickname,
+                        &new.created_at,
+                        &new.last_login_at,
+                        &new.avatar_url,
+                    ];
+                    match tx.query_opt(&ins, &params).await? {
+                        Some(row) => Some((row_user(&row), true)),
+                        // A code login made it meanwhile (the insert waited for its
+                        // commit): this statement sees it, and locks it.
+                        None => tx
+                            .query_opt(&st, &[&new.phone])
+                            .await?
+                            .map(|r| (row_user(&r), false)),
+                    }
+                }
+            };
+            let Some((user, created)) = found else {
+                return Ok(WechatBind::NoUser); // made and deleted between two statements
+            };
+            (user, created, new.last_login_at, new.avatar_url.as_deref())
+        }
+    };
+    if user.disabled {
+        return Ok(WechatBind::Disabled);
+    }
+    let st = tx
+        .prepare_cached(
+            "SELECT identification FROM login_methods WHERE user_id = $1 AND method = $2",
+        )
+        .await?;
+    let bound: Option<String> = tx
+        .query_opt(&st, &[&(user.id as i64), &WECHAT])
+        .await?
+        .map(|r| r.get(0));
+    match bound {
+        Some(other) if other != wechat_id => return Ok(WechatBind::AlreadyBound),
+        Some(_) => {}
+        None => {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO login_methods (user_id, method, identification) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            if tx
+                .execute(&st, &[&(user.id as i64), &WECHAT, &wechat_id])
+                .await?
+                == 0
+            {
+                return Ok(WechatBind::Taken); // the unique index: another account has it
+            }
+        }
+    }
+    if created {
+        return Ok(WechatBind::Bound { user, created });
+    }
+    let st = tx
+        .prepare_cached(concat!(
+            "UPDATE users SET last_login_at = COALESCE($2, last_login_at), avatar_url = $3
+             WHERE id = $1 RETURNING ",
+            user_columns!()
+        ))
+        .await?;
+    let row = tx
+        .query_one(&st, &[&(user.id as i64), &login_at, &avatar_url])
+        .await?;
+    Ok(WechatBind::Bound {
+        user: row_user(&row),
+        created: false,
+    })
+}
