@@ -16,6 +16,7 @@ use crate::phone::PhoneParser;
 use crate::sms::Sms;
 use crate::store::Store;
 use crate::token::Tokens;
+use crate::wechat::Wechat;
 
 pub struct App {
     pub cfg: Config,
@@ -27,6 +28,8 @@ pub struct App {
     pub captchas: Captchas,
     pub limits: Limits,
     pub sms: Sms,
+    /// None when `wechat.enabled` is off.
+    pub wechat: Option<Wechat>,
     pub metrics: Metrics,
 }
 
@@ -58,6 +61,7 @@ impl App {
         let passwords = Passwords::new(&cfg.password)?;
         let captchas = Captchas::new(&cfg.captcha, store.captchas.clone());
         let limits = Limits::new(&cfg.limits, store.counters.clone(), store.addresses.clone());
+        let wechat = Wechat::from_config(&cfg.wechat, store.grants.clone())?;
         let metrics = Metrics::new(Some(&*store.engine));
         Ok(Arc::new(App {
             store,
@@ -68,12 +72,14 @@ impl App {
             captchas,
             limits,
             sms,
+            wechat,
             cfg,
             metrics,
         }))
     }
 
-    /// Periodic clean-up: revocations of expired tokens, expired codes and captchas, idle
+    /// Periodic clean-up: revocations of expired tokens, expired codes, captchas and WeChat
+    /// grants, idle
     /// limiter entries, counters of past windows, and the engine's own upkeep.
     pub async fn housekeeping(&self) {
         if let Err(e) = self.codes.housekeeping().await {
@@ -89,6 +95,11 @@ impl App {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "expired revocations pruned"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning revocations failed"),
+        }
+        if let Some(wechat) = &self.wechat
+            && let Err(e) = wechat.prune(crate::clock::now()).await
+        {
+            tracing::warn!(error = %e, "pruning WeChat grants failed");
         }
         if let Err(e) = self.store.engine.maintain().await {
             tracing::warn!(error = %e, "store upkeep failed");

@@ -47,6 +47,16 @@ pub enum ApiError {
     CaptchaInvalid,
     #[error("the SMS could not be sent; try again later")]
     SmsFailed,
+    /// WeChat refused its authorization code: unknown, used or expired.
+    #[error("WeChat refused the login; scan again")]
+    WechatCodeInvalid,
+    /// WeChat unreachable, too slow or busy, or refusing our app's configuration.
+    #[error("WeChat could not be reached; try again later")]
+    WechatFailed,
+    #[error("this WeChat account is already bound to another account")]
+    WechatTaken,
+    #[error("this account is already bound to another WeChat account; unbind it first")]
+    WechatAlreadyBound,
     /// A cookie-authenticated change from another origin (CSRF).
     #[error("{0}")]
     Forbidden(&'static str),
@@ -75,14 +85,17 @@ impl ApiError {
             | ApiError::InvalidCode
             | ApiError::WeakPassword(_)
             | ApiError::CaptchaRequired
-            | ApiError::CaptchaInvalid => StatusCode::BAD_REQUEST,
+            | ApiError::CaptchaInvalid
+            | ApiError::WechatCodeInvalid => StatusCode::BAD_REQUEST,
             ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
-            ApiError::PhoneTaken => StatusCode::CONFLICT,
+            ApiError::PhoneTaken | ApiError::WechatTaken | ApiError::WechatAlreadyBound => {
+                StatusCode::CONFLICT
+            }
             ApiError::TooManyAttempts { .. } | ApiError::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::SmsFailed => StatusCode::BAD_GATEWAY,
+            ApiError::SmsFailed | ApiError::WechatFailed => StatusCode::BAD_GATEWAY,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -107,6 +120,10 @@ impl ApiError {
             ApiError::CaptchaRequired => "captcha_required",
             ApiError::CaptchaInvalid => "captcha_invalid",
             ApiError::SmsFailed => "sms_failed",
+            ApiError::WechatCodeInvalid => "wechat_code_invalid",
+            ApiError::WechatFailed => "wechat_failed",
+            ApiError::WechatTaken => "wechat_taken",
+            ApiError::WechatAlreadyBound => "wechat_already_bound",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",

@@ -34,3 +34,4 @@ pub mod sharded;
 pub mod sms;
 pub mod store;
 pub mod token;
+pub mod wechat;

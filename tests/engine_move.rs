@@ -4,7 +4,7 @@ mod common;
 // `smsauth restore FILE`: from sled to PostgreSQL and back again, through the real binary,
 // over HTTP and the command line. What the users had on one engine they have on the
 // other: sessions and the ends of sessions, passwords, nicknames, disabled and deleted
-// accounts, pending codes, and ids that are never given out twice.
+// accounts, pending codes, WeChat bindings, and ids that are never given out twice.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -12,6 +12,8 @@ use std::process::Output;
 use std::sync::Arc;
 
 use common::cluster::Cluster;
+use common::wechat::{WechatMock, WechatUser};
+use common::wechat_flow::{APP_ID, APP_SECRET, bind_phone, exchange, ticket_for, wechat_section};
 use common::{TestServer, admin, ok_stdout, run_cli};
 use serde_json::{Value, json};
 
@@ -39,6 +41,8 @@ const F: &str = "13800002007";
 const Q: &str = "13800002008";
 /// A login code pending in the PostgreSQL backup; the account is made back on sled.
 const G: &str = "13800002009";
+/// Made on sled by binding a WeChat user: a scan logs in to it on every engine.
+const W: &str = "13800002010";
 
 /// Where the admin commands of one deployment run.
 enum Site<'a> {
@@ -93,6 +97,8 @@ struct Moved {
     max_id: u64,
     /// A phone with no account and a login code pending, and that code.
     pending: (&'static str, String),
+    /// The WeChat user bound to W, and W's id.
+    wechat: (WechatUser, u64),
 }
 
 fn token(body: &Value) -> String {
@@ -167,7 +173,13 @@ fn check_backup_file(file: &Path, codes: &[String]) {
 /// Checks on the deployment `s` (admin commands through `site`), restored from a backup
 /// of one that held `was`, that everything arrived. Returns the login response of the
 /// account then made with the pending code.
-async fn check_arrived(s: &TestServer, site: &Site<'_>, was: &Moved, on: &str) -> Value {
+async fn check_arrived(
+    s: &TestServer,
+    site: &Site<'_>,
+    was: &Moved,
+    mock: &WechatMock,
+    on: &str,
+) -> Value {
     // Before anything changes a user, or makes one.
     for (who, token, before) in &was.kept {
         let (status, now) = me(s, token).await;
@@ -221,6 +233,19 @@ async fn check_arrived(s: &TestServer, site: &Site<'_>, was: &Moved, on: &str) -
     assert_eq!(body["user"]["id"], was.password_user["id"], "{on}");
     assert_eq!(body["user"]["login_methods"], json!(["sms", "password"]));
     assert_eq!(me(s, &token(&body)).await.0, 200, "{on}");
+
+    let (wechat_user, w_id) = &was.wechat;
+    let (status, body) = exchange(s, &ticket_for(s, mock, wechat_user).await).await;
+    assert_eq!(
+        (status, id(&body["user"])),
+        (200, *w_id),
+        "{on}: the WeChat login: {body}"
+    );
+    assert_eq!(
+        body["user"]["login_methods"],
+        json!(["sms", "wechat"]),
+        "{on}"
+    );
     made
 }
 
@@ -234,7 +259,9 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
     // 1. On sled.
     let dir1 = Arc::new(tempfile::tempdir().unwrap());
     let sled1 = Site::Sled(dir1.path());
-    let mut s1 = TestServer::start_in(dir1.clone(), EXTRA).await;
+    let mock = WechatMock::start(APP_ID, APP_SECRET).await;
+    let extra = format!("{}{EXTRA}", wechat_section(&mock));
+    let mut s1 = TestServer::start_in(dir1.clone(), &extra).await;
 
     let a = s1.sms_login(A).await;
     let a_token = token(&a);
@@ -273,6 +300,9 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
     ok_stdout(&sled1.run(&["user", "logout", X]));
     assert_eq!(me(&s1, &token(&x)).await.0, 401, "sessions ended");
 
+    let wechat_user = WechatUser::new("moved");
+    let w = bind_phone(&s1, &mock, &wechat_user, W).await;
+
     let e = s1.sms_login(E).await;
     ok_stdout(&sled1.run(&["user", "delete", E]));
     assert_eq!(me(&s1, &token(&e)).await.0, 401, "deleted");
@@ -309,9 +339,10 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
         password_user: me_c,
         disabled: D,
         deleted: vec![E],
-        live: 5,
+        live: 6,
         max_id,
         pending: (F, f_code),
+        wechat: (wechat_user, id(&w["user"])),
     };
     assert_eq!(users_metric(&s1).await, on_sled.live);
     let accounts1 = sled1.accounts();
@@ -325,7 +356,7 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
     assert!(s1.terminate().success());
 
     // 2. Restored into an empty PostgreSQL database.
-    let Some(c) = Cluster::new(EXTRA) else {
+    let Some(c) = Cluster::new(&extra) else {
         eprintln!("skipped the move: no PostgreSQL to move to");
         return;
     };
@@ -334,7 +365,7 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
     std::fs::write(
         &pg_config,
         format!(
-            "[storage]\nengine = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\n{EXTRA}",
+            "[storage]\nengine = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\n{extra}",
             c.url
         ),
     )
@@ -342,7 +373,7 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
     let pg = Site::Postgres(&pg_config);
     let out = ok_stdout(&pg.run(&["restore", file1.to_str().unwrap()]));
     assert!(
-        out.contains("(5 users)") && out.contains("into the PostgreSQL database"),
+        out.contains("(6 users)") && out.contains("into the PostgreSQL database"),
         "{out}"
     );
     assert_eq!(pg.accounts(), accounts1, "the accounts on PostgreSQL");
@@ -354,7 +385,7 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
     assert_eq!(pg.accounts(), accounts1, "after the refused restore");
 
     let s2 = c.instance().await;
-    let f = check_arrived(&s2, &pg, &on_sled, "on PostgreSQL").await;
+    let f = check_arrived(&s2, &pg, &on_sled, &mock, "on PostgreSQL").await;
     let f_token = token(&f);
 
     // Changes made on PostgreSQL, to carry back to sled.
@@ -384,9 +415,10 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
         password_user: me_c,
         disabled: D,
         deleted: vec![E, Q],
-        live: 6,
+        live: 7,
         max_id: id(&q["user"]),
         pending: (G, g_code),
+        wechat: on_sled.wechat,
     };
     assert_eq!(users_metric(&s2).await, on_postgres.live);
     let accounts2 = pg.accounts();
@@ -404,13 +436,13 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
     let dir3 = Arc::new(tempfile::tempdir().unwrap());
     let sled3 = Site::Sled(dir3.path());
     let out = ok_stdout(&sled3.run(&["restore", file2.to_str().unwrap()]));
-    assert!(out.contains("(6 users)"), "{out}");
+    assert!(out.contains("(7 users)"), "{out}");
     for key in ["token.key", "code.key"] {
         assert_eq!(mode(&dir3.path().join("data").join(key)), 0o600, "{key}");
     }
     assert_eq!(sled3.accounts(), accounts2, "the accounts back on sled");
 
-    let s3 = TestServer::start_in(dir3.clone(), EXTRA).await;
-    let g = check_arrived(&s3, &sled3, &on_postgres, "back on sled").await;
+    let s3 = TestServer::start_in(dir3.clone(), &extra).await;
+    let g = check_arrived(&s3, &sled3, &on_postgres, &mock, "back on sled").await;
     assert_eq!(me(&s3, &token(&g)).await.0, 200);
 }

@@ -163,7 +163,12 @@ pub async fn execute(store: &Store, phones: &PhoneParser, op: &Op) -> Result<Ans
                 .into_iter()
                 .map(|m| MethodInfo {
                     method: m.method.as_str().into(),
-                    identification: m.identification,
+                    // A WeChat id is the key to an account's WeChat login elsewhere too:
+                    // the operator sees enough to tell two apart, not the whole id.
+                    identification: match m.method {
+                        crate::model::Method::Wechat => crate::wechat::mask_id(&m.identification),
+                        _ => m.identification,
+                    },
                 })
                 .collect();
             methods.sort_by(|a, b| a.method.cmp(&b.method));

@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod sms;
+mod wechat;
 
 pub use sms::{
     AliyunConfig, Provider, PurposeTemplates, RonglianConfig, SmsConfig, Templates, WebhookConfig,
 };
+pub use wechat::{WechatConfig, WechatFlow, WechatIdentity};
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "SMSAUTH_";
@@ -31,6 +33,7 @@ pub struct Config {
     pub password: PasswordConfig,
     pub captcha: CaptchaConfig,
     pub limits: LimitsConfig,
+    pub wechat: WechatConfig,
     pub log: LogConfig,
 }
 
@@ -350,6 +353,7 @@ impl Config {
                 }
             })?;
         config.sms.load_secret_files()?;
+        config.wechat.load_secret_file()?;
         if !config.storage.postgres.url_file.as_os_str().is_empty() {
             // The file replaces the default URL; only an explicit `url` conflicts with it.
             let explicit = std::mem::take(&mut config.storage.postgres.url);
@@ -472,6 +476,7 @@ impl Config {
             return Err(key("sms.timeout_secs", "must be at least 1"));
         }
         self.sms.validate()?;
+        self.wechat.validate()?;
         if self.sms.provider == Provider::Webhook {
             let url = &self.sms.webhook.url;
             if !(url.starts_with("http://") || url.starts_with("https://")) {

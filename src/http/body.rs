@@ -78,6 +78,19 @@ pub fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Resp {
     resp
 }
 
+/// 302 to `location`: a URL we built (WeChat's authorize page) or a checked path.
+pub fn redirect(location: &str) -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::FOUND;
+    let headers = resp.headers_mut();
+    // Every part is ASCII: percent-encoded, or checked to be printable.
+    if let Ok(location) = HeaderValue::from_str(location) {
+        headers.insert(http::header::LOCATION, location);
+    }
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
 pub fn no_content() -> Resp {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;

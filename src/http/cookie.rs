@@ -44,6 +44,24 @@ pub fn clear(cfg: &TokenConfig) -> HeaderValue {
         .expect("a valid Set-Cookie value")
 }
 
+/// The cookie that binds a WeChat login's `state` to the browser that started it.
+pub const WECHAT_STATE: &str = "smsauth_wechat_state";
+/// Only the callback reads it.
+const WECHAT_STATE_PATH: &str = "/api/v1/auth/wechat/callback";
+
+/// `Set-Cookie` for a WeChat state, valid `max_age` seconds (0 removes it). Lax, so the
+/// top-level navigation back from WeChat carries it.
+pub fn wechat_state(cfg: &TokenConfig, state: &str, max_age: u64) -> HeaderValue {
+    let mut value = format!(
+        "{WECHAT_STATE}={state}; Path={WECHAT_STATE_PATH}; Max-Age={max_age}; HttpOnly; SameSite=Lax"
+    );
+    if cfg.cookie_secure {
+        value.push_str("; Secure");
+    }
+    // A state is hex digits (or empty, to clear).
+    HeaderValue::from_str(&value).expect("a valid Set-Cookie value")
+}
+
 pub fn changes_state(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }

@@ -7,7 +7,7 @@ use http::request::Parts;
 use hyper::body::Incoming;
 
 use super::body::Resp;
-use super::handlers::{account, captcha, codes, ops, page, password, session};
+use super::handlers::{account, captcha, codes, ops, page, password, session, wechat};
 use crate::app::App;
 use crate::error::ApiError;
 
@@ -48,6 +48,12 @@ pub enum Endpoint {
     PasswordReset,
     GetMe,
     PatchMe,
+    WechatStart,
+    WechatCallback,
+    WechatExchange,
+    WechatBind,
+    LinkWechat,
+    UnlinkWechat,
 }
 
 /// (method, path, endpoint): the whole HTTP API.
@@ -72,6 +78,20 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ),
     ("GET", "/api/v1/me", Endpoint::GetMe),
     ("PATCH", "/api/v1/me", Endpoint::PatchMe),
+    ("GET", "/api/v1/auth/wechat/start", Endpoint::WechatStart),
+    (
+        "GET",
+        "/api/v1/auth/wechat/callback",
+        Endpoint::WechatCallback,
+    ),
+    (
+        "POST",
+        "/api/v1/auth/wechat/exchange",
+        Endpoint::WechatExchange,
+    ),
+    ("POST", "/api/v1/auth/wechat/bind", Endpoint::WechatBind),
+    ("POST", "/api/v1/me/wechat", Endpoint::LinkWechat),
+    ("DELETE", "/api/v1/me/wechat", Endpoint::UnlinkWechat),
 ];
 
 /// The endpoint for a method and path: 404 for an unknown path, 405 for a known path
@@ -87,9 +107,12 @@ pub fn resolve(method: &str, path: &str) -> Result<Endpoint, ApiError> {
 }
 
 pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, ApiError> {
+    if endpoint.is_wechat() && app.wechat.is_none() {
+        return Err(ApiError::NotFound); // WeChat login is off: as if the routes did not exist
+    }
     endpoint.limit_address(app, req.ip).await?;
     match endpoint {
-        Endpoint::Page => Ok(page::index()),
+        Endpoint::Page => Ok(page::index(app.cfg.wechat.enabled)),
         Endpoint::Healthz => Ok(ops::healthz()),
         Endpoint::Readyz => ops::readyz(app).await,
         Endpoint::Metrics => ops::metrics(app).await,
@@ -105,6 +128,12 @@ pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, A
         Endpoint::PasswordReset => password::reset(app, req).await,
         Endpoint::GetMe => account::get_me(app, req).await,
         Endpoint::PatchMe => account::patch_me(app, req).await,
+        Endpoint::WechatStart => wechat::start(app, req).await,
+        Endpoint::WechatCallback => wechat::callback(app, req).await,
+        Endpoint::WechatExchange => wechat::exchange(app, req).await,
+        Endpoint::WechatBind => wechat::bind(app, req).await,
+        Endpoint::LinkWechat => wechat::link(app, req).await,
+        Endpoint::UnlinkWechat => wechat::unlink(app, req).await,
     }
 }
 
@@ -117,16 +146,34 @@ impl Endpoint {
             .map_or("unmatched", |(_, p, _)| p)
     }
 
+    fn is_wechat(self) -> bool {
+        matches!(
+            self,
+            Endpoint::WechatStart
+                | Endpoint::WechatCallback
+                | Endpoint::WechatExchange
+                | Endpoint::WechatBind
+                | Endpoint::LinkWechat
+                | Endpoint::UnlinkWechat
+        )
+    }
+
     /// The per-address limit each endpoint counts against, checked before any work.
+    /// A WeChat start stores a state, as a captcha stores its answer, and counts as one.
     async fn limit_address(self, app: &App, ip: IpAddr) -> Result<(), ApiError> {
         match self {
-            Endpoint::Captcha => app.limits.address_captcha(ip).await?,
+            Endpoint::Captcha | Endpoint::WechatStart | Endpoint::LinkWechat => {
+                app.limits.address_captcha(ip).await?
+            }
             Endpoint::SendCode => app.limits.address_send(ip).await?,
             Endpoint::SmsLogin
             | Endpoint::Verify
             | Endpoint::Register
             | Endpoint::PasswordLogin
-            | Endpoint::PasswordReset => app.limits.address_check(ip).await?,
+            | Endpoint::PasswordReset
+            | Endpoint::WechatCallback
+            | Endpoint::WechatExchange
+            | Endpoint::WechatBind => app.limits.address_check(ip).await?,
             Endpoint::Page
             | Endpoint::Healthz
             | Endpoint::Readyz
@@ -135,7 +182,8 @@ impl Endpoint {
             | Endpoint::Logout
             | Endpoint::AuthCheck
             | Endpoint::GetMe
-            | Endpoint::PatchMe => {}
+            | Endpoint::PatchMe
+            | Endpoint::UnlinkWechat => {}
         }
         Ok(())
     }

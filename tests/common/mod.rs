@@ -11,6 +11,8 @@ pub mod cluster;
 pub mod postgres;
 pub mod receiver;
 pub mod webdriver;
+pub mod wechat;
+pub mod wechat_flow;
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};

@@ -8,6 +8,7 @@ pub mod ops;
 pub mod page;
 pub mod password;
 pub mod session;
+pub mod wechat;
 
 use http::header::AUTHORIZATION;
 use http::request::Parts;
@@ -31,6 +32,8 @@ pub struct UserView {
     pub created_at: String,
     pub last_login_at: Option<String>,
     pub login_methods: Vec<&'static str>,
+    /// WeChat's picture of the user, from the last WeChat login or link.
+    pub avatar_url: Option<String>,
 }
 
 impl UserView {
@@ -48,6 +51,7 @@ impl UserView {
             created_at: rfc3339(user.created_at),
             last_login_at: user.last_login_at.map(rfc3339),
             login_methods: methods.iter().map(|m| m.method.as_str()).collect(),
+            avatar_url: user.avatar_url.clone(),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! GET /: the login page, embedded in the binary (no CDN, no build step). Its script and
 //! style are inline, allowed by their SHA-256 in a strict Content-Security-Policy, so the
-//! page runs nothing and loads nothing it does not carry.
+//! page runs nothing and loads nothing it does not carry. With WeChat login on, a
+//! second variant says so to the script in a `<meta>` and lets WeChat's avatar hosts
+//! serve images; the script and style, and so their hashes, are the same in both.
 
 use std::sync::LazyLock;
 
@@ -20,15 +22,31 @@ const JS: &str = include_str!("../../web/app.js");
 const CSS_SLOT: &str = "/*APP_CSS*/";
 const JS_SLOT: &str = "/*APP_JS*/";
 
+/// Tells the script to offer WeChat login; inserted at the end of `<head>`.
+const WECHAT_META: &str = "<meta name=\"smsauth-wechat\" content=\"on\">\n";
+/// Where WeChat serves avatars (`headimgurl`): images only, over HTTPS.
+const WECHAT_IMG_HOSTS: &str = "https://thirdwx.qlogo.cn https://wx.qlogo.cn";
+
 struct Page {
     html: Bytes,
     csp: HeaderValue,
 }
 
-static PAGE: LazyLock<Page> = LazyLock::new(|| {
-    let html = TEMPLATE.replacen(CSS_SLOT, CSS, 1).replacen(JS_SLOT, JS, 1);
+static PLAIN: LazyLock<Page> = LazyLock::new(|| build(false));
+static WECHAT: LazyLock<Page> = LazyLock::new(|| build(true));
+
+fn build(wechat: bool) -> Page {
+    let template = match wechat {
+        true => TEMPLATE.replacen("</head>", &format!("{WECHAT_META}</head>"), 1),
+        false => TEMPLATE.to_owned(),
+    };
+    let html = template.replacen(CSS_SLOT, CSS, 1).replacen(JS_SLOT, JS, 1);
+    let img_src = match wechat {
+        true => format!("data: {WECHAT_IMG_HOSTS}"),
+        false => "data:".to_owned(),
+    };
     let csp = format!(
-        "default-src 'none'; script-src '{}'; style-src '{}'; img-src data:; \
+        "default-src 'none'; script-src '{}'; style-src '{}'; img-src {img_src}; \
          connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         sha256_source(JS),
         sha256_source(CSS),
@@ -37,7 +55,7 @@ static PAGE: LazyLock<Page> = LazyLock::new(|| {
         html: Bytes::from(html),
         csp: HeaderValue::from_str(&csp).expect("the CSP is ASCII"),
     }
-});
+}
 
 /// A CSP hash source: `sha256-<base64 of the digest>` of an inline element's text.
 fn sha256_source(text: &str) -> String {
@@ -48,15 +66,17 @@ fn sha256_source(text: &str) -> String {
     )
 }
 
-pub fn index() -> Resp {
-    let mut resp = Response::new(Full::new(PAGE.html.clone()));
+/// The page; `wechat_enabled` picks the variant that offers WeChat login.
+pub fn index(wechat_enabled: bool) -> Resp {
+    let page: &Page = if wechat_enabled { &WECHAT } else { &PLAIN };
+    let mut resp = Response::new(Full::new(page.html.clone()));
     *resp.status_mut() = StatusCode::OK;
     let headers = resp.headers_mut();
     headers.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    headers.insert("content-security-policy", PAGE.csp.clone());
+    headers.insert("content-security-policy", page.csp.clone());
     headers.insert(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
@@ -78,11 +98,13 @@ mod tests {
         assert_eq!(TEMPLATE.matches(JS_SLOT).count(), 1);
         assert!(TEMPLATE.contains(&format!("<style>{CSS_SLOT}</style>")));
         assert!(TEMPLATE.contains(&format!("<script>{JS_SLOT}</script>")));
-        let html = std::str::from_utf8(&PAGE.html).unwrap();
-        assert!(!html.contains(CSS_SLOT) && !html.contains(JS_SLOT));
-        // Exactly one inline script and style: the ones the CSP hashes.
-        assert_eq!(html.matches("<script").count(), 1);
-        assert_eq!(html.matches("<style").count(), 1);
+        for page in [&*PLAIN, &*WECHAT] {
+            let html = std::str::from_utf8(&page.html).unwrap();
+            assert!(!html.contains(CSS_SLOT) && !html.contains(JS_SLOT));
+            // Exactly one inline script and style: the ones the CSP hashes.
+            assert_eq!(html.matches("<script").count(), 1);
+            assert_eq!(html.matches("<style").count(), 1);
+        }
     }
 
     #[test]
@@ -101,9 +123,26 @@ mod tests {
 
     #[test]
     fn csp_hashes_what_is_served() {
-        let csp = PAGE.csp.to_str().unwrap();
-        assert!(csp.contains(&format!("script-src '{}'", sha256_source(JS))));
-        assert!(csp.contains(&format!("style-src '{}'", sha256_source(CSS))));
-        assert!(csp.starts_with("default-src 'none';"));
+        for page in [&*PLAIN, &*WECHAT] {
+            let csp = page.csp.to_str().unwrap();
+            assert!(csp.contains(&format!("script-src '{}'", sha256_source(JS))));
+            assert!(csp.contains(&format!("style-src '{}'", sha256_source(CSS))));
+            assert!(csp.starts_with("default-src 'none';"));
+        }
+    }
+
+    #[test]
+    fn only_the_wechat_variant_offers_wechat() {
+        assert_eq!(TEMPLATE.matches("</head>").count(), 1);
+        let plain = std::str::from_utf8(&PLAIN.html).unwrap();
+        let wechat = std::str::from_utf8(&WECHAT.html).unwrap();
+        assert!(!plain.contains("<meta name=\"smsauth-wechat\""));
+        assert!(wechat.contains(&format!("{WECHAT_META}</head>")));
+        // The meta is all that differs.
+        assert_eq!(wechat.replacen(WECHAT_META, "", 1), plain);
+        let plain_csp = PLAIN.csp.to_str().unwrap();
+        assert!(plain_csp.contains("img-src data:;") && !plain_csp.contains("qlogo"));
+        let wechat_csp = WECHAT.csp.to_str().unwrap();
+        assert!(wechat_csp.contains(&format!("img-src data: {WECHAT_IMG_HOSTS};")));
     }
 }
