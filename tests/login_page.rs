@@ -1,13 +1,15 @@
 //! The login page at GET /: its headers and CSP over plain HTTP, then the page itself in
 //! a real headless Chromium (driven over WebDriver) against the real server: code login,
-//! an error in words, /me, logout, the password tab, the captcha, both languages, and a
-//! phone-sized screen. Screenshots go to target/screenshots/.
+//! an error in words, /me, logout, the password tab, the captcha, both languages, a
+//! phone-sized screen, and WeChat login against a stand-in for WeChat's hosts.
+//! Screenshots go to target/screenshots/.
 
 mod common;
 
 use base64::Engine;
 use common::TestServer;
 use common::webdriver::{Browser, browser_available, target_dir};
+use common::wechat::{WechatMock, WechatUser};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -396,5 +398,292 @@ async fn phone_sized_screen_in_a_real_browser() {
         .await;
     assert_eq!(fits, true, "the account view fits too");
     b.screenshot(&shots.join("login-page-phone.png")).await;
+    b.quit().await;
+}
+
+/// WeChat must be told the server's callback URL before the server starts, but the
+/// harness starts servers on an ephemeral port (SMSAUTH_SERVER__LISTEN=127.0.0.1:0, and
+/// variables override the file). So the callback URL names this relay, on a port known
+/// in advance, which redirects every request to the same path and query on `target`
+/// once that is set. Cookies do not depend on the port: the browser's state cookie for
+/// 127.0.0.1 reaches the real callback. Returns the relay's base URL.
+async fn start_relay(target: std::sync::Arc<std::sync::OnceLock<String>>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let base = target.get().expect("the relay's target is set");
+                        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                        let resp = hyper::Response::builder()
+                            .status(302)
+                            .header("location", format!("{base}{path}"))
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                            .unwrap();
+                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A server with WeChat login on, against a fresh WeChat stand-in that checks the
+/// callback URL it is sent.
+async fn wechat_server() -> (TestServer, WechatMock) {
+    let mock = WechatMock::start("wxtest", "secret").await;
+    let target = std::sync::Arc::new(std::sync::OnceLock::new());
+    let relay = start_relay(target.clone()).await;
+    let callback = format!("{relay}/api/v1/auth/wechat/callback");
+    mock.expect_redirect_uri(&callback);
+    let wechat = mock.base_url();
+    let s = TestServer::start(&format!(
+        "[wechat]\nenabled = true\napp_id = \"wxtest\"\napp_secret = \"secret\"\n\
+         redirect_uri = \"{callback}\"\nopen_base_url = \"{wechat}\"\n\
+         api_base_url = \"{wechat}\"\nidentity = \"unionid\"\n"
+    ))
+    .await;
+    target.set(s.base.clone()).unwrap();
+    (s, mock)
+}
+
+async fn location_hash(b: &Browser) -> String {
+    let hash = b.execute("return location.hash", json!([])).await;
+    hash.as_str().unwrap_or_default().to_owned()
+}
+
+async fn tab_token(b: &Browser) -> String {
+    let token = b
+        .execute("return sessionStorage.getItem('smsauth.token')", json!([]))
+        .await;
+    token.as_str().expect("a token for the tab").to_owned()
+}
+
+/// What /me lists as the account's login methods.
+async fn methods(s: &TestServer, token: &str) -> Vec<String> {
+    let (status, me) = s.get("/api/v1/me", Some(token)).await;
+    assert_eq!(status, 200, "{me}");
+    me["login_methods"]
+        .as_array()
+        .expect("login_methods")
+        .iter()
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// With WeChat on, the page carries the meta that turns the button on, and may show
+/// avatars from WeChat's image hosts; the script and style (and their hashes) are the
+/// same as without.
+#[tokio::test]
+async fn wechat_page_variant_over_http() {
+    let (s, _mock) = wechat_server().await;
+    let resp = s.client.get(s.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let html = resp.text().await.unwrap();
+    assert!(html.contains("<meta name=\"smsauth-wechat\" content=\"on\">"));
+    let script = between(&html, "<script>", "</script>");
+    let style = between(&html, "<style>", "</style>");
+    let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
+    for d in [
+        format!("script-src {}", sha256_source(script)),
+        format!("style-src {}", sha256_source(style)),
+        "img-src data: https://thirdwx.qlogo.cn https://wx.qlogo.cn".to_owned(),
+        "connect-src 'self'".to_owned(),
+    ] {
+        assert!(directives.contains(&d.as_str()), "CSP lacks {d:?}: {csp}");
+    }
+}
+
+/// WeChat login in the browser: a refusal and bad fragments in words; a first scan asks
+/// for a phone (bound with an SMS code, which makes the account); after logout a scan
+/// logs straight in to it. Then unlink and link again from the account view.
+#[tokio::test]
+async fn wechat_login_in_a_real_browser() {
+    if !browser_available("wechat_login_in_a_real_browser") {
+        return;
+    }
+    let (s, mock) = wechat_server().await;
+    let user = WechatUser::new("page");
+    mock.scanner(&user);
+    let b = Browser::start(1200, 900).await;
+    let shots = target_dir().join("screenshots");
+
+    // What the callback can send back, in words, and gone from the address at once.
+    // (Each on a new query: a change of fragment alone would not load the page again.)
+    for (i, (fragment, text)) in [
+        (
+            "wechat_error=wechat_state_invalid",
+            "The WeChat login expired or was started in another browser. Try again.",
+        ),
+        (
+            "wechat_error=no_such_code",
+            "The WeChat login did not succeed. Try again.",
+        ),
+        (
+            "wechat_ticket=not-a-ticket",
+            "The WeChat login expired. Log in with WeChat again.",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        b.goto(&s.url(&format!("/?try={i}#{fragment}"))).await;
+        b.wait_text("#message", fragment, |t| t == text).await;
+        assert!(b.displayed("#login-form").await);
+        assert_eq!(
+            location_hash(&b).await,
+            "",
+            "{fragment} left in the address"
+        );
+    }
+
+    // The user says no at WeChat.
+    assert_eq!(b.text("#wechat-login").await, "Log in with WeChat");
+    b.screenshot(&shots.join("wechat-login-form.png")).await;
+    mock.refuse_next();
+    b.click("#wechat-login").await;
+    b.wait_text("#message", "the wechat_denied message", |t| {
+        t == "The WeChat login was cancelled."
+    })
+    .await;
+    assert_eq!(location_hash(&b).await, "");
+
+    // A scan: start, WeChat, the callback, back to the page with a ticket. No account
+    // has this WeChat user yet, so the page asks for a phone.
+    b.click("#wechat-login").await;
+    b.wait_displayed("#wechat-bind", true).await;
+    assert_eq!(b.text("#title").await, "Bind your phone");
+    assert_eq!(b.text("#bind-nickname").await, user.nickname);
+    assert_eq!(b.text("#submit").await, "Bind and log in");
+    assert!(!b.displayed("#tabs").await);
+    assert!(!b.displayed("#wechat-login").await);
+    assert!(!b.displayed("#password").await);
+    assert_eq!(
+        location_hash(&b).await,
+        "",
+        "the used ticket is out of the address"
+    );
+    // WeChat's image host is out of reach here: a picture that does not load is hidden.
+    assert!(!b.displayed("#bind-avatar").await);
+    b.type_into("#phone", "13700001111").await;
+    b.click("#send-code").await;
+    b.wait_text("#message", "code sent", |t| t.starts_with("Code sent."))
+        .await;
+    b.wait_text("#send-code", "a countdown", |t| t.starts_with("Resend in"))
+        .await;
+    let code = s.take_code("+8613700001111");
+    b.type_into("#code", &code).await;
+    b.screenshot(&shots.join("wechat-bind.png")).await;
+    b.click("#submit").await;
+    b.wait_text("#acct-phone", "the bound phone", |t| t == "+8613700001111")
+        .await;
+    assert_eq!(
+        b.text("#welcome").await,
+        format!("Your account is ready. Welcome, {}.", user.nickname)
+    );
+    assert_eq!(b.text("#acct-nickname").await, user.nickname);
+    assert_eq!(b.text("#acct-methods").await, "SMS code, WeChat");
+    assert_eq!(b.text("#acct-wechat").await, "Linked");
+    assert!(b.displayed("#wechat-unlink").await);
+    assert!(!b.displayed("#wechat-link").await);
+    assert!(!b.displayed("#acct-avatar").await);
+    let token = tab_token(&b).await;
+    assert!(methods(&s, &token).await.contains(&"wechat".to_owned()));
+    let id = b.text("#acct-id").await;
+    b.screenshot(&shots.join("wechat-account.png")).await;
+
+    // Logged out, a scan again: straight into the same account, no bind form.
+    b.click("#logout").await;
+    b.wait_displayed("#login-form", true).await;
+    b.click("#wechat-login").await;
+    let welcome = format!("Welcome, {}.", user.nickname);
+    b.wait_text("#welcome", "welcome back", |t| t == welcome)
+        .await;
+    assert_eq!(b.text("#acct-id").await, id);
+    assert_eq!(b.text("#acct-phone").await, "+8613700001111");
+    assert!(!b.displayed("#wechat-bind").await);
+    assert_eq!(location_hash(&b).await, "");
+
+    // Unlink from the account view.
+    b.click("#wechat-unlink").await;
+    b.wait_text("#acct-wechat", "not linked", |t| t == "Not linked")
+        .await;
+    assert_eq!(
+        b.text("#message").await,
+        "WeChat is no longer linked to your account."
+    );
+    assert_eq!(b.text("#acct-methods").await, "SMS code");
+    assert!(b.displayed("#wechat-link").await);
+    let token = tab_token(&b).await;
+    assert!(!methods(&s, &token).await.contains(&"wechat".to_owned()));
+
+    // Link again from the session: a round trip to WeChat, back with #wechat_linked=1.
+    b.click("#wechat-link").await;
+    b.wait_text("#message", "the linked message", |t| {
+        t == "WeChat is linked to your account. You can log in with it now."
+    })
+    .await;
+    assert_eq!(b.text("#acct-wechat").await, "Linked");
+    assert_eq!(location_hash(&b).await, "");
+    assert!(
+        methods(&s, &tab_token(&b).await)
+            .await
+            .contains(&"wechat".to_owned())
+    );
+
+    // The same controls in Chinese.
+    b.click("#lang-switch").await;
+    b.wait_text("#wechat-unlink", "the Chinese unlink button", |t| {
+        t == "解除绑定"
+    })
+    .await;
+    assert_eq!(b.text("#acct-wechat").await, "已绑定");
+    assert_eq!(b.text("#acct-methods").await, "短信验证码、微信");
+    b.click("#logout").await;
+    b.wait_text("#wechat-login", "the Chinese WeChat button", |t| {
+        t == "微信登录"
+    })
+    .await;
+    b.quit().await;
+}
+
+/// With WeChat off (the default) the page has no WeChat button, and no meta or avatar
+/// hosts that would allow one.
+#[tokio::test]
+async fn no_wechat_button_when_wechat_is_off() {
+    let s = TestServer::start("").await;
+    let resp = s.client.get(s.url("/")).send().await.unwrap();
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let html = resp.text().await.unwrap();
+    assert!(!html.contains("<meta name=\"smsauth-wechat\""));
+    assert!(!csp.contains("qlogo"), "{csp}");
+    if !browser_available("no_wechat_button_when_wechat_is_off") {
+        return;
+    }
+    let b = Browser::start(1200, 900).await;
+    b.goto(&s.url("/")).await;
+    b.wait_displayed("#login-form", true).await;
+    assert!(!b.displayed("#wechat-login").await);
+    // A fragment as if from WeChat changes nothing but a message; there is still no button.
+    b.goto(&s.url("/?again#wechat_error=wechat_denied")).await;
+    b.wait_text("#message", "the wechat_denied message", |t| {
+        t == "The WeChat login was cancelled."
+    })
+    .await;
+    assert!(!b.displayed("#wechat-login").await);
     b.quit().await;
 }

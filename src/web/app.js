@@ -42,6 +42,7 @@
       acct_methods: "Login methods",
       method_sms: "SMS code",
       method_password: "Password",
+      method_wechat: "WeChat",
       never: "—",
       logout: "Log out",
       welcome: "Welcome, {name}.",
@@ -74,6 +75,27 @@
       err_payload_too_large: "What you entered is too long.",
       err_unsupported_media_type: "The server could not read the request.",
       err_internal: "Something went wrong on the server. Try again later.",
+      or: "or",
+      wechat_login: "Log in with WeChat",
+      title_bind: "Bind your phone",
+      bind_lead: "Your WeChat account has no phone number yet. Enter yours to finish logging in.",
+      submit_bind: "Bind and log in",
+      bind_cancel: "Log in another way",
+      acct_wechat: "WeChat",
+      wechat_bound: "Linked",
+      wechat_not_bound: "Not linked",
+      wechat_link: "Link WeChat",
+      wechat_unlink: "Unlink WeChat",
+      wechat_linked: "WeChat is linked to your account. You can log in with it now.",
+      wechat_unlinked: "WeChat is no longer linked to your account.",
+      err_wechat_denied: "The WeChat login was cancelled.",
+      err_wechat_state_invalid: "The WeChat login expired or was started in another browser. Try again.",
+      err_wechat_code_invalid: "WeChat refused the login. Scan the QR code again.",
+      err_wechat_failed: "WeChat could not be reached. Try again later.",
+      err_wechat_taken: "This WeChat account is already linked to another account.",
+      err_wechat_already_bound: "This account is already linked to another WeChat account. Unlink that one first.",
+      err_wechat_expired: "The WeChat login expired. Log in with WeChat again.",
+      err_wechat_other: "The WeChat login did not succeed. Try again.",
       sec: "{n} s",
       min: "{n} min",
       hour: "{n} h",
@@ -114,6 +136,7 @@
       acct_methods: "登录方式",
       method_sms: "短信验证码",
       method_password: "密码",
+      method_wechat: "微信",
       never: "—",
       logout: "退出登录",
       welcome: "欢迎，{name}。",
@@ -146,6 +169,27 @@
       err_payload_too_large: "输入的内容太长。",
       err_unsupported_media_type: "服务器无法读取这个请求。",
       err_internal: "服务器出错，请稍后再试。",
+      or: "或",
+      wechat_login: "微信登录",
+      title_bind: "绑定手机号",
+      bind_lead: "您的微信尚未绑定手机号，请输入手机号完成登录。",
+      submit_bind: "绑定并登录",
+      bind_cancel: "使用其他方式登录",
+      acct_wechat: "微信",
+      wechat_bound: "已绑定",
+      wechat_not_bound: "未绑定",
+      wechat_link: "绑定微信",
+      wechat_unlink: "解除绑定",
+      wechat_linked: "微信已绑定，现在可以用微信登录。",
+      wechat_unlinked: "已解除微信绑定。",
+      err_wechat_denied: "已取消微信登录。",
+      err_wechat_state_invalid: "微信登录已过期，或不是在此浏览器中发起的，请重试。",
+      err_wechat_code_invalid: "微信拒绝了此次登录，请重新扫码。",
+      err_wechat_failed: "无法连接微信，请稍后再试。",
+      err_wechat_taken: "该微信已绑定其他账户。",
+      err_wechat_already_bound: "该账户已绑定其他微信，请先解除绑定。",
+      err_wechat_expired: "微信登录已过期，请重新用微信登录。",
+      err_wechat_other: "微信登录未成功，请重试。",
       sec: "{n} 秒",
       min: "{n} 分钟",
       hour: "{n} 小时",
@@ -158,9 +202,14 @@
     pwlogin: { tab: "password" },
     register: { tab: "password", purpose: "register" },
     reset: { tab: "password", purpose: "reset_password" },
+    // A WeChat user without a phone: phone and a login code, then /auth/wechat/bind.
+    bind: { tab: null, purpose: "login" },
   };
 
   const $ = (id) => document.getElementById(id);
+  // The server serves this meta only with WeChat login on; without it the page never
+  // shows a WeChat control (the routes would answer 404).
+  const WECHAT = (document.querySelector('meta[name="smsauth-wechat"]') || {}).content === "on";
 
   const state = {
     lang: "en",
@@ -174,6 +223,7 @@
     busy: false,
     countdownEnd: 0,
     countdownTimer: null,
+    bind: null, // {token, nickname, avatar}: the WeChat user who is binding a phone
   };
 
   function storageGet(store, key) {
@@ -245,10 +295,12 @@
     renderMessage();
   }
   // An error answer in words: our text for its `error` code, else the server's message.
-  function sayApiError(res) {
+  // `instead` maps codes to other keys where the generic text would mislead.
+  function sayApiError(res, instead) {
     const d = res.data || {};
     let key = "err_" + d.error;
     if (d.error === "too_many_attempts" && d.retry_after == null) key = "err_too_many_attempts_new";
+    if (instead && Object.prototype.hasOwnProperty.call(instead, d.error)) key = instead[d.error];
     if (d.error && TEXT.en[key]) {
       state.message = { kind: "error", key: key, secs: d.retry_after };
     } else if (typeof d.message === "string" && d.message) {
@@ -324,6 +376,8 @@
       b.setAttribute("aria-selected", String(b.dataset.mode === mode));
     }
     $("password-modes").hidden = tab !== "password";
+    $("tabs").hidden = mode === "bind";
+    $("wechat-row").hidden = !WECHAT || mode === "bind";
     for (const el of document.querySelectorAll("[data-modes]")) {
       el.hidden = !el.dataset.modes.split(" ").includes(mode);
     }
@@ -334,7 +388,7 @@
       mode === "register" ? "password_new" : mode === "reset" ? "new_password" : "password",
     );
     $("submit").textContent = t("submit_" + mode);
-    $("title").textContent = t(state.user ? "title_account" : "title");
+    $("title").textContent = t(state.user ? "title_account" : mode === "bind" ? "title_bind" : "title");
   }
 
   function setMode(mode) {
@@ -456,7 +510,7 @@
     const code = $("code").value.replace(/\s+/g, "");
     const password = $("password").value;
     const fields = MODES[mode].purpose ? [["code", code, "need_code"]] : [];
-    if (mode !== "sms") fields.push(["password", password, "need_password"]);
+    if (mode !== "sms" && mode !== "bind") fields.push(["password", password, "need_password"]);
     if (!number) {
       say("error", "need_phone");
       $("phone").focus();
@@ -477,6 +531,12 @@
         res = await api("POST", "/api/v1/auth/sms-login", { phone: number, code: code });
       } else if (mode === "pwlogin") {
         res = await api("POST", "/api/v1/auth/login", { phone: number, password: password });
+      } else if (mode === "bind") {
+        res = await api("POST", "/api/v1/auth/wechat/bind", {
+          bind_token: state.bind.token,
+          phone: number,
+          code: code,
+        });
       } else if (mode === "register") {
         const body = { phone: number, code: code, password: password };
         const nickname = $("nickname").value.trim();
@@ -494,8 +554,10 @@
       $("submit").disabled = false;
     }
     if (!res.ok) {
-      sayApiError(res);
       const err = res.data && res.data.error;
+      // Past the code check the bind token is used up: only a new WeChat login helps.
+      if (mode === "bind" && BIND_OVER.includes(err)) endBind();
+      sayApiError(res, mode === "bind" ? { invalid_request: "err_wechat_expired" } : undefined);
       if (err === "invalid_code") $("code").select();
       if (err === "weak_password") $("password").select();
       return;
@@ -508,10 +570,16 @@
       $("password").focus();
       return;
     }
-    const token = res.data && res.data.access_token;
+    if (mode === "bind") endBind();
+    await loggedIn(res.data);
+  }
+
+  // A token answer (any login): keep the token and show the account.
+  async function loggedIn(data) {
+    const token = data && data.access_token;
     // With cookie sessions the cookie carries the session; a token, if given, is kept too.
     if (typeof token === "string" && token) storageSet("sessionStorage", TOKEN_KEY, token);
-    state.created = Boolean(res.data && res.data.created);
+    state.created = Boolean(data && data.created);
     await loadAccount(true);
   }
 
@@ -539,6 +607,12 @@
       .join(state.lang === "zh" ? "、" : ", ");
     $("welcome").textContent = t(state.created ? "welcome_new" : "welcome", { name: u.nickname });
     $("title").textContent = t("title_account");
+    showAvatar($("acct-avatar"), u.avatar_url);
+    const bound = Array.isArray(u.login_methods) && u.login_methods.includes("wechat");
+    for (const el of document.querySelectorAll("[data-wechat]")) el.hidden = !WECHAT;
+    $("acct-wechat").textContent = t(bound ? "wechat_bound" : "wechat_not_bound");
+    $("wechat-link").hidden = !WECHAT || bound;
+    $("wechat-unlink").hidden = !WECHAT || !bound;
   }
 
   function showLogin() {
@@ -551,6 +625,7 @@
 
   // GET /me: with the token from this tab's login, or a session cookie if the server
   // sets one. `afterLogin`: a failure here is an error worth showing.
+  // Resolves to whether the account is shown.
   async function loadAccount(afterLogin) {
     const res = await api("GET", "/api/v1/me");
     if (res.ok && res.data) {
@@ -560,12 +635,13 @@
       $("login-view").hidden = true;
       $("account-view").hidden = false;
       $("logout").focus();
-      return;
+      return true;
     }
     const hadToken = storageGet("sessionStorage", TOKEN_KEY) !== null;
     if (res.status === 401) storageSet("sessionStorage", TOKEN_KEY, null);
     showLogin();
     if (afterLogin || hadToken || res.status !== 401) sayApiError(res);
+    return false;
   }
 
   async function logout() {
@@ -584,6 +660,128 @@
     }
   }
 
+  // ---- WeChat ----
+
+  // Bind answers after which the bind token is gone (or useless).
+  const BIND_OVER = ["invalid_request", "wechat_taken", "wechat_already_bound", "unauthorized"];
+  // What the callback may put in the fragment after `wechat_error=`.
+  const WECHAT_ERRORS = [
+    "wechat_denied",
+    "wechat_state_invalid",
+    "wechat_code_invalid",
+    "wechat_failed",
+    "wechat_taken",
+    "wechat_already_bound",
+    "unauthorized",
+  ];
+
+  // Only WeChat's HTTPS image hosts are allowed by the CSP; WeChat has sent http:// URLs
+  // for the same hosts. Shown once loaded, so a broken picture is never on the page.
+  function showAvatar(img, url) {
+    img.hidden = true;
+    if (typeof url !== "string" || !/^https?:\/\//.test(url)) {
+      img.removeAttribute("src");
+      return;
+    }
+    const src = url.replace(/^http:/, "https:");
+    if (img.getAttribute("src") === src && img.complete && img.naturalWidth > 0) img.hidden = false;
+    else img.src = src;
+  }
+
+  // The outcome the callback left in the fragment, removed from the address at once: the
+  // ticket is single use, and a reload or a bookmark must not replay it.
+  function takeWechatFragment() {
+    if (!location.hash) return null;
+    const p = new URLSearchParams(location.hash.slice(1));
+    const back = {
+      ticket: p.get("wechat_ticket"),
+      error: p.get("wechat_error"),
+      linked: p.get("wechat_linked") === "1",
+    };
+    if (back.ticket === null && back.error === null && !p.has("wechat_linked")) return null;
+    history.replaceState(history.state, "", location.pathname + location.search);
+    return back;
+  }
+
+  function sayWechatError(code) {
+    say("error", WECHAT_ERRORS.includes(code) ? "err_" + code : "err_wechat_other");
+  }
+
+  function startWechat() {
+    const next = location.pathname + location.search;
+    location.assign("/api/v1/auth/wechat/start?next=" + encodeURIComponent(next));
+  }
+
+  // The ticket for a login, or for a bind form when the WeChat user has no account yet.
+  async function exchangeTicket(ticket) {
+    const res = await api("POST", "/api/v1/auth/wechat/exchange", { ticket: ticket });
+    if (!res.ok || !res.data) {
+      showLogin();
+      sayApiError(res, { invalid_request: "err_wechat_expired" });
+      return;
+    }
+    if (!res.data.phone_required) {
+      await loggedIn(res.data);
+      return;
+    }
+    const profile = res.data.profile || {};
+    state.bind = {
+      token: String(res.data.bind_token),
+      nickname: typeof profile.nickname === "string" ? profile.nickname : "",
+    };
+    showLogin();
+    setMode("bind");
+    $("bind-nickname").textContent = state.bind.nickname;
+    showAvatar($("bind-avatar"), profile.avatar_url);
+    $("phone").focus();
+  }
+
+  function endBind() {
+    state.bind = null;
+    $("bind-avatar").hidden = true;
+    setMode("sms");
+  }
+
+  // POST /me/wechat gives WeChat's URL (and sets the state cookie); the callback comes
+  // back here with wechat_linked or wechat_error.
+  async function linkWechat() {
+    const btn = $("wechat-link");
+    btn.disabled = true;
+    const res = await api("POST", "/api/v1/me/wechat", { next: location.pathname + location.search });
+    const url = res.ok && res.data && res.data.url;
+    if (typeof url === "string" && /^https?:\/\//.test(url)) {
+      location.assign(url);
+      return; // the button stays disabled while the browser leaves
+    }
+    btn.disabled = false;
+    if (res.ok) say("error", "err_wechat_other");
+    else sayApiError(res);
+  }
+
+  async function unlinkWechat() {
+    const btn = $("wechat-unlink");
+    btn.disabled = true;
+    const res = await api("DELETE", "/api/v1/me/wechat");
+    btn.disabled = false;
+    if (!res.ok) {
+      sayApiError(res);
+      return;
+    }
+    if (await loadAccount(true)) say("info", "wechat_unlinked");
+  }
+
+  // On load: the result of a WeChat round trip, if this is one, else the session if any.
+  async function start() {
+    const back = takeWechatFragment();
+    if (back && back.ticket) {
+      await exchangeTicket(back.ticket);
+      return;
+    }
+    const shown = await loadAccount(false);
+    if (back && back.error !== null) sayWechatError(back.error);
+    else if (back && back.linked && shown) say("info", "wechat_linked");
+  }
+
   // ---- wiring ----
 
   state.lang = detectLang();
@@ -598,6 +796,21 @@
   $("captcha-image-button").addEventListener("click", loadCaptcha);
   $("login-form").addEventListener("submit", submit);
   $("logout").addEventListener("click", logout);
+  $("wechat-login").addEventListener("click", startWechat);
+  $("bind-cancel").addEventListener("click", () => {
+    endBind();
+    $("phone").focus();
+  });
+  $("wechat-link").addEventListener("click", linkWechat);
+  $("wechat-unlink").addEventListener("click", unlinkWechat);
+  for (const img of [$("bind-avatar"), $("acct-avatar")]) {
+    img.addEventListener("load", () => {
+      img.hidden = false;
+    });
+    img.addEventListener("error", () => {
+      img.hidden = true;
+    });
+  }
   applyLang();
-  loadAccount(false);
+  start();
 })();
