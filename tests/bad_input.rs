@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::TestServer;
+use common::{TestServer, assert_error};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,15 +16,6 @@ async fn raw(s: &TestServer, body: &str, content_type: Option<&str>) -> (u16, Va
         req = req.header("content-type", ct);
     }
     s.send(req).await
-}
-
-fn assert_error(got: &(u16, Value), status: u16, code: &str) {
-    assert_eq!(got.0, status, "{got:?}");
-    assert_eq!(got.1["error"], code, "{got:?}");
-    assert!(
-        got.1["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{got:?}"
-    );
 }
 
 #[tokio::test]

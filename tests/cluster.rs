@@ -5,7 +5,7 @@
 mod common;
 
 use common::cluster::Cluster;
-use common::{TestServer, admin, e164, ok_stdout};
+use common::{TestServer, admin, assert_error, e164, ok_stdout};
 use futures::future::join_all;
 use serde_json::{Value, json};
 
@@ -18,15 +18,6 @@ fn cluster(extra: &str) -> Option<Cluster> {
         eprintln!("skipped: no PostgreSQL to run a cluster on");
     }
     c
-}
-
-fn assert_error(got: &(u16, Value), status: u16, code: &str) {
-    assert_eq!(
-        (got.0, got.1["error"].as_str()),
-        (status, Some(code)),
-        "{:?}",
-        got.1
-    );
 }
 
 async fn login(s: &TestServer, phone: &str, code: &str) -> (u16, Value) {

@@ -9,18 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::wechat::{WechatMock, WechatUser};
 use common::wechat_flow::*;
-use common::{TestServer, admin, e164, ok_stdout};
+use common::{TestServer, admin, assert_error, e164, ok_stdout};
 use futures::future::join_all;
 use serde_json::{Value, json};
-
-fn assert_error(got: &(u16, Value), status: u16, code: &str) {
-    assert_eq!(
-        (got.0, got.1["error"].as_str()),
-        (status, Some(code)),
-        "{:?}",
-        got.1
-    );
-}
 
 #[tokio::test]
 async fn a_first_login_binds_a_new_phone_then_wechat_logs_straight_in() {

@@ -280,6 +280,20 @@ fn wait_for_line(log: &LogBook, from: usize, pred: impl Fn(&Value) -> bool) -> O
     }
 }
 
+/// An error answer: this status, this `error` code, and a message in words.
+pub fn assert_error(got: &(u16, Value), status: u16, code: &str) {
+    assert_eq!(
+        (got.0, got.1["error"].as_str()),
+        (status, Some(code)),
+        "{:?}",
+        got.1
+    );
+    assert!(
+        got.1["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{got:?}"
+    );
+}
+
 /// `13812345678` -> `+8613812345678` (test phones are Chinese mobile numbers).
 pub fn e164(phone: &str) -> String {
     if phone.starts_with('+') {
