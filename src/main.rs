@@ -44,7 +44,8 @@ fn main() -> ExitCode {
 }
 
 fn serve(runtime: &tokio::runtime::Runtime, cfg: Config) -> ExitCode {
-    smsauth::logging::init(&cfg.log);
+    // Dropped last: every line logged, the final ones included, is written out.
+    let _log = smsauth::logging::init(&cfg.log);
     let result = runtime.block_on(async {
         let server = smsauth::server::Server::bind(cfg).await?;
         server.serve(smsauth::server::termination()).await

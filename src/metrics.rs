@@ -70,6 +70,8 @@ pub struct Metrics {
     pub store_bytes: Gauge,
     pub pending_codes: Gauge,
     pub tracked_addresses: Family<LimiterLabels, Gauge>,
+    /// Mirrors [`crate::logging::writer::dropped_total`] at scrape time.
+    log_lines_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -115,12 +117,12 @@ impl Metrics {
         );
         registry.register(
             "logins",
-            "Successful logins by method (sms, password)",
+            "Successful logins by method (sms, password, wechat)",
             logins.clone(),
         );
         registry.register(
             "registrations",
-            "Accounts created, by method (sms, password)",
+            "Accounts created, by method (sms, password, wechat)",
             registrations.clone(),
         );
         registry.register(
@@ -144,6 +146,12 @@ impl Metrics {
             "Client addresses held by each in-memory limiter",
             tracked_addresses.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log's reader fell behind",
+            log_lines_dropped.clone(),
+        );
         if let Some(engine) = engine {
             engine.register_metrics(&mut registry);
         }
@@ -160,7 +168,15 @@ impl Metrics {
             store_bytes,
             pending_codes,
             tracked_addresses,
+            log_lines_dropped,
         }
+    }
+
+    /// Brings the figures kept outside the app (the log's) up to date, at scrape time.
+    pub fn observe(&self) {
+        let total = crate::logging::writer::dropped_total();
+        self.log_lines_dropped
+            .inc_by(total.saturating_sub(self.log_lines_dropped.get()));
     }
 
     /// The text exposition format.

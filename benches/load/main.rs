@@ -64,7 +64,8 @@ cargo bench --bench load [-- OPTIONS]   (or the BENCH_* variables)
   --scale-users N    BENCH_SCALE_USERS    users in scale mode (default 1,000,000)
   --scale-codes N    BENCH_SCALE_CODES    pending codes in scale mode (default 100,000)
   --no-log           BENCH_LOG=0          no log subscriber (default: the server's
-                                          per-request log lines are formatted into a sink)
+                                          per-request log lines are written to /dev/null
+                                          as `smsauth serve` writes them)
   --engine E         BENCH_ENGINE         sled (default): the in-process server above;
                                           postgres: send-code, sms-login-existing,
                                           sms-login-new and me on the PostgreSQL engine,
@@ -990,15 +991,20 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    if opts.log {
-        // As `smsauth serve` would log (info, JSON lines), into a sink: the cost of
-        // making each line is counted, not the terminal's.
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-            .event_format(smsauth::logging::JsonLines)
-            .with_writer(std::io::sink)
-            .init();
-    }
+    // As `smsauth serve` logs (info, JSON lines, through its batching writer thread),
+    // into /dev/null: the cost of making and writing each line is counted, not that of a
+    // terminal or journald.
+    let _log = opts.log.then(|| {
+        let cfg = smsauth::config::LogConfig {
+            format: smsauth::config::LogFormat::Json,
+            ..Default::default()
+        };
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null");
+        smsauth::logging::init_to(&cfg, Box::new(null), false)
+    });
     let loadavg_before = loadavg();
     eprintln!(
         "load bench: {cores} cores, load average {}, {} connections, {:?} warm-up + {:?} per scenario",

@@ -284,6 +284,8 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter such as "info" or "smsauth=debug"; RUST_LOG wins when set.
     pub level: String,
+    /// One line per request (at info). Off for a site whose nginx logs every request.
+    pub requests: bool,
 }
 
 impl Default for LogConfig {
@@ -291,6 +293,7 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            requests: true,
         }
     }
 }

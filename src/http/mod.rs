@@ -126,7 +126,9 @@ async fn handle(
         .observe(elapsed.as_secs_f64());
     let latency_ms = elapsed.as_micros() as f64 / 1000.0;
     let path = first_chars(uri.path(), 128);
-    if probe && status == 200 {
+    if !app.cfg.log.requests {
+        // The operator's proxy logs every request already.
+    } else if probe && status == 200 {
         // A probe or a scrape every few seconds that went well tells an operator nothing;
         // at info level it would bury the lines that do (and cost as much as the answer).
         tracing::debug!(method, path = %path, status, latency_ms, ip = %ip, "request");

@@ -30,6 +30,7 @@ pub async fn readyz(app: &App) -> Result<Resp, ApiError> {
 /// GET /metrics: Prometheus text format. State gauges are read now, counters are live.
 pub async fn metrics(app: &App) -> Result<Resp, ApiError> {
     let m = &app.metrics;
+    m.observe();
     app.store.engine.observe();
     m.users.set(app.store.users.user_count().await? as i64);
     m.store_bytes

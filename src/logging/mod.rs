@@ -1,8 +1,11 @@
 //! Log output: human-readable by default, one JSON object per line with [log] format =
-//! "json". RUST_LOG, when set, overrides [log] level.
+//! "json". RUST_LOG, when set, overrides [log] level. Lines go out through a writer
+//! thread of their own, in batches ([`writer`]).
+
+pub mod writer;
 
 use std::fmt::{self, Write as _};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -13,7 +16,19 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::{LogConfig, LogFormat};
 
-pub fn init(cfg: &LogConfig) {
+/// Logs to stdout; keep the guard until the end, so a clean stop writes every line.
+pub fn init(cfg: &LogConfig) -> writer::LogGuard {
+    init_to(
+        cfg,
+        Box::new(std::io::stdout()),
+        std::io::stdout().is_terminal(),
+    )
+}
+
+/// Logs to `out` (the load benchmark gives /dev/null), in colour if `ansi`.
+pub fn init_to(cfg: &LogConfig, out: Box<dyn Write + Send>, ansi: bool) -> writer::LogGuard {
+    let json = cfg.format == LogFormat::Json;
+    let (sink, guard) = writer::spawn(out, writer::CAPACITY, json);
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(&cfg.level))
         // Two clients log what must not reach a log, at debug level: reqwest each
@@ -26,12 +41,14 @@ pub fn init(cfg: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(sink)
         // Colours only for a person at a terminal, not for journald or a file.
-        .with_ansi(std::io::stdout().is_terminal());
+        .with_ansi(ansi);
     match cfg.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.event_format(JsonLines).init(),
     }
+    guard
 }
 
 /// One JSON object per line: `timestamp` (RFC 3339, microseconds, UTC), `level`, then the
