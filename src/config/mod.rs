@@ -797,6 +797,34 @@ mod tests {
     }
 
     #[test]
+    fn the_wechat_secret_comes_from_the_file_the_env_or_its_file_never_debug_printed() {
+        const WECHAT: &str =
+            "[wechat]\nenabled = true\napp_id = \"wx1\"\nredirect_uri = \"https://a.example/cb\"\n";
+        let c = load_str(WECHAT, &[("SMSAUTH_WECHAT__APP_SECRET", "env-hush")]).unwrap();
+        assert_eq!(c.wechat.app_secret.expose(), "env-hush");
+        assert!(!format!("{c:?}").contains("env-hush"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wechat-secret");
+        std::fs::write(&file, "file-hush\n").unwrap();
+        let with_file = format!("{WECHAT}app_secret_file = \"{}\"\n", file.display());
+        let c = load_str(&with_file, &[]).unwrap();
+        assert_eq!(c.wechat.app_secret.expose(), "file-hush");
+        assert!(!format!("{c:?}").contains("file-hush"));
+        let path = file.to_str().unwrap();
+        let c = load_str(WECHAT, &[("SMSAUTH_WECHAT__APP_SECRET_FILE", path)]).unwrap();
+        assert_eq!(c.wechat.app_secret.expose(), "file-hush");
+
+        let e = load_str(&with_file, &[("SMSAUTH_WECHAT__APP_SECRET", "env-hush")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wechat.app_secret_file"), "{e}");
+        assert!(!e.contains("hush"), "{e}");
+        // Off, nothing is required.
+        assert!(load_str("[wechat]\nenabled = false\n", &[]).is_ok());
+    }
+
+    #[test]
     fn fixed_code_is_refused_with_real_providers() {
         let e = load_str(
             &format!("{ALIYUN}access_key_secret = \"s\"\ntemplate_code = \"SMS_1\"\n"),
