@@ -25,7 +25,7 @@ use crate::config::WechatConfig;
 use crate::model::UserId;
 use crate::store::{GrantKind, Grants, StoreError};
 
-const STATE_TTL_SECS: i64 = 600;
+pub const STATE_TTL_SECS: i64 = 600;
 pub const TICKET_TTL_SECS: i64 = 60;
 pub const BIND_TTL_SECS: i64 = 600;
 

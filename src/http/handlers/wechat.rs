@@ -4,7 +4,7 @@
 //! described in [`crate::wechat`].
 
 use http::StatusCode;
-use http::header::{HeaderValue, SET_COOKIE};
+use http::header::SET_COOKIE;
 use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -20,8 +20,8 @@ use crate::http::router::Req;
 use crate::model::{Method, Purpose};
 use crate::store::{GrantKind, NewUser, WechatBind};
 use crate::wechat::{
-    BIND_TTL_SECS, LinkingSession, OauthState, TICKET_TTL_SECS, Wechat, WechatError, WechatProfile,
-    mask_id,
+    BIND_TTL_SECS, LinkingSession, OauthState, STATE_TTL_SECS, TICKET_TTL_SECS, Wechat,
+    WechatError, WechatProfile, mask_id,
 };
 
 /// The routes answer 404 when WeChat login is off.
@@ -44,7 +44,7 @@ pub async fn start(app: &App, req: Req) -> Result<Resp, ApiError> {
     Ok(resp)
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LinkRequest {
     next: Option<String>,
@@ -318,8 +318,13 @@ fn back(app: &App, next: &str, key: &str, value: &str) -> Resp {
 }
 
 fn set_state_cookie(app: &App, resp: &mut Resp, state: &str) {
-    let max_age = if state.is_empty() { 0 } else { 600 };
-    let value: HeaderValue = cookie::wechat_state(&app.cfg.token, state, max_age);
+    // As long as the state lives; an empty state clears the cookie.
+    let max_age = if state.is_empty() {
+        0
+    } else {
+        STATE_TTL_SECS as u64
+    };
+    let value = cookie::wechat_state(&app.cfg.token, state, max_age);
     resp.headers_mut().append(SET_COOKIE, value);
 }
 
