@@ -14,6 +14,7 @@
 //! Options: `cargo bench --bench load -- --help` ([`USAGE`]).
 
 mod postgres;
+mod soak;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -75,6 +76,12 @@ cargo bench --bench load [-- OPTIONS]   (or the BENCH_* variables)
                                           postgres, with the sled ratios beside
   --pg-pool-rate N   BENCH_PG_POOL_RATE   postgres: logins/s to prepare codes for
                                           (default 6,000)
+  --soak SECS        BENCH_SOAK           soak mode: `smsauth serve` as a child process
+                                          under a mix of code logins (new and existing
+                                          phones), /me and password logins at half the
+                                          rate it sustains, for SECS seconds; RSS, open
+                                          files and on-disk size every 10 s, and their
+                                          growth after the first minute
 ";
 
 /// Every code the `log` sender "sends" in this run.
@@ -110,6 +117,8 @@ struct Opts {
     /// [`Opts::pool_rate`] for the PostgreSQL engine: it logs in far fewer a second, and
     /// each code prepared costs a commit.
     pg_pool_rate: f64,
+    /// Soak mode's length in seconds, if asked for.
+    soak: Option<u64>,
 }
 
 /// Which storage engine(s) the scenarios run on (`--engine`).
@@ -149,6 +158,7 @@ const OPTIONS: &[&str] = &[
     "scale_codes",
     "engine",
     "pg_pool_rate",
+    "soak",
 ];
 
 impl Opts {
@@ -228,6 +238,7 @@ impl Opts {
             log: vars.get("log").is_none_or(|v| v != "0"),
             engine,
             pg_pool_rate: num("pg_pool_rate", 6_000.0),
+            soak: vars.get("soak").map(|_| num("soak", 600.0) as u64),
         }
     }
 
@@ -1013,6 +1024,15 @@ fn main() {
         opts.warmup,
         opts.duration
     );
+    if let Some(seconds) = opts.soak {
+        let report = runtime.block_on(soak::soak_mode(seconds));
+        soak::print(&report);
+        let dir = target_dir();
+        std::fs::create_dir_all(&dir).expect("target/bench");
+        let json = serde_json::to_string_pretty(&report).expect("report");
+        std::fs::write(dir.join("soak.json"), json).expect("write the report");
+        return;
+    }
     let report = runtime.block_on(run(opts, cores, loadavg_before));
     let dir = target_dir();
     std::fs::create_dir_all(&dir).expect("target/bench");
