@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, TestServer, storage_env};
+use common::{BIN, TestServer, free_port, storage_env};
 use futures::future::join_all;
 use serde_json::Value;
 
@@ -46,16 +46,6 @@ async fn the_request_line_can_be_turned_off() {
     // Lines of what happened still come: the code the log sender wrote, the login.
     s.wait_for_log(|l| l["message"] == "sms login");
     assert_eq!(request_lines(&s), 0);
-}
-
-/// A free loopback port, for a server whose log (and so its "listening" line) is not
-/// read at first.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]

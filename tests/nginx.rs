@@ -18,9 +18,9 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TestServer;
 use common::cluster::Cluster;
 use common::receiver::Receiver;
+use common::{TestServer, free_port};
 use serde_json::{Value, json};
 
 const NGINX: &str = "/usr/sbin/nginx";
@@ -32,14 +32,6 @@ impl Drop for Nginx {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The repo's example with `upstream` for its `upstream smsauth { ... }` block, the

@@ -280,6 +280,15 @@ fn wait_for_line(log: &LogBook, from: usize, pred: impl Fn(&Value) -> bool) -> O
     }
 }
 
+/// A loopback port free now, for a process that must be told its port before it starts
+/// (nginx, PostgreSQL, chromedriver, a server whose log is not read at first).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
 /// An error answer: this status, this `error` code, and a message in words.
 pub fn assert_error(got: &(u16, Value), status: u16, code: &str) {
     assert_eq!(

@@ -7,7 +7,7 @@
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use super::free_port;
 
 pub const ROLE: &str = "smsauth";
 pub const PASSWORD: &str = "smsauth-test-pw";
@@ -565,13 +567,6 @@ fn chown_to_postgres(path: &Path) {
 
 /// A port nobody listens on now. The listener is dropped so the postmaster can bind it;
 /// someone may take it in between, hence the retries in start().
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
 fn check(out: &Output, what: &str) {
     assert!(
         out.status.success(),
