@@ -151,20 +151,10 @@ async fn linking_and_unlinking_from_a_session() {
     let user = WechatUser::new("link");
     mock.scanner(&user);
 
-    let resp = s
-        .client
-        .post(s.url("/api/v1/me/wechat"))
-        .bearer_auth(token)
-        .json(&json!({ "next": "/account" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let cookie = state_cookie(&resp).expect("the link sets the state cookie");
-    let body: Value = resp.json().await.unwrap();
-    let back = at_wechat(&s, body["url"].as_str().unwrap()).await;
+    let link = start_link(&s, token, Some("/account")).await;
+    let back = at_wechat(&s, &link.authorize).await;
     assert_eq!(
-        callback(&back, Some(&cookie)).await,
+        callback(&back, Some(&link.cookie)).await,
         "/account#wechat_linked=1"
     );
     let (_, me) = s.get("/api/v1/me", Some(token)).await;
@@ -179,27 +169,10 @@ async fn linking_and_unlinking_from_a_session() {
     bind_phone(&s, &mock, &elsewhere, "13800138006").await;
     let other = s.sms_login("13800138007").await;
     mock.scanner(&elsewhere);
-    let (status, body) = s
-        .post_auth(
-            "/api/v1/me/wechat",
-            other["access_token"].as_str().unwrap(),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 200);
-    // (The cookie comes with the answer; the helper above shows it is set. Here the
-    // state is read back from the URL, as the browser would carry both.)
-    let url = body["url"].as_str().unwrap();
-    let state = url
-        .split("state=")
-        .nth(1)
-        .unwrap()
-        .split(['&', '#'])
-        .next()
-        .unwrap();
-    let back = at_wechat(&s, url).await;
+    let link = start_link(&s, other["access_token"].as_str().unwrap(), None).await;
+    let back = at_wechat(&s, &link.authorize).await;
     assert_eq!(
-        callback(&back, Some(state)).await,
+        callback(&back, Some(&link.cookie)).await,
         "/#wechat_error=wechat_taken"
     );
 
@@ -220,16 +193,8 @@ async fn linking_and_unlinking_from_a_session() {
     // Linking needs a session, and one that lasts until WeChat sends the browser back.
     let (status, _) = s.post("/api/v1/me/wechat", json!({})).await;
     assert_eq!(status, 401);
-    let (_, body) = s.post_auth("/api/v1/me/wechat", token, json!({})).await;
-    let url = body["url"].as_str().unwrap();
-    let state = url
-        .split("state=")
-        .nth(1)
-        .unwrap()
-        .split(['&', '#'])
-        .next()
-        .unwrap();
-    let back = at_wechat(&s, url).await;
+    let link = start_link(&s, token, None).await;
+    let back = at_wechat(&s, &link.authorize).await;
     let resp = s
         .client
         .post(s.url("/api/v1/auth/logout"))
@@ -239,7 +204,7 @@ async fn linking_and_unlinking_from_a_session() {
         .unwrap();
     assert_eq!(resp.status(), 204);
     assert_eq!(
-        callback(&back, Some(state)).await,
+        callback(&back, Some(&link.cookie)).await,
         "/#wechat_error=unauthorized"
     );
     let (_, me) = s
@@ -690,21 +655,12 @@ async fn the_whole_flow_hops_between_two_instances_of_a_cluster() {
     let session = b.sms_login("13800138023").await;
     let token = session["access_token"].as_str().unwrap();
     mock.scanner(&other);
-    let resp = b
-        .client
-        .post(b.url("/api/v1/me/wechat"))
-        .bearer_auth(token)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    let cookie = state_cookie(&resp).unwrap();
-    let url = resp.json::<Value>().await.unwrap()["url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let back = at_wechat(&a, &url).await;
-    assert_eq!(callback(&back, Some(&cookie)).await, "/#wechat_linked=1");
+    let link = start_link(&b, token, None).await;
+    let back = at_wechat(&a, &link.authorize).await;
+    assert_eq!(
+        callback(&back, Some(&link.cookie)).await,
+        "/#wechat_linked=1"
+    );
     let (_, me) = a.get("/api/v1/me", Some(token)).await;
     assert_eq!(me["login_methods"], json!(["sms", "wechat"]));
 

@@ -85,6 +85,30 @@ pub async fn start_login(s: &TestServer, next: &str) -> Started {
     Started { authorize, cookie }
 }
 
+/// A link started from a session (POST /me/wechat with `next`): WeChat's authorize URL
+/// and the state cookie the answer sets.
+pub async fn start_link(s: &TestServer, token: &str, next: Option<&str>) -> Started {
+    let body = match next {
+        Some(next) => json!({ "next": next }),
+        None => json!({}),
+    };
+    let resp = s
+        .client
+        .post(s.url("/api/v1/me/wechat"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cookie = state_cookie(&resp).expect("the link sets the state cookie");
+    let answer: Value = resp.json().await.unwrap();
+    Started {
+        authorize: answer["url"].as_str().expect("the url to go to").to_owned(),
+        cookie,
+    }
+}
+
 /// The browser at WeChat's authorize page: where WeChat sends it back (our callback).
 pub async fn at_wechat(s: &TestServer, authorize: &str) -> String {
     let resp = browser().get(authorize).send().await.unwrap();
