@@ -55,7 +55,8 @@ impl App {
             store.codes.clone(),
             store.waits.clone(),
         );
-        let tokens = Tokens::new(&token_secret, &cfg.token, store.sessions.clone());
+        let tokens = Tokens::new(&token_secret, &cfg.token, store.sessions.clone())
+            .remembering(cfg.memory.token_cache_entries);
         let phones = PhoneParser::new(&cfg.phone)?;
         let sms = Sms::from_config(&cfg.sms)?;
         let passwords = Passwords::new(&cfg.password)?;

@@ -68,7 +68,8 @@ pub struct Tokens {
     store: Arc<dyn Sessions>,
 }
 
-/// Session tokens whose check is remembered, at most.
+/// Session tokens whose check is remembered, at most, unless
+/// [`Tokens::remembering`] says otherwise (`memory.token_cache_entries`).
 const VERIFIED_CAPACITY: usize = 16_384;
 const VERIFIED_SHARDS: usize = 16;
 
@@ -94,6 +95,12 @@ impl Tokens {
             verified: BoundedMap::new(VERIFIED_CAPACITY, VERIFIED_SHARDS),
             store,
         }
+    }
+
+    /// Remembers the checks of `entries` session tokens at most.
+    pub fn remembering(mut self, entries: usize) -> Self {
+        self.verified = BoundedMap::new(entries, VERIFIED_SHARDS);
+        self
     }
 
     pub fn ttl_secs(&self) -> u64 {

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod memory;
 mod sms;
 mod wechat;
 
+pub use memory::MemoryConfig;
 pub use sms::{
     AliyunConfig, Provider, PurposeTemplates, RonglianConfig, SmsConfig, Templates, WebhookConfig,
 };
@@ -33,6 +35,7 @@ pub struct Config {
     pub password: PasswordConfig,
     pub captcha: CaptchaConfig,
     pub limits: LimitsConfig,
+    pub memory: MemoryConfig,
     pub wechat: WechatConfig,
     pub log: LogConfig,
 }
@@ -75,7 +78,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
-            cache_capacity_mb: 64,
+            cache_capacity_mb: 8,
             engine: StorageEngine::Sled,
             postgres: PostgresConfig::default(),
         }
@@ -397,6 +400,7 @@ impl Config {
         if self.storage.cache_capacity_mb == 0 {
             return Err(key("storage.cache_capacity_mb", "must be at least 1"));
         }
+        self.memory.validate()?;
         let pg = &self.storage.postgres;
         if pg.pool_size == 0 {
             return Err(key("storage.postgres.pool_size", "must be at least 1"));
@@ -840,6 +844,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sms.retries"), "{e}");
+    }
+
+    #[test]
+    fn memory_bounds_are_read_and_too_small_ones_named() {
+        let cfg = load_str("[memory]\ncode_cache_entries = 5000\n", &[]).unwrap();
+        assert_eq!(cfg.memory.code_cache_entries, 5000);
+        let e = load_str("", &[("SMSAUTH_MEMORY__RESEND_WAIT_ENTRIES", "10")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("memory.resend_wait_entries"), "{e}");
     }
 
     #[test]

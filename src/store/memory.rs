@@ -20,10 +20,6 @@ use crate::sharded::{BoundedMap, KeyLocks};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// Upper bound on phones whose resend interval is remembered. A full shard drops the
-/// intervals that are over first; only one full of running intervals is emptied, and a
-/// phone in it can then be sent to again early (the daily cap still holds).
-const RESEND_CAPACITY: usize = 200_000;
 /// Shards of the map of resend times (seeded hashers).
 const RESEND_SHARDS: usize = 64;
 /// Locks that make a phone's check-and-claim one step.
@@ -36,9 +32,13 @@ pub struct Waits {
 }
 
 impl Waits {
-    pub fn new() -> Self {
+    /// Remembers the resend intervals of `capacity` phones at most
+    /// (`memory.resend_wait_entries`). A full shard drops the intervals that are over
+    /// first; only one full of running intervals is emptied, and a phone in it can then
+    /// be sent to again early (the daily cap still holds).
+    pub fn new(capacity: usize) -> Self {
         Waits {
-            last_sent: BoundedMap::new(RESEND_CAPACITY, RESEND_SHARDS),
+            last_sent: BoundedMap::new(capacity, RESEND_SHARDS),
             locks: KeyLocks::new(PHONE_LOCKS),
         }
     }
@@ -211,18 +211,16 @@ impl AddressLimits for Addresses {
     }
 }
 
-/// Pending captchas held at most; past that the oldest go first.
-const CAPTCHA_CAPACITY: u64 = 100_000;
-/// Answers of pending captchas in a bounded moka cache.
+/// Answers of pending captchas in a bounded moka cache; past its bound the oldest go first.
 pub struct Captchas(moka::sync::Cache<String, (String, i64)>);
 
 impl Captchas {
     /// `ttl`: how long a captcha lives. moka's timer only frees memory; each answer's own
     /// deadline is checked by the caller.
-    pub fn new(ttl: Duration) -> Self {
+    pub fn new(ttl: Duration, capacity: u64) -> Self {
         Captchas(
             moka::sync::Cache::builder()
-                .max_capacity(CAPTCHA_CAPACITY)
+                .max_capacity(capacity)
                 .time_to_live(ttl)
                 .build(),
         )
@@ -267,7 +265,7 @@ mod tests {
 
     #[tokio::test]
     async fn resend_interval_is_reserved_atomically() {
-        let waits = Waits::new();
+        let waits = Waits::new(1_000);
         let phone = "+8613812345678";
         assert_eq!(waits.reserve_send(phone, 1000, 60).await.unwrap(), Ok(()));
         assert_eq!(waits.reserve_send(phone, 1001, 60).await.unwrap(), Err(59));

@@ -483,7 +483,11 @@ impl Store {
     pub async fn open(cfg: &Config) -> anyhow::Result<Store> {
         match cfg.storage.engine {
             StorageEngine::Sled => {
-                let sled = SledStore::open(&cfg.storage.data_dir, cfg.storage.cache_capacity_mb)?;
+                let sled = SledStore::open_sized(
+                    &cfg.storage.data_dir,
+                    cfg.storage.cache_capacity_mb,
+                    &cfg.memory,
+                )?;
                 Ok(Self::embedded(Arc::new(sled), cfg)?)
             }
             StorageEngine::Postgres => {
@@ -510,7 +514,7 @@ impl Store {
     pub fn embedded(sled: Arc<SledStore>, cfg: &Config) -> Result<Store> {
         let now = crate::clock::now();
         let interval = cfg.code.resend_interval_secs as i64;
-        let waits = Arc::new(memory::Waits::new());
+        let waits = Arc::new(memory::Waits::new(cfg.memory.resend_wait_entries));
         sled.open_codes(now, now - interval, &mut |phone, at| {
             waits.restore(phone, at, now, interval)
         })?;
@@ -520,9 +524,10 @@ impl Store {
             waits,
             counters: sled.clone(),
             addresses: Arc::new(memory::Addresses::new(&cfg.limits)),
-            captchas: Arc::new(memory::Captchas::new(std::time::Duration::from_secs(
-                cfg.captcha.ttl_secs,
-            ))),
+            captchas: Arc::new(memory::Captchas::new(
+                std::time::Duration::from_secs(cfg.captcha.ttl_secs),
+                cfg.memory.captcha_entries,
+            )),
             sessions: sled.clone(),
             grants: sled.clone(),
             keys: sled.clone(),

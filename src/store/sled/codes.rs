@@ -25,9 +25,6 @@ use crate::store::{BoxFuture, CodeCheck, PendingCodes, StoreError, ready};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// Upper bound on pending codes held in memory; past it, records are still in the store
-/// and read from there on a miss.
-const CACHE_CAPACITY: u64 = 50_000;
 /// Locks that serialize the changes to one phone's codes.
 const PHONE_LOCKS: usize = 256;
 /// The code cache's hasher. Keys are phones, which clients choose; foldhash is seeded per
@@ -83,10 +80,12 @@ fn remaining(v: &PendingCode) -> Duration {
 }
 
 impl CodeCache {
-    pub(super) fn new() -> Self {
+    /// At most `capacity` codes in memory (`memory.code_cache_entries`); past it, records
+    /// are still in the store and read from there on a miss.
+    pub(super) fn new(capacity: u64) -> Self {
         CodeCache {
             pending: Cache::builder()
-                .max_capacity(CACHE_CAPACITY)
+                .max_capacity(capacity)
                 .expire_after(UntilExpiresAt)
                 .build_with_hasher(Hasher::default()),
             locks: KeyLocks::new(PHONE_LOCKS),

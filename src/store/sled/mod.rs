@@ -62,6 +62,7 @@ use self::user_cache::UserCache;
 use super::codec::{decode, decode_user, encode, encode_user, read_u64, u64_key};
 use super::layout::{self, STORED_METHODS, method_byte, method_key};
 use super::{BoxFuture, Engine, Keys, RecordSink, Snapshots, StoreError, UserChange, ready};
+use crate::config::MemoryConfig;
 use crate::model::{Method, User, UserId};
 use crate::sharded::KeyLocks;
 
@@ -136,7 +137,17 @@ impl From<sled::Error> for StoreError {
 }
 
 impl SledStore {
+    /// The store in `dir`, its caches at their default sizes.
     pub fn open(dir: &Path, cache_capacity_mb: u64) -> Result<Self, StoreError> {
+        Self::open_sized(dir, cache_capacity_mb, &MemoryConfig::default())
+    }
+
+    /// The store in `dir`, its caches sized by `memory`.
+    pub fn open_sized(
+        dir: &Path,
+        cache_capacity_mb: u64,
+        memory: &MemoryConfig,
+    ) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(cache_capacity_mb * 1024 * 1024)
@@ -173,9 +184,9 @@ impl SledStore {
             checkpoint_next_id: AtomicU64::new(1),
             phone_locks: KeyLocks::new(PHONE_LOCKS),
             wechat_binds: std::sync::Mutex::new(()),
-            cached: UserCache::new(),
+            cached: UserCache::new(memory.user_cache_entries),
             revoked_ids: RwLock::new(HashMap::new()),
-            pending: CodeCache::new(),
+            pending: CodeCache::new(memory.code_cache_entries),
             budget: DailyBudget::new(),
         };
         store.migrate()?;

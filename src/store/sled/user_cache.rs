@@ -13,8 +13,6 @@ use std::collections::HashMap;
 use crate::model::{User, UserId};
 use crate::sharded::Sharded;
 
-/// Users remembered, at most; a full shard is emptied and refilled by later reads.
-const CAPACITY: usize = 16_384;
 const SHARDS: usize = 16;
 
 #[derive(Default)]
@@ -24,29 +22,37 @@ struct Shard {
     epoch: u64,
 }
 
-pub struct UserCache(Sharded<Shard>);
+/// At most `per_shard` users per shard (`memory.user_cache_entries` in all); a full
+/// shard is emptied and refilled by later reads.
+pub struct UserCache {
+    shards: Sharded<Shard>,
+    per_shard: usize,
+}
 
 /// What a read that missed must show to fill the cache: the epoch it started in.
 #[derive(Debug)]
 pub struct Miss(u64);
 
 impl UserCache {
-    pub fn new() -> Self {
-        UserCache(Sharded::new(SHARDS))
+    pub fn new(capacity: usize) -> Self {
+        UserCache {
+            shards: Sharded::new(SHARDS),
+            per_shard: (capacity / SHARDS).max(1),
+        }
     }
 
     pub fn get(&self, id: UserId) -> Result<User, Miss> {
-        let shard = self.0.lock(&id);
+        let shard = self.shards.lock(&id);
         shard.users.get(&id).cloned().ok_or(Miss(shard.epoch))
     }
 
     /// Keeps `user`, read from the store after `miss`, unless a write came in between.
     pub fn fill(&self, user: &User, miss: Miss) {
-        let mut shard = self.0.lock(&user.id);
+        let mut shard = self.shards.lock(&user.id);
         if shard.epoch != miss.0 {
             return;
         }
-        if shard.users.len() >= CAPACITY / SHARDS {
+        if shard.users.len() >= self.per_shard {
             shard.users.clear();
         }
         shard.users.insert(user.id, user.clone());
@@ -54,20 +60,22 @@ impl UserCache {
 
     /// Called after every write to user `id`.
     pub fn forget(&self, id: UserId) {
-        let mut shard = self.0.lock(&id);
+        let mut shard = self.shards.lock(&id);
         shard.users.remove(&id);
         shard.epoch += 1;
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.0.each().map(|shard| shard.users.len()).sum()
+        self.shards.each().map(|shard| shard.users.len()).sum()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const CAPACITY: usize = 1_024;
 
     fn user(id: UserId, nickname: &str) -> User {
         User {
@@ -84,7 +92,7 @@ mod tests {
 
     #[test]
     fn a_read_that_raced_a_write_does_not_put_the_old_record_back() {
-        let cache = UserCache::new();
+        let cache = UserCache::new(CAPACITY);
         let miss = cache.get(7).unwrap_err();
         // The read fetched the old record; a write lands and forgets before the fill.
         cache.forget(7);
@@ -99,7 +107,7 @@ mod tests {
 
     #[test]
     fn memory_stays_under_its_bound() {
-        let cache = UserCache::new();
+        let cache = UserCache::new(CAPACITY);
         for id in 0..(3 * CAPACITY as u64) {
             let miss = cache.get(id).unwrap_err();
             cache.fill(&user(id, "n"), miss);
