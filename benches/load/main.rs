@@ -1,9 +1,11 @@
-//! `cargo bench --bench load`: the real server (the code path of `smsauth serve`:
-//! `Server::bind` then `serve`) on a loopback port with a temporary data dir, driven by
-//! keep-alive HTTP/1.1 connections from a hyper client in the same process, one scenario
-//! after another, each for a fixed time after a warm-up. The ceiling is a bare hyper
-//! server answering a constant 200, served and driven the same way in the same run, so
-//! the ratios compare like with like on whatever machine this runs on.
+//! `cargo bench --bench load`: the real server, `smsauth serve` as a child process on a
+//! loopback port with a temporary data dir, driven by keep-alive HTTP/1.1 connections
+//! from a hyper client in this process, one scenario after another, each for a fixed
+//! time after a warm-up. The ceiling is a bare hyper server answering a constant 200, a
+//! child process too, driven the same way in the same run, so the ratios compare like
+//! with like on whatever machine this runs on. The server and the ceiling run on one
+//! half of the cores and this process on the other ([`outside`]), so the ratios are what
+//! an outside load generator sees; `wrk`, where installed, checks that in the same run.
 //!
 //! With `--engine postgres` the scenarios run against the PostgreSQL engine instead, on
 //! `smsauth serve` processes sharing a throwaway PostgreSQL: see [`postgres`].
@@ -13,6 +15,7 @@
 //!
 //! Options: `cargo bench --bench load -- --help` ([`USAGE`]).
 
+mod outside;
 mod postgres;
 mod soak;
 
@@ -37,13 +40,12 @@ use tokio::net::{TcpListener, TcpStream};
 use smsauth::codes::Codes;
 use smsauth::config::Config;
 use smsauth::model::{LoginMethod, Method as LoginKind, Purpose, User};
+use smsauth::password::Passwords;
 use smsauth::phone::Phone;
-use smsauth::server::Server;
 use smsauth::store::{NewUser, SledStore, Store, Users};
 use smsauth::token::Tokens;
 
-/// The server's allocator (see src/main.rs), so the in-process server runs as it does
-/// under `smsauth serve`.
+/// The server's allocator (see src/main.rs), for the client and the ceiling as well.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -56,7 +58,7 @@ cargo bench --bench load [-- OPTIONS]   (or the BENCH_* variables)
   --rounds N         BENCH_ROUNDS         slices it is measured in, each right after a
                                           slice of the ceiling (default 3)
   --pool-rate N      BENCH_POOL_RATE      logins/s to prepare single-use codes for
-                                          (default 40,000; a row says if they ran out)
+                                          (default 20,000; a row says if they ran out)
   --warmup SECS      BENCH_WARMUP         warm-up per scenario (default 2)
   --connections N    BENCH_CONNECTIONS    connections per scenario (default 64)
   --scenarios A,B    BENCH_SCENARIOS      only scenarios whose name contains A or B
@@ -64,10 +66,13 @@ cargo bench --bench load [-- OPTIONS]   (or the BENCH_* variables)
                                           pending codes, server as a child process
   --scale-users N    BENCH_SCALE_USERS    users in scale mode (default 1,000,000)
   --scale-codes N    BENCH_SCALE_CODES    pending codes in scale mode (default 100,000)
-  --no-log           BENCH_LOG=0          no log subscriber (default: the server's
-                                          per-request log lines are written to /dev/null
-                                          as `smsauth serve` writes them)
-  --engine E         BENCH_ENGINE         sled (default): the in-process server above;
+  --no-log           BENCH_LOG=0          the server logs at warn (default: at info, a
+                                          JSON line per request, into /dev/null)
+  --no-pin           BENCH_PIN=0          leave every process on every core (default:
+                                          server and ceiling on the first half of the
+                                          cores, the client on the second, by taskset)
+  --no-wrk           BENCH_WRK=0          skip the check with wrk (run when installed)
+  --engine E         BENCH_ENGINE         sled (default): the scenarios above;
                                           postgres: send-code, sms-login-existing,
                                           sms-login-new and me on the PostgreSQL engine,
                                           on 1 and then 2 `smsauth serve` processes
@@ -119,6 +124,10 @@ struct Opts {
     pg_pool_rate: f64,
     /// Soak mode's length in seconds, if asked for.
     soak: Option<u64>,
+    /// Server side and client on cores of their own (sled runs only).
+    pin: bool,
+    /// Drive the same server with wrk too, where it is installed.
+    wrk: bool,
 }
 
 /// Which storage engine(s) the scenarios run on (`--engine`).
@@ -159,6 +168,8 @@ const OPTIONS: &[&str] = &[
     "engine",
     "pg_pool_rate",
     "soak",
+    "pin",
+    "wrk",
 ];
 
 impl Opts {
@@ -174,7 +185,11 @@ impl Opts {
             };
             let (key, value) = match flag.split_once('=') {
                 Some((k, v)) => (k.to_owned(), v.to_owned()),
-                None if ["quick", "scale", "no-log", "bench", "help"].contains(&flag) => {
+                None if [
+                    "quick", "scale", "no-log", "no-pin", "no-wrk", "bench", "help",
+                ]
+                .contains(&flag) =>
+                {
                     (flag.to_owned(), "1".to_owned())
                 }
                 None => (flag.to_owned(), args.next().unwrap_or_default()),
@@ -186,6 +201,8 @@ impl Opts {
                     std::process::exit(0);
                 }
                 "no_log" => vars.insert("log".into(), "0".into()),
+                "no_pin" => vars.insert("pin".into(), "0".into()),
+                "no_wrk" => vars.insert("wrk".into(), "0".into()),
                 "bench" => None,
                 k if OPTIONS.contains(&k) => vars.insert(key, value),
                 _ => {
@@ -234,11 +251,13 @@ impl Opts {
             scale_users: num("scale_users", 1_000_000.0) as u64,
             scale_codes: num("scale_codes", 100_000.0) as u64,
             rounds: num("rounds", if quick { 2.0 } else { 3.0 }) as u32,
-            pool_rate: num("pool_rate", 40_000.0),
+            pool_rate: num("pool_rate", 20_000.0),
             log: vars.get("log").is_none_or(|v| v != "0"),
             engine,
             pg_pool_rate: num("pg_pool_rate", 6_000.0),
             soak: vars.get("soak").map(|_| num("soak", 600.0) as u64),
+            pin: vars.get("pin").is_none_or(|v| v != "0"),
+            wrk: vars.get("wrk").is_none_or(|v| v != "0"),
         }
     }
 
@@ -615,29 +634,25 @@ async fn connection(
 }
 
 // ---------------------------------------------------------------------------------------
-// The ceiling: hyper with nothing behind it, on the same builder settings as smsauth.
+// The ceiling: hyper with nothing behind it, on the same builder settings as smsauth,
+// in a process of its own ([`outside::ceiling`]).
 
-async fn ceiling_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        // The server's own connection settings, so the ceiling differs only in the work.
-        let builder = smsauth::http::connection_builder();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let service = service_fn(|_req| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
-    });
-    addr
+async fn serve_ceiling(listener: TcpListener) {
+    // The server's own connection settings, so the ceiling differs only in the work.
+    let builder = smsauth::http::connection_builder();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service_fn(|_req| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -830,6 +845,293 @@ fn raw_hash_rate(cfg: &smsauth::config::PasswordConfig, threads: usize, time: Du
 }
 
 // ---------------------------------------------------------------------------------------
+// The sled run: one `smsauth serve` process for every scenario.
+
+/// What the server process did over the sled run.
+#[derive(Serialize, Default)]
+struct ServerReport {
+    /// VmRSS after each scenario, in MiB.
+    rss_after_mib: Vec<(String, f64)>,
+    /// VmHWM at the end: the peak over the whole run.
+    peak_rss_mib: f64,
+    /// The same server driven by wrk, and wrk's ceiling.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    wrk: Vec<outside::WrkRow>,
+}
+
+struct SledRun {
+    rows: Vec<Stats>,
+    ceiling: Raw,
+    raw_hash: Option<RawHash>,
+    server: ServerReport,
+}
+
+/// What the scenarios need, written into the data dir before the server starts.
+struct Prepared {
+    existing: Vec<String>,
+    new: Vec<String>,
+    me_tokens: Arc<Vec<String>>,
+    password_users: u64,
+}
+
+const SECRET: &str = "bench-token-secret-of-at-least-32-characters";
+
+/// Users, their pending codes and session tokens, through the store's and the codes
+/// module's own API with the server's keys, as the server would have made them.
+async fn prepare(opts: &Opts, cfg: &Config, data: &Path) -> Prepared {
+    let pool = (opts.pool_rate * (opts.warmup + opts.duration).as_secs_f64()) as u64;
+    let sled = Arc::new(
+        SledStore::open_sized(data, cfg.storage.cache_capacity_mb, &cfg.memory)
+            .expect("open store"),
+    );
+    let store = Store::embedded(sled.clone(), cfg).expect("store");
+    let code_key = smsauth::keys::load_or_create(data, "code.key").expect("code key");
+    let codes = Codes::new(
+        cfg.code.clone(),
+        Some(FIXED_CODE.into()),
+        code_key,
+        store.codes.clone(),
+        store.waits.clone(),
+    );
+    let users = |series: u32, n: u64, phc: Option<String>| {
+        let store = store.users.clone();
+        tokio::task::spawn_blocking(move || create_users(&store, series, n, phc.as_deref()))
+    };
+    let mut prepared = Prepared {
+        existing: Vec::new(),
+        new: Vec::new(),
+        me_tokens: Arc::new(Vec::new()),
+        password_users: 0,
+    };
+    if opts.wants("sms-login-existing") {
+        eprintln!("  preparing {pool} users with a pending code...");
+        let made = users(135, pool, None).await.expect("users");
+        prepared.existing = made.iter().map(|u| u.phone.clone()).collect();
+        put_codes(&codes, prepared.existing.iter().cloned()).await;
+    }
+    if opts.wants("sms-login-new") {
+        eprintln!("  preparing {pool} pending codes of new phones...");
+        prepared.new = (0..pool).map(|i| e164(&national(136, i))).collect();
+        put_codes(&codes, prepared.new.iter().cloned()).await;
+    }
+    if opts.wants("me") {
+        let made = users(138, ME_USERS, None).await.expect("users");
+        let tokens = Tokens::new(SECRET.as_bytes(), &cfg.token, store.sessions.clone());
+        prepared.me_tokens = Arc::new(made.iter().map(|u| tokens.issue_session(u).token).collect());
+    }
+    if opts.wants("password") {
+        let passwords = Passwords::new(&cfg.password).expect("password settings");
+        let phc = passwords.hash(PASSWORD).await.expect("hash");
+        prepared.password_users = 1_000;
+        users(137, prepared.password_users, Some(phc))
+            .await
+            .expect("users");
+    }
+    drop(codes);
+    drop(store);
+    sled.flush_blocking().expect("flush");
+    prepared
+}
+
+async fn sled_run(opts: &Opts, ceiling: SocketAddr) -> SledRun {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let port = free_port();
+    let mut text = bench_config(&data, &format!("127.0.0.1:{port}"), SECRET, 3600, "");
+    if !opts.log {
+        text.push_str("level = \"warn\"\n");
+    }
+    let cfg = load_config(dir.path(), &text);
+    let prepared = prepare(opts, &cfg, &data).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    // Its log lines go where journald's would, minus journald's own work.
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .expect("/dev/null");
+    let (child, _) = serve(&dir.path().join("smsauth.toml"), addr, Stdio::from(null)).await;
+    let child = outside::ChildGuard(child);
+    let pid = child.0.id();
+    let rss = || status_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
+
+    let bench = Bench {
+        opts: opts.clone(),
+        ceiling,
+        addrs: vec![addr],
+    };
+    let one = |name: &str, make: MakeRequest| {
+        vec![Load {
+            name: name.into(),
+            connections: opts.connections,
+            make,
+            expect: StatusCode::OK,
+        }]
+    };
+    let mut out = SledRun {
+        rows: Vec::new(),
+        ceiling: Raw::default(),
+        raw_hash: None,
+        server: ServerReport::default(),
+    };
+    let record = |out: &mut SledRun, (stats, ceiling): (Vec<Stats>, Raw)| {
+        let name = stats
+            .first()
+            .map(|s| s.scenario.clone())
+            .unwrap_or_default();
+        out.rows.extend(stats);
+        out.ceiling.add(ceiling);
+        out.server.rss_after_mib.push((name, rss()));
+    };
+    let phase = |name: &str| eprintln!("  {name}...");
+
+    if opts.wants("healthz") {
+        phase("healthz");
+        let make: MakeRequest = Arc::new(|_, _| Some(get("/healthz")));
+        record(&mut out, measure(&bench, one("healthz", make)).await);
+    }
+    if opts.wants("send-code") {
+        phase("send-code");
+        let next = Arc::new(AtomicU64::new(0));
+        let make: MakeRequest = Arc::new(move |_, _| {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            Some(post_json(
+                "/api/v1/sms/code",
+                format!(r#"{{"phone":"{}"}}"#, national(139, n)),
+            ))
+        });
+        record(&mut out, measure(&bench, one("send-code", make)).await);
+    }
+    if opts.wants("sms-login-existing") {
+        phase("sms-login-existing");
+        let make = sms_logins(prepared.existing.clone());
+        record(
+            &mut out,
+            measure(&bench, one("sms-login-existing", make)).await,
+        );
+    }
+    if opts.wants("sms-login-new") {
+        phase("sms-login-new");
+        let make = sms_logins(prepared.new.clone());
+        record(&mut out, measure(&bench, one("sms-login-new", make)).await);
+    }
+    if opts.wants("me") {
+        phase("me");
+        let make = me_requests(prepared.me_tokens.clone());
+        record(&mut out, measure(&bench, one("me", make)).await);
+    }
+    if opts.wants("password") {
+        let slots = match cfg.password.max_concurrent_hashes {
+            0 => outside::cores()
+                .map_or_else(smsauth::password::default_slots, |c| c.server.len().max(1)),
+            n => n,
+        };
+        phase("raw argon2id rate");
+        let hash_time = if opts.quick { 1.0 } else { 5.0 };
+        let pcfg = cfg.password.clone();
+        let rate = tokio::task::spawn_blocking(move || {
+            raw_hash_rate(&pcfg, slots, Duration::from_secs_f64(hash_time))
+        })
+        .await
+        .expect("raw hash rate");
+        let mut raw = RawHash {
+            threads: slots,
+            hashes_per_s: rate,
+            password_logins_per_s: None,
+            ratio: None,
+        };
+        let users = prepared.password_users;
+        if opts.wants("password-login") {
+            phase("password-login");
+            let (s, ceiling) =
+                measure(&bench, one("password-login", password_logins(137, users))).await;
+            if let Some(s) = s.first() {
+                raw.password_logins_per_s = Some(s.rps);
+                raw.ratio = Some(s.rps / raw.hashes_per_s);
+            }
+            record(&mut out, (s, ceiling));
+        }
+        if opts.wants("me") && opts.wants("me-under-password-load") {
+            phase("me-under-password-load");
+            let mut loads = one(
+                "me-under-password-load",
+                me_requests(prepared.me_tokens.clone()),
+            );
+            loads.push(Load {
+                name: "(password-login beside it)".into(),
+                connections: MIXED_PASSWORD_CONNECTIONS,
+                make: password_logins(137, users),
+                expect: StatusCode::OK,
+            });
+            record(&mut out, measure(&bench, loads).await);
+        }
+        out.raw_hash = Some(raw);
+    }
+    if opts.wrk {
+        out.server.wrk = wrk_check(opts, ceiling, addr, &prepared, dir.path());
+    }
+    out.server.peak_rss_mib = status_kib(pid, "VmHWM:").unwrap_or(f64::NAN) / 1024.0;
+    // A clean stop, as systemd would ask for it.
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let mut child = child;
+    let _ = child.0.wait();
+    out
+}
+
+/// The ceiling, /me and send-code driven by wrk against the same processes; nothing if
+/// wrk is not installed.
+fn wrk_check(
+    opts: &Opts,
+    ceiling: SocketAddr,
+    server: SocketAddr,
+    prepared: &Prepared,
+    dir: &Path,
+) -> Vec<outside::WrkRow> {
+    if Command::new("wrk").arg("--version").output().is_err() {
+        eprintln!("  wrk is not installed: no check against it (apt-get install wrk)");
+        return Vec::new();
+    }
+    let seconds = opts.duration.as_secs_f64();
+    let c = opts.connections;
+    eprintln!("  wrk: ceiling, me, send-code...");
+    let Some(top) = outside::wrk(
+        "ceiling (bare hyper)",
+        ceiling,
+        outside::WrkLoad::Get("/"),
+        c,
+        seconds,
+        dir,
+    ) else {
+        return Vec::new();
+    };
+    let mut rows = vec![top.clone()];
+    if let Some(token) = prepared.me_tokens.first() {
+        // One token in a header, no script: a script's work per request is wrk's own, on
+        // the client's cores, and /me is the scenario fast enough for that to show.
+        let header = format!("Authorization: Bearer {token}");
+        let load = outside::WrkLoad::GetWith("/api/v1/me", &header);
+        rows.extend(outside::wrk("me", server, load, c, seconds, dir));
+    }
+    if opts.wants("send-code") {
+        let script = outside::send_code_script(131);
+        rows.extend(outside::wrk(
+            "send-code",
+            server,
+            outside::WrkLoad::Script(&script),
+            c,
+            seconds,
+            dir,
+        ));
+    }
+    for row in &mut rows {
+        row.ratio_to_ceiling = Some(row.rps / top.rps);
+    }
+    rows
+}
+
+// ---------------------------------------------------------------------------------------
 // Report
 
 #[derive(Serialize)]
@@ -848,6 +1150,10 @@ struct Report {
     scale: Option<ScaleReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     postgres: Option<postgres::PgReport>,
+    /// Where the server side and the client ran; None: unpinned.
+    cores_split: Option<outside::Cores>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server: Option<ServerReport>,
 }
 
 #[derive(Serialize, Clone)]
@@ -944,14 +1250,17 @@ fn table(rows: &[Stats]) -> String {
     t
 }
 
-fn targets(rows: &[Stats]) -> Vec<Target> {
+/// Peak RSS of the server over a whole sled run, at most (MiB).
+const PEAK_RSS_GOAL_MIB: f64 = 128.0;
+
+fn targets(rows: &[Stats], server: Option<&ServerReport>) -> Vec<Target> {
     let find = |name: &str| rows.iter().find(|s| s.scenario == name);
     let mut out = Vec::new();
     for (name, min_ratio) in [
         ("healthz", 0.9),
-        ("me", 0.7),
-        ("send-code", 0.3),
-        ("sms-login-existing", 0.3),
+        ("me", 0.6),
+        ("send-code", 0.25),
+        ("sms-login-existing", 0.25),
         ("sms-login-new", 0.25),
     ] {
         let Some(s) = find(name) else { continue };
@@ -982,6 +1291,14 @@ fn targets(rows: &[Stats]) -> Vec<Target> {
             met: mixed.p99_ms <= 2.0 * alone.p99_ms && mixed.errors == 0,
         });
     }
+    if let Some(s) = server {
+        out.push(Target {
+            what: "server peak RSS over the run".into(),
+            goal: format!("<= {PEAK_RSS_GOAL_MIB} MiB"),
+            measured: format!("{:.1} MiB", s.peak_rss_mib),
+            met: s.peak_rss_mib <= PEAK_RSS_GOAL_MIB,
+        });
+    }
     out
 }
 
@@ -995,27 +1312,24 @@ fn target_dir() -> PathBuf {
 // ---------------------------------------------------------------------------------------
 
 fn main() {
+    outside::serve_ceiling_if_asked();
     let opts = Opts::parse();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The PostgreSQL runs share the machine with the database and stay unpinned.
+    let split = if opts.pin && !opts.engine.postgres() {
+        let split = outside::pin();
+        if split.is_none() {
+            eprintln!("fewer than 2 cores: server and client share them");
+        }
+        split
+    } else {
+        None
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores)
+        .worker_threads(split.map_or(cores, |s| s.client.len()))
         .enable_all()
         .build()
         .expect("runtime");
-    // As `smsauth serve` logs (info, JSON lines, through its batching writer thread),
-    // into /dev/null: the cost of making and writing each line is counted, not that of a
-    // terminal or journald.
-    let _log = opts.log.then(|| {
-        let cfg = smsauth::config::LogConfig {
-            format: smsauth::config::LogFormat::Json,
-            ..Default::default()
-        };
-        let null = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")
-            .expect("/dev/null");
-        smsauth::logging::init_to(&cfg, Box::new(null), false)
-    });
     let loadavg_before = loadavg();
     eprintln!(
         "load bench: {cores} cores, load average {}, {} connections, {:?} warm-up + {:?} per scenario",
@@ -1048,179 +1362,23 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
     let c = opts.connections;
-    let phase = |name: &str| eprintln!("  {name}...");
-    let ceiling = ceiling_server().await;
+    let (_ceiling_process, ceiling) = outside::ceiling().await;
     let mut rows = Vec::new();
     let mut ceiling_all = Raw::default();
     let mut raw_hash = None;
     let mut scale = None;
-    let one = |name: &str, make: MakeRequest| {
-        vec![Load {
-            name: name.into(),
-            connections: c,
-            make,
-            expect: StatusCode::OK,
-        }]
-    };
+    let mut server = None;
 
     if opts.scale {
         let (report, ceiling) = scale_mode(&opts, ceiling).await;
         ceiling_all.add(ceiling);
         scale = Some(report);
     } else if opts.engine.sled() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let cfg = load_config(
-            dir.path(),
-            &bench_config(
-                &dir.path().join("data"),
-                "127.0.0.1:0",
-                "bench-token-secret-of-at-least-32-characters",
-                3600,
-                "",
-            ),
-        );
-        let password_cfg = cfg.password.clone();
-        let server = Server::bind(cfg).await.expect("bind smsauth");
-        let bench = Bench {
-            opts: opts.clone(),
-            ceiling,
-            addrs: vec![server.local_addr()],
-        };
-        let app = server.app().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(server.serve(async {
-            let _ = stopped.await;
-        }));
-        let mut record = |(stats, ceiling): (Vec<Stats>, Raw)| {
-            rows.extend(stats);
-            ceiling_all.add(ceiling);
-        };
-
-        if opts.wants("healthz") {
-            phase("healthz");
-            record(
-                measure(
-                    &bench,
-                    one("healthz", Arc::new(|_, _| Some(get("/healthz")))),
-                )
-                .await,
-            );
-        }
-        if opts.wants("send-code") {
-            phase("send-code");
-            let next = Arc::new(AtomicU64::new(0));
-            let make: MakeRequest = Arc::new(move |_, _| {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                Some(post_json(
-                    "/api/v1/sms/code",
-                    format!(r#"{{"phone":"{}"}}"#, national(139, n)),
-                ))
-            });
-            record(measure(&bench, one("send-code", make)).await);
-        }
-        // Logins consume their code: prepare enough for the whole run at `pool_rate`;
-        // if they run out, the row says so.
-        let pool = (opts.pool_rate * (opts.warmup + opts.duration).as_secs_f64()) as u64;
-        if opts.wants("sms-login-existing") {
-            phase("sms-login-existing: preparing");
-            let store = app.store.users.clone();
-            let users = tokio::task::spawn_blocking(move || create_users(&store, 135, pool, None))
-                .await
-                .expect("users");
-            put_codes(&app.codes, users.iter().map(|u| u.phone.clone())).await;
-            app.store.engine.flush().await.expect("flush");
-            phase("sms-login-existing");
-            let phones = users.iter().map(|u| u.phone.clone()).collect();
-            drop(users);
-            record(measure(&bench, one("sms-login-existing", sms_logins(phones))).await);
-        }
-        if opts.wants("sms-login-new") {
-            phase("sms-login-new: preparing");
-            let phones: Vec<String> = (0..pool).map(|i| e164(&national(136, i))).collect();
-            put_codes(&app.codes, phones.iter().cloned()).await;
-            app.store.engine.flush().await.expect("flush");
-            phase("sms-login-new");
-            record(measure(&bench, one("sms-login-new", sms_logins(phones))).await);
-        }
-        let want_me = opts.wants("me");
-        let want_pw = opts.wants("password");
-        let tokens = if want_me {
-            let store = app.store.users.clone();
-            let users =
-                tokio::task::spawn_blocking(move || create_users(&store, 138, ME_USERS, None))
-                    .await
-                    .expect("users");
-            app.store.engine.flush().await.expect("flush");
-            Arc::new(
-                users
-                    .iter()
-                    .map(|u| app.tokens.issue_session(u).token)
-                    .collect::<Vec<_>>(),
-            )
-        } else {
-            Arc::new(Vec::new())
-        };
-        if want_me && opts.wants("me") {
-            phase("me");
-            record(measure(&bench, one("me", me_requests(tokens.clone()))).await);
-        }
-        if want_pw {
-            phase("password: preparing");
-            let phc = app.passwords.hash(PASSWORD).await.expect("hash");
-            let store = app.store.users.clone();
-            let pw_users = 1_000;
-            tokio::task::spawn_blocking(move || create_users(&store, 137, pw_users, Some(&phc)))
-                .await
-                .expect("users");
-            app.store.engine.flush().await.expect("flush");
-            let slots = match password_cfg.max_concurrent_hashes {
-                0 => smsauth::password::default_slots(),
-                n => n,
-            };
-            phase("raw argon2id rate");
-            let hash_time = if opts.quick { 1.0 } else { 5.0 };
-            let pcfg = password_cfg.clone();
-            let rate = tokio::task::spawn_blocking(move || {
-                raw_hash_rate(&pcfg, slots, Duration::from_secs_f64(hash_time))
-            })
-            .await
-            .expect("raw hash rate");
-            raw_hash = Some(RawHash {
-                threads: slots,
-                hashes_per_s: rate,
-                password_logins_per_s: None,
-                ratio: None,
-            });
-            if opts.wants("password-login") {
-                phase("password-login");
-                let (s, ceiling) = measure(
-                    &bench,
-                    one("password-login", password_logins(137, pw_users)),
-                )
-                .await;
-                if let (Some(r), Some(s)) = (raw_hash.as_mut(), s.first()) {
-                    r.password_logins_per_s = Some(s.rps);
-                    r.ratio = Some(s.rps / r.hashes_per_s);
-                }
-                record((s, ceiling));
-            }
-            if want_me && opts.wants("me-under-password-load") {
-                phase("me-under-password-load");
-                let mut loads = one("me-under-password-load", me_requests(tokens.clone()));
-                loads.push(Load {
-                    name: "(password-login beside it)".into(),
-                    connections: MIXED_PASSWORD_CONNECTIONS,
-                    make: password_logins(137, pw_users),
-                    expect: StatusCode::OK,
-                });
-                record(measure(&bench, loads).await);
-            }
-        }
-        let _ = stop.send(());
-        serving
-            .await
-            .expect("server task")
-            .expect("server stopped cleanly");
+        let run = sled_run(&opts, ceiling).await;
+        rows.extend(run.rows);
+        ceiling_all.add(run.ceiling);
+        raw_hash = run.raw_hash;
+        server = Some(run.server);
     }
     // After sled, so that its rows can stand beside the same scenarios on PostgreSQL.
     let pg = if opts.engine.postgres() && !opts.scale {
@@ -1237,11 +1395,19 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         c.connections = opts.connections;
         c.stats(None)
     });
-    let targets = targets(&rows);
+    let targets = targets(&rows, server.as_ref());
     let loadavg_after = loadavg();
+    let split = outside::cores();
+    let placement = match split {
+        Some(c) => format!(
+            "server and ceiling as processes of their own on core(s) {:?}, this client on {:?}",
+            c.server, c.client
+        ),
+        None => "server, ceiling and client as processes of their own, unpinned".into(),
+    };
 
     println!(
-        "\n## smsauth load benchmark, {date}\n\n{cores} cores, load average {} before / {} after; {} connections; {:.1} s warm-up + {:.1} s measured per scenario in {} slices, each after a slice of the ceiling; client in the same process.\n",
+        "\n## smsauth load benchmark, {date}\n\n{cores} cores, load average {} before / {} after; {} connections; {:.1} s warm-up + {:.1} s measured per scenario in {} slices, each after a slice of the ceiling; {placement}.\n",
         loadavg_before.as_deref().unwrap_or("?"),
         loadavg_after.as_deref().unwrap_or("?"),
         c,
@@ -1250,6 +1416,42 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         opts.rounds
     );
     println!("{}", table(&rows));
+    if let Some(s) = &server {
+        println!(
+            "Server RSS after each scenario (MiB): {}; peak over the run (VmHWM): {:.1} MiB.\n",
+            s.rss_after_mib
+                .iter()
+                .map(|(name, mib)| format!("{name} {mib:.1}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            s.peak_rss_mib
+        );
+        if !s.wrk.is_empty() {
+            println!(
+                "The same server driven by wrk (-t{} -c{c}, {:.0} s each, on the client's cores):\n\n\
+                 | scenario | req/s | p99 ms | errors | vs wrk's ceiling | this client's ratio |\n\
+                 | --- | ---: | ---: | ---: | ---: | ---: |",
+                split.map_or(1, |c| c.client.len()),
+                opts.duration.as_secs_f64()
+            );
+            for w in &s.wrk {
+                let ours = rows
+                    .iter()
+                    .find(|r| r.scenario == w.scenario)
+                    .and_then(|r| r.ratio_to_ceiling);
+                println!(
+                    "| {} | {:.0} | {} | {} | {} | {} |",
+                    w.scenario,
+                    w.rps,
+                    fmt_ms(w.p99_ms),
+                    w.errors,
+                    w.ratio_to_ceiling.map_or("-".into(), |r| format!("{r:.2}")),
+                    ours.map_or("-".into(), |r| format!("{r:.2}"))
+                );
+            }
+            println!();
+        }
+    }
     if let Some(r) = &raw_hash {
         println!(
             "Raw argon2id rate at the configured parameters on {} threads: {:.1} hashes/s; password logins: {}.\n",
@@ -1316,6 +1518,8 @@ async fn run(opts: Opts, cores: usize, loadavg_before: Option<String>) -> Report
         targets,
         scale,
         postgres: pg,
+        cores_split: split.cloned(),
+        server,
     }
 }
 
@@ -1496,7 +1700,7 @@ async fn serve(
     log: Stdio,
 ) -> (std::process::Child, Duration) {
     let spawned = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smsauth"))
+    let mut child = outside::on_server_cores(Path::new(env!("CARGO_BIN_EXE_smsauth")))
         .args(["serve", "--config"])
         .arg(config_path)
         .env_remove("RUST_LOG")
