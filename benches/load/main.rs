@@ -1414,7 +1414,17 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
             .map(|u| u.phone.clone())
             .collect();
         put_codes(&codes, login_phones.iter().cloned()).await;
-        let tokens = Tokens::new(SECRET.as_bytes(), &cfg.token, store.sessions.clone());
+        let tokens = Tokens::new(
+            smsauth::signing::SigningKeys::open(
+                &cfg,
+                store.keys.clone(),
+                Tokens::lifetime(cfg.token.ttl_secs),
+            )
+            .await
+            .expect("token keys"),
+            &cfg.token,
+            store.sessions.clone(),
+        );
         let sample = (report.users / ME_USERS).max(1) as usize;
         let tokens: Vec<String> = users
             .iter()
