@@ -113,6 +113,17 @@ fn per_entry<S>(
     println!("| {name} | {key} | {bytes:.0} |");
 }
 
+/// A new store's signing keys (ES256), the same on every call for one store.
+fn keys(store: &Store) -> smsauth::signing::SigningKeys {
+    let cfg = Config::default();
+    block_on(smsauth::signing::SigningKeys::open(
+        &cfg,
+        store.keys.clone(),
+        Tokens::lifetime(cfg.token.ttl_secs),
+    ))
+    .expect("signing keys")
+}
+
 fn create_users(store: &Store, n: usize) -> Vec<u64> {
     (0..n)
         .map(|i| {
@@ -177,7 +188,7 @@ fn main() {
         "memory.token_cache_entries",
         |store| {
             let ids = create_users(store, ENTRIES);
-            let tokens = Tokens::new(&[9; 32], &TokenConfig::default(), store.sessions.clone());
+            let tokens = Tokens::new(keys(store), &TokenConfig::default(), store.sessions.clone());
             ids.iter()
                 .map(|&id| {
                     let user = block_on(store.users.user(id)).unwrap().unwrap();
@@ -186,10 +197,10 @@ fn main() {
                 .collect::<Vec<String>>()
         },
         |store, issued, memory| {
-            let tokens = Tokens::new(&[9; 32], &TokenConfig::default(), store.sessions.clone())
+            let tokens = Tokens::new(keys(store), &TokenConfig::default(), store.sessions.clone())
                 .remembering(memory.token_cache_entries);
             for token in issued {
-                tokens.verify_session(token).expect("genuine");
+                block_on(tokens.verify_session(token)).expect("genuine");
             }
             Some(Box::new(tokens))
         },

@@ -10,7 +10,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 use futures::executor::block_on;
 use smsauth::codes::Codes;
-use smsauth::config::{CaptchaConfig, CodeConfig, PasswordConfig, TokenConfig};
+use smsauth::config::{CaptchaConfig, CodeConfig, Config, PasswordConfig, TokenAlgorithm};
 use smsauth::model::{LoginMethod, Method, Purpose};
 use smsauth::password::Passwords;
 use smsauth::phone::Phone;
@@ -104,6 +104,20 @@ fn codes(c: &mut Criterion) {
     });
 }
 
+/// Session tokens signed with `algorithm` (ES256 is a new store's).
+fn tokens_signing(store: &Arc<SledStore>, algorithm: TokenAlgorithm) -> Tokens {
+    let mut cfg = Config::default();
+    cfg.token.algorithm = algorithm;
+    let keys = runtime()
+        .block_on(smsauth::signing::SigningKeys::open(
+            &cfg,
+            store.clone(),
+            Tokens::lifetime(cfg.token.ttl_secs),
+        ))
+        .unwrap();
+    Tokens::new(keys, &cfg.token, store.clone())
+}
+
 fn tokens_and_users(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir);
@@ -125,12 +139,25 @@ fn tokens_and_users(c: &mut Criterion) {
         ))
         .unwrap();
     }
-    let tokens = Tokens::new(&[9; 32], &TokenConfig::default(), store.clone());
+    let tokens = tokens_signing(&store, TokenAlgorithm::ES256);
     let user = block_on(store.user_by_phone(phone(42).as_str()))
         .unwrap()
         .unwrap();
     c.bench_function("jwt sign (session)", |b| {
         b.iter(|| black_box(tokens.issue_session(black_box(&user))))
+    });
+    // The HS256 of stores from before signing key sets, for comparison.
+    let hs_dir = tempfile::tempdir().unwrap();
+    let hs256 = tokens_signing(&self::store(&hs_dir), TokenAlgorithm::HS256);
+    c.bench_function("jwt sign (session, HS256)", |b| {
+        b.iter(|| black_box(hs256.issue_session(black_box(&user))))
+    });
+    c.bench_function("jwt verify, first use (HS256)", |b| {
+        b.iter_batched(
+            || hs256.issue_session(&user).token,
+            |token| black_box(block_on(hs256.verify_session(&token)).unwrap()),
+            criterion::BatchSize::SmallInput,
+        )
     });
     // A few thousand revocations, so the check looks into a map of a realistic size.
     for n in 0..5_000u64 {
@@ -141,15 +168,15 @@ fn tokens_and_users(c: &mut Criterion) {
     c.bench_function("jwt verify, first use", |b| {
         b.iter_batched(
             || tokens.issue_session(&user).token,
-            |token| black_box(tokens.verify_session(&token).unwrap()),
+            |token| black_box(block_on(tokens.verify_session(&token)).unwrap()),
             criterion::BatchSize::SmallInput,
         )
     });
     let token = tokens.issue_session(&user).token;
     c.bench_function("jwt verify, seen before", |b| {
-        b.iter(|| black_box(tokens.verify_session(black_box(&token)).unwrap()))
+        b.iter(|| black_box(block_on(tokens.verify_session(black_box(&token))).unwrap()))
     });
-    let session = tokens.verify_session(&token).unwrap();
+    let session = block_on(tokens.verify_session(&token)).unwrap();
     c.bench_function("session user (revocation check + user read)", |b| {
         b.iter(|| {
             black_box(

@@ -13,6 +13,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::password::Passwords;
 use crate::phone::PhoneParser;
+use crate::signing::SigningKeys;
 use crate::sms::Sms;
 use crate::store::Store;
 use crate::token::Tokens;
@@ -41,11 +42,13 @@ impl App {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data dir {}", dir.display()))?;
         let store = Store::open(&cfg).await?;
-        let token_secret = if cfg.token.secret.is_empty() {
-            store.keys.key_or_insert("token", keys::fresh()).await?
-        } else {
-            cfg.token.secret.expose().as_bytes().to_vec()
-        };
+        let signing = SigningKeys::open(
+            &cfg,
+            store.keys.clone(),
+            Tokens::lifetime(cfg.token.ttl_secs),
+        )
+        .await
+        .context("loading the token signing keys")?;
         let code_key = store.keys.key_or_insert("code", keys::fresh()).await?;
         let fixed = Some(cfg.sms.fixed_code.clone()).filter(|c| !c.is_empty());
         let codes = Codes::new(
@@ -55,7 +58,7 @@ impl App {
             store.codes.clone(),
             store.waits.clone(),
         );
-        let tokens = Tokens::new(&token_secret, &cfg.token, store.sessions.clone())
+        let tokens = Tokens::new(signing, &cfg.token, store.sessions.clone())
             .remembering(cfg.memory.token_cache_entries);
         let phones = PhoneParser::new(&cfg.phone)?;
         let sms = Sms::from_config(&cfg.sms)?;
@@ -80,9 +83,13 @@ impl App {
     }
 
     /// Periodic clean-up: revocations of expired tokens, expired codes, captchas and WeChat
-    /// grants, idle
-    /// limiter entries, counters of past windows, and the engine's own upkeep.
+    /// grants, idle limiter entries, counters of past windows, retired signing keys whose
+    /// tokens have all expired (and a fresh read of the signing keys, which another
+    /// instance may have rotated), and the engine's own upkeep.
     pub async fn housekeeping(&self) {
+        if let Err(e) = self.tokens.refresh_keys().await {
+            tracing::warn!(error = %e, "refreshing the token signing keys failed");
+        }
         if let Err(e) = self.codes.housekeeping().await {
             tracing::warn!(error = %e, "sweeping expired codes failed");
         }

@@ -1,5 +1,6 @@
 //! The command line: `smsauth [serve] [--config FILE]`, and the admin commands
-//! (`user ...`, `backup FILE`, `restore FILE`, `migrate`) on the same configuration's store.
+//! (`user ...`, `keys ...`, `backup FILE`, `restore FILE`, `migrate`) on the same
+//! configuration's store.
 
 use std::path::PathBuf;
 
@@ -28,6 +29,11 @@ pub enum Command {
         #[command(subcommand)]
         action: UserCommand,
     },
+    /// The server's keys (works while the server runs, through its admin socket).
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
     /// Write a consistent snapshot of the data dir (store and keys) to FILE (mode 0600).
     Backup {
         #[arg(value_name = "FILE")]
@@ -40,6 +46,14 @@ pub enum Command {
     },
     /// Bring the store's schema to this release's and exit (a start does this too).
     Migrate,
+}
+
+/// `smsauth keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// A new token signing key signs from now on; the old one goes on verifying until the
+    /// last token it signed has expired (it stays in the JWKS until then).
+    RotateTokenKey,
 }
 
 /// `smsauth user ...`. PHONE takes any form the API accepts (`13812345678`, `+86 138...`).

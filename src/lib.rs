@@ -31,6 +31,7 @@ pub mod password;
 pub mod phone;
 pub mod server;
 pub mod sharded;
+pub mod signing;
 pub mod sms;
 pub mod store;
 pub mod token;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use smsauth::admin::command;
-use smsauth::cli::{Cli, Command};
+use smsauth::cli::{Cli, Command, KeysCommand};
 use smsauth::config::Config;
 
 /// jemalloc, not glibc's malloc: under load, glibc's arena locks were half the futex calls
@@ -27,6 +27,9 @@ fn main() -> ExitCode {
     let admin = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => return serve(&runtime, cfg),
         Command::User { action } => runtime.block_on(command::user(&cfg, action.into())),
+        Command::Keys {
+            action: KeysCommand::RotateTokenKey,
+        } => runtime.block_on(command::rotate_token_key(&cfg)),
         Command::Backup { file } => runtime.block_on(command::backup(&cfg, &file)),
         Command::Restore { file } => runtime.block_on(command::restore(&cfg, &file)),
         Command::Migrate => runtime.block_on(command::migrate(&cfg)),

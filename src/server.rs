@@ -13,8 +13,6 @@ use crate::admin::socket::{self as admin_socket, AdminListener};
 use crate::app::App;
 use crate::config::Config;
 
-const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
-
 /// A server with its store open and its port bound, not yet serving.
 pub struct Server {
     app: Arc<App>,
@@ -75,7 +73,8 @@ impl Server {
         let keeper = {
             let app = app.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+                let every = Duration::from_secs(app.cfg.server.housekeeping_secs);
+                let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
                     app.housekeeping().await;

@@ -1,5 +1,6 @@
-//! Tokens: JWT (HS256, algorithm pinned on validation) for sessions and for the short-lived
-//! single-use verification tickets of multi-step flows.
+//! Tokens: JWT for sessions and for the short-lived single-use verification tickets of
+//! multi-step flows, signed and checked with the keys of [`crate::signing`] (ES256, EdDSA
+//! or HS256; each key checks its own algorithm only, found by the token's `kid`).
 //!
 //! A session ends three ways: its `exp`; logout, which records its `jti` as revoked (kept
 //! in the store until the token would have expired, and in memory for the per-request
@@ -8,7 +9,8 @@
 
 use std::sync::Arc;
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
+use bytes::Bytes;
+use jsonwebtoken::{decode, decode_header, encode};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +18,7 @@ use crate::clock::now;
 use crate::config::TokenConfig;
 use crate::model::{Purpose, User, UserId};
 use crate::sharded::BoundedMap;
+use crate::signing::{Alg, SigningKeys};
 use crate::store::{Sessions, StoreError};
 
 /// How long a verification ticket from /auth/verify may wait for the next step.
@@ -56,13 +59,12 @@ pub struct Issued {
 }
 
 pub struct Tokens {
-    encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
+    keys: SigningKeys,
     issuer: String,
     ttl_secs: u64,
     /// Session tokens already checked: a client sends the same one with every request,
-    /// and checking it anew (base64, JSON, HMAC) was a fifth of the work of GET /me.
+    /// and checking it anew (base64, JSON, HMAC) was a fifth of the work of GET /me; an
+    /// ES256 signature check costs ten times an HMAC.
     /// Expiry is still checked on every use, revocation by the caller's store read.
     verified: CheckedTokens,
     store: Arc<dyn Sessions>,
@@ -81,15 +83,9 @@ const VERIFIED_SHARDS: usize = 16;
 type CheckedTokens = BoundedMap<Box<str>, Session>;
 
 impl Tokens {
-    pub fn new(secret: &[u8], cfg: &TokenConfig, store: Arc<dyn Sessions>) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_issuer(&[cfg.issuer.as_str()]);
-        validation.set_required_spec_claims(&["exp", "iat", "iss", "sub", "jti"]);
-        validation.leeway = 0;
+    pub fn new(keys: SigningKeys, cfg: &TokenConfig, store: Arc<dyn Sessions>) -> Self {
         Tokens {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            validation,
+            keys,
             issuer: cfg.issuer.clone(),
             ttl_secs: cfg.ttl_secs,
             verified: BoundedMap::new(VERIFIED_CAPACITY, VERIFIED_SHARDS),
@@ -107,6 +103,40 @@ impl Tokens {
         self.ttl_secs
     }
 
+    /// How long a retired key must go on verifying: the lifetime of the sessions it
+    /// signed. A verification ticket (10 minutes) signed just before a rotation can be
+    /// refused sooner when sessions are shorter than that; its flow then starts over
+    /// with a new code.
+    pub fn lifetime(ttl_secs: u64) -> u64 {
+        ttl_secs
+    }
+
+    /// The JWKS document (`{"keys": [...]}`); None when no key is asymmetric (HS256).
+    pub fn jwks(&self) -> Option<Bytes> {
+        self.keys.ring().jwks()
+    }
+
+    /// The algorithm and kid of the signing key.
+    pub fn signing_key(&self) -> (Alg, String) {
+        let ring = self.keys.ring();
+        (ring.signer.alg, ring.signer.kid.clone())
+    }
+
+    /// Seconds a retired signing key goes on verifying.
+    pub fn key_retention_secs(&self) -> i64 {
+        self.keys.retention_secs()
+    }
+
+    /// A new signing key from now on; the old one verifies until its tokens expire.
+    pub async fn rotate_key(&self) -> Result<(Alg, String), StoreError> {
+        self.keys.rotate().await
+    }
+
+    /// Housekeeping of the signing keys (see [`SigningKeys::refresh`]).
+    pub async fn refresh_keys(&self) -> Result<(), StoreError> {
+        self.keys.refresh().await
+    }
+
     pub fn issue_session(&self, user: &User) -> Issued {
         self.issue(
             user.id.to_string(),
@@ -120,13 +150,13 @@ impl Tokens {
     /// The session behind `token`, if it is genuine and current. Whether it was logged out,
     /// and whether its user still exists, is enabled and has the same `session_gen`, is
     /// the caller's check ([`Sessions::session_user`], which reads the user anyway).
-    pub fn verify_session(&self, token: &str) -> Option<Session> {
+    pub async fn verify_session(&self, token: &str) -> Option<Session> {
         let session = match self.verified.get(token) {
             // As jsonwebtoken decides with leeway 0: valid through the second of `exp`.
             Some(s) if s.exp >= now() => s,
             Some(_) => return None,
             None => {
-                let claims = self.decode(token, SESSION)?;
+                let claims = self.decode(token, SESSION).await?;
                 let session = Session {
                     user_id: claims.sub.parse().ok()?,
                     jti: claims.jti,
@@ -161,7 +191,7 @@ impl Tokens {
         phone: &str,
         purpose: Purpose,
     ) -> Result<bool, StoreError> {
-        let Some(claims) = self.decode(token, VERIFICATION) else {
+        let Some(claims) = self.decode(token, VERIFICATION).await else {
             return Ok(false);
         };
         if claims.purpose != Some(purpose) || claims.sub != phone {
@@ -201,19 +231,34 @@ impl Tokens {
             session_gen,
             purpose,
         };
-        let token = encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .expect("HS256 signing with an HMAC key cannot fail");
+        let ring = self.keys.ring();
+        let token = encode(&ring.signer.header, &claims, &ring.signer.encoding)
+            .expect("signing with a key that loaded cannot fail");
         Issued {
             token,
             expires_in: ttl,
         }
     }
 
-    fn decode(&self, token: &str, typ: &str) -> Option<Claims> {
+    /// The claims of a genuine token of kind `typ`. The key is the one the header's `kid`
+    /// names (a token without one: the legacy HS256 key only), and it accepts only its own
+    /// algorithm: an HS256 token "signed" with an ES256 key's public bytes names the ES256
+    /// key and is refused before any HMAC is computed.
+    async fn decode(&self, token: &str, typ: &str) -> Option<Claims> {
         if token.len() > 4096 {
             return None;
         }
-        let claims = decode::<Claims>(token, &self.decoding, &self.validation)
+        let header = decode_header(token).ok()?;
+        let kid = header.kid.as_deref();
+        let mut ring = self.keys.ring();
+        if kid.is_some() && ring.verifier(kid).is_none() {
+            ring = self.keys.reload_for_unknown_kid().await;
+        }
+        let key = ring.verifier(kid)?;
+        if header.alg != key.alg {
+            return None;
+        }
+        let claims = decode::<Claims>(token, &key.decoding, &key.validation)
             .ok()?
             .claims;
         (claims.typ == typ).then_some(claims)
@@ -223,18 +268,41 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, TokenAlgorithm};
+    use crate::signing::SigningKeys;
     use crate::store::SledStore;
     use base64::Engine;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
     fn b64(data: &[u8]) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
     }
 
-    fn tokens() -> (tempfile::TempDir, Tokens) {
+    const SECRET: &str = "9999999999999999999999999999999999999999";
+
+    /// Tokens on a new store of their own, HS256 with [`SECRET`] or as `algorithm` says.
+    async fn tokens_with(
+        algorithm: TokenAlgorithm,
+        token: TokenConfig,
+    ) -> (tempfile::TempDir, Tokens) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SledStore::open(dir.path(), 8).unwrap());
-        let t = Tokens::new(&[9; 32], &TokenConfig::default(), store);
-        (dir, t)
+        let mut cfg = Config {
+            token,
+            ..Default::default()
+        };
+        cfg.token.algorithm = algorithm;
+        if algorithm == TokenAlgorithm::HS256 {
+            cfg.token.secret = crate::config::Secret::new(SECRET);
+        }
+        let keys = SigningKeys::open(&cfg, store.clone(), Tokens::lifetime(cfg.token.ttl_secs))
+            .await
+            .unwrap();
+        (dir, Tokens::new(keys, &cfg.token, store))
+    }
+
+    async fn tokens() -> (tempfile::TempDir, Tokens) {
+        tokens_with(TokenAlgorithm::HS256, TokenConfig::default()).await
     }
 
     fn user() -> User {
@@ -252,9 +320,9 @@ mod tests {
 
     #[tokio::test]
     async fn session_round_trip_and_revocation() {
-        let (_d, t) = tokens();
+        let (_d, t) = tokens().await;
         let issued = t.issue_session(&user());
-        let s = t.verify_session(&issued.token).unwrap();
+        let s = t.verify_session(&issued.token).await.unwrap();
         assert_eq!((s.user_id, s.session_gen), (42, 3));
         assert!(!t.store.is_revoked(&s.jti).await.unwrap());
         assert!(t.revoke(&s.jti, s.exp).await.unwrap());
@@ -262,9 +330,9 @@ mod tests {
         assert!(t.store.is_revoked(&s.jti).await.unwrap());
     }
 
-    #[test]
-    fn alg_none_and_other_issuers_are_refused() {
-        let (_d, t) = tokens();
+    #[tokio::test]
+    async fn alg_none_and_other_issuers_are_refused() {
+        let (_d, t) = tokens().await;
         let now = now();
         let payload = format!(
             r#"{{"sub":"42","iat":{now},"exp":{},"jti":"x","iss":"smsauth","typ":"session","gen":3}}"#,
@@ -275,36 +343,32 @@ mod tests {
             b64(br#"{"alg":"none","typ":"JWT"}"#),
             b64(payload.as_bytes())
         );
-        assert!(t.verify_session(&none).is_none());
+        assert!(t.verify_session(&none).await.is_none());
         let hs512 = encode(
             &Header::new(Algorithm::HS512),
             &serde_json::from_str::<serde_json::Value>(&payload).unwrap(),
-            &EncodingKey::from_secret(&[9; 32]),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
         )
         .unwrap();
-        assert!(t.verify_session(&hs512).is_none());
+        assert!(t.verify_session(&hs512).await.is_none());
         let other_issuer = TokenConfig {
             issuer: "someone-else".into(),
             ..Default::default()
         };
-        let dir = tempfile::tempdir().unwrap();
-        let other = Tokens::new(
-            &[9; 32],
-            &other_issuer,
-            Arc::new(SledStore::open(dir.path(), 8).unwrap()),
-        );
+        let (_o, other) = tokens_with(TokenAlgorithm::HS256, other_issuer).await;
         assert!(
             t.verify_session(&other.issue_session(&user()).token)
+                .await
                 .is_none()
         );
     }
 
-    #[test]
-    fn remembered_checks_stay_under_their_bound() {
-        let (_d, t) = tokens();
+    #[tokio::test]
+    async fn remembered_checks_stay_under_their_bound() {
+        let (_d, t) = tokens().await;
         for id in 0..(2 * VERIFIED_CAPACITY as u64) {
             let token = t.issue_session(&User { id, ..user() }).token;
-            assert_eq!(t.verify_session(&token).unwrap().user_id, id);
+            assert_eq!(t.verify_session(&token).await.unwrap().user_id, id);
             assert!(
                 t.verified.get(token.as_str()).is_some(),
                 "the check just made is kept"
@@ -315,11 +379,11 @@ mod tests {
 
     #[tokio::test]
     async fn tickets_and_sessions_do_not_mix_and_tickets_are_single_use() {
-        let (_d, t) = tokens();
+        let (_d, t) = tokens().await;
         let phone = "+8613812345678";
         let ticket = t.issue_verification(phone, Purpose::Register);
         let session = t.issue_session(&user()).token;
-        assert!(t.verify_session(&ticket.token).is_none());
+        assert!(t.verify_session(&ticket.token).await.is_none());
         assert!(
             !t.redeem_verification(&session, phone, Purpose::Register)
                 .await
@@ -344,6 +408,106 @@ mod tests {
             !t.redeem_verification(&ticket.token, phone, Purpose::Register)
                 .await
                 .unwrap()
+        );
+    }
+
+    /// The header and claims of a token, and the bytes its signature covers.
+    fn split(token: &str) -> (serde_json::Value, serde_json::Value) {
+        let mut it = token.split('.');
+        let part = |p: &str| {
+            serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(p)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        (part(it.next().unwrap()), part(it.next().unwrap()))
+    }
+
+    #[tokio::test]
+    async fn every_algorithm_signs_with_a_kid_and_verifies_pinned() {
+        for (alg, name) in [
+            (TokenAlgorithm::ES256, "ES256"),
+            (TokenAlgorithm::EdDSA, "EdDSA"),
+            (TokenAlgorithm::HS256, "HS256"),
+        ] {
+            let (_d, t) = tokens_with(alg, TokenConfig::default()).await;
+            let token = t.issue_session(&user()).token;
+            let (header, claims) = split(&token);
+            assert_eq!(header["alg"], name);
+            assert_eq!(header["kid"].as_str(), Some(t.signing_key().1.as_str()));
+            assert_eq!(t.verify_session(&token).await.unwrap().user_id, 42);
+            // The same claims under the same kid, signed the HS256 way with the bytes a
+            // verifier could get hold of: the secret itself for HS256 (which is then
+            // simply genuine), the published key for the others (the confusion attack).
+            if alg != TokenAlgorithm::HS256 {
+                let jwks: serde_json::Value = serde_json::from_slice(&t.jwks().unwrap()).unwrap();
+                let jwk = jwks["keys"][0].to_string();
+                let mut h = Header::new(Algorithm::HS256);
+                h.kid = header["kid"].as_str().map(str::to_owned);
+                for secret in [
+                    jwk.as_bytes(),
+                    jwks["keys"][0]["x"].as_str().unwrap().as_bytes(),
+                ] {
+                    let forged =
+                        jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(secret))
+                            .unwrap();
+                    assert!(t.verify_session(&forged).await.is_none(), "{name}");
+                    let kidless = jsonwebtoken::encode(
+                        &Header::new(Algorithm::HS256),
+                        &claims,
+                        &EncodingKey::from_secret(secret),
+                    )
+                    .unwrap();
+                    assert!(t.verify_session(&kidless).await.is_none(), "{name}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_and_missing_kids_are_refused_for_asymmetric_keys() {
+        let (_d, t) = tokens_with(TokenAlgorithm::ES256, TokenConfig::default()).await;
+        let token = t.issue_session(&user()).token;
+        let (header, claims) = split(&token);
+        let sig = token.rsplit('.').next().unwrap();
+        let b64 = |v: &serde_json::Value| b64(v.to_string().as_bytes());
+        let mut other_kid = header.clone();
+        other_kid["kid"] = "nope".into();
+        let mut no_kid = header.clone();
+        no_kid.as_object_mut().unwrap().remove("kid");
+        for h in [other_kid, no_kid] {
+            let t2 = format!("{}.{}.{sig}", b64(&h), b64(&claims));
+            assert!(t.verify_session(&t2).await.is_none(), "{h}");
+        }
+        assert!(t.verify_session(&token).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn rotation_keeps_old_tokens_valid() {
+        let (_d, t) = tokens_with(TokenAlgorithm::EdDSA, TokenConfig::default()).await;
+        let old = t.issue_session(&user()).token;
+        let (_, old_kid) = t.signing_key();
+        let (alg, new_kid) = t.rotate_key().await.unwrap();
+        assert_eq!(alg, Alg::EdDSA);
+        assert_ne!(old_kid, new_kid);
+        let new = t.issue_session(&user()).token;
+        assert_eq!(split(&new).0["kid"].as_str(), Some(new_kid.as_str()));
+        t.verified.remove(old.as_str());
+        assert!(t.verify_session(&old).await.is_some());
+        assert!(t.verify_session(&new).await.is_some());
+        let jwks: serde_json::Value = serde_json::from_slice(&t.jwks().unwrap()).unwrap();
+        let kids: Vec<_> = jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kids,
+            [new_kid.as_str(), old_kid.as_str()],
+            "the signing key first"
         );
     }
 }

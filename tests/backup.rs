@@ -178,11 +178,11 @@ async fn ten_thousand_users_round_trip_and_old_sessions_still_work() {
         eprintln!("restore of the {name} backup: {:?}", started.elapsed());
         assert!(out.contains(&format!("({} users)", USERS + 2)), "{out}");
         let data = target.path().join("data");
-        assert_eq!(mode(&data.join("token.key")), 0o600);
+        assert_eq!(mode(&data.join("signing.key")), 0o600);
         assert_eq!(mode(&data.join("code.key")), 0o600);
         assert_eq!(
-            std::fs::read(data.join("token.key")).unwrap(),
-            std::fs::read(dir.path().join("data/token.key")).unwrap()
+            std::fs::read(data.join("signing.key")).unwrap(),
+            std::fs::read(dir.path().join("data/signing.key")).unwrap()
         );
         let restored = contents(&data);
         // Field by field first, for a readable failure.

@@ -111,7 +111,7 @@ async fn plain_smsauth_serves_with_data_in_the_working_dir() {
     assert_eq!(first["sms_provider"], "log");
     let url = format!("http://{}/healthz", first["addr"].as_str().unwrap());
     assert_eq!(reqwest::get(&url).await.unwrap().status(), 200);
-    assert!(dir.path().join("data/token.key").exists());
+    assert!(dir.path().join("data/signing.key").exists());
     // A second server on the same data dir is refused with a clear message.
     let out = run_cli(
         &[],

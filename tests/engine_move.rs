@@ -437,7 +437,7 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
     let sled3 = Site::Sled(dir3.path());
     let out = ok_stdout(&sled3.run(&["restore", file2.to_str().unwrap()]));
     assert!(out.contains("(7 users)"), "{out}");
-    for key in ["token.key", "code.key"] {
+    for key in ["signing.key", "code.key"] {
         assert_eq!(mode(&dir3.path().join("data").join(key)), 0o600, "{key}");
     }
     assert_eq!(sled3.accounts(), accounts2, "the accounts back on sled");

@@ -916,7 +916,11 @@ async fn prepare(opts: &Opts, cfg: &Config, data: &Path) -> Prepared {
     }
     if opts.wants("me") {
         let made = users(138, ME_USERS, None).await.expect("users");
-        let tokens = Tokens::new(SECRET.as_bytes(), &cfg.token, store.sessions.clone());
+        let tokens = Tokens::new(
+            signing_keys(cfg, &store).await,
+            &cfg.token,
+            store.sessions.clone(),
+        );
         prepared.me_tokens = Arc::new(made.iter().map(|u| tokens.issue_session(u).token).collect());
     }
     if opts.wants("password") {
@@ -931,6 +935,17 @@ async fn prepare(opts: &Opts, cfg: &Config, data: &Path) -> Prepared {
     drop(store);
     sled.flush_blocking().expect("flush");
     prepared
+}
+
+/// The signing keys the server will load from this store at its start.
+async fn signing_keys(cfg: &Config, store: &Store) -> smsauth::signing::SigningKeys {
+    smsauth::signing::SigningKeys::open(
+        cfg,
+        store.keys.clone(),
+        Tokens::lifetime(cfg.token.ttl_secs),
+    )
+    .await
+    .expect("token keys")
 }
 
 async fn sled_run(opts: &Opts, ceiling: SocketAddr) -> SledRun {
@@ -1618,7 +1633,11 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
             .map(|u| u.phone.clone())
             .collect();
         put_codes(&codes, login_phones.iter().cloned()).await;
-        let tokens = Tokens::new(SECRET.as_bytes(), &cfg.token, store.sessions.clone());
+        let tokens = Tokens::new(
+            signing_keys(&cfg, &store).await,
+            &cfg.token,
+            store.sessions.clone(),
+        );
         let sample = (report.users / ME_USERS).max(1) as usize;
         let tokens: Vec<String> = users
             .iter()

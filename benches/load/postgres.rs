@@ -268,7 +268,17 @@ async fn run_instances(
         store.codes.clone(),
         store.waits.clone(),
     );
-    let tokens = Tokens::new(TOKEN_SECRET.as_bytes(), &cfg.token, store.sessions.clone());
+    let tokens = Tokens::new(
+        smsauth::signing::SigningKeys::open(
+            &cfg,
+            store.keys.clone(),
+            Tokens::lifetime(cfg.token.ttl_secs),
+        )
+        .await
+        .expect("token keys"),
+        &cfg.token,
+        store.sessions.clone(),
+    );
 
     eprintln!("  postgres, {label}: starting `smsauth serve`");
     let mut instances = Vec::new();

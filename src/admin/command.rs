@@ -106,6 +106,50 @@ pub async fn user(cfg: &Config, op: Op) -> Result<String, CommandError> {
     Ok(super::render(&answer))
 }
 
+/// `smsauth keys rotate-token-key`.
+pub async fn rotate_token_key(cfg: &Config) -> Result<String, CommandError> {
+    let (rotated, via) = match open(cfg).await? {
+        Target::Direct(store) => {
+            let keys = crate::signing::SigningKeys::open(
+                cfg,
+                store.keys.clone(),
+                crate::token::Tokens::lifetime(cfg.token.ttl_secs),
+            )
+            .await
+            .map_err(|e| fail(format!("cannot read the token signing keys: {e}")))?;
+            let (alg, kid) = keys
+                .rotate()
+                .await
+                .map_err(|e| fail(format!("cannot rotate the token signing key: {e}")))?;
+            drop(store);
+            keep_owner(&cfg.storage.data_dir);
+            let rotated = socket::Rotated {
+                algorithm: alg.name().to_owned(),
+                kid,
+                retired_key_verifies_secs: keys.retention_secs(),
+            };
+            let via = match cfg.storage.engine {
+                StorageEngine::Postgres => format!(
+                    "running instances sign with it within server.housekeeping_secs ({} s)",
+                    cfg.server.housekeeping_secs
+                ),
+                StorageEngine::Sled => "the server signs with it from its next start".to_owned(),
+            };
+            (rotated, via)
+        }
+        Target::Server(sock) => {
+            let rotated = socket::request_rotate_token_key(&sock)
+                .await
+                .map_err(|e| remote(cfg, e))?;
+            (rotated, "the running server signs with it now".to_owned())
+        }
+    };
+    Ok(format!(
+        "new token signing key {} ({}): {via}; the previous key verifies for {} s more\n",
+        rotated.kid, rotated.algorithm, rotated.retired_key_verifies_secs
+    ))
+}
+
 /// `smsauth backup FILE`.
 pub async fn backup(cfg: &Config, file: &Path) -> Result<String, CommandError> {
     let (snapshot, keys, via) = match open(cfg).await? {
@@ -190,9 +234,13 @@ pub async fn restore(cfg: &Config, file: &Path) -> Result<String, CommandError> 
         rfc3339(restored.taken_at),
         cfg.storage.data_dir.display()
     );
-    if !restored.key_files.iter().any(|k| k == "token.key") {
+    if !restored
+        .key_files
+        .iter()
+        .any(|k| k == "token.key" || k == "signing.key")
+    {
         text.push_str(
-            "note: the backup has no token.key (token.secret was set): start with the same token.secret, or sessions will not verify\n",
+            "note: the backup has no token signing key (token.secret was set): start with the same token.secret, or sessions will not verify\n",
         );
     }
     Ok(text)
@@ -239,9 +287,12 @@ async fn restore_shared(cfg: &Config, file: &Path) -> Result<String, CommandErro
         "restored {records} records ({users} users) taken at {} into the PostgreSQL database\n",
         rfc3339(taken_at)
     );
-    if !key_files.iter().any(|k| k == "token.key") {
+    if !key_files
+        .iter()
+        .any(|k| k == "token.key" || k == "signing.key")
+    {
         text.push_str(
-            "note: the backup has no token.key (token.secret was set): start with the same token.secret, or sessions will not verify\n",
+            "note: the backup has no token signing key (token.secret was set): start with the same token.secret, or sessions will not verify\n",
         );
     }
     Ok(text)

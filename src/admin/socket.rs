@@ -10,6 +10,7 @@
 //! | --- | --- | --- |
 //! | `POST /v1/op` | an [`Op`] as JSON | 200 [`Answer`] JSON; 400/404/500 `{"error","message"}` |
 //! | `GET /v1/snapshot` | | 200 the store's records in the backup record format |
+//! | `POST /v1/keys/rotate-token-key` | | 200 [`Rotated`] JSON; 500 `{"error","message"}` |
 //!
 //! Access is the file's: only the server's user (and root) may connect. Answers never
 //! carry a secret: no key, no password hash in `show`; a snapshot carries the store's
@@ -139,6 +140,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<AdminResp, Infa
     let resp = match (&parts.method, parts.uri.path()) {
         (&Method::POST, "/v1/op") => op(&app, body).await,
         (&Method::GET, "/v1/snapshot") => snapshot(&app).await,
+        (&Method::POST, "/v1/keys/rotate-token-key") => rotate_token_key(&app).await,
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin request"),
     };
     Ok(resp)
@@ -175,6 +177,36 @@ async fn op(app: &App, body: Incoming) -> AdminResp {
                 }
             };
             error(status, e.code(), &e.to_string())
+        }
+    }
+}
+
+/// What a rotation of the token signing key made.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rotated {
+    pub algorithm: String,
+    pub kid: String,
+    /// Seconds the previous key goes on verifying.
+    pub retired_key_verifies_secs: i64,
+}
+
+async fn rotate_token_key(app: &App) -> AdminResp {
+    match app.tokens.rotate_key().await {
+        Ok((alg, kid)) => json(
+            StatusCode::OK,
+            &Rotated {
+                algorithm: alg.name().to_owned(),
+                kid,
+                retired_key_verifies_secs: app.tokens.key_retention_secs(),
+            },
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "rotating the token signing key failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &e.to_string(),
+            )
         }
     }
 }
@@ -250,6 +282,18 @@ pub enum ClientError {
 pub async fn request_op(socket: &Path, op: &Op) -> Result<Answer, ClientError> {
     let body = serde_json::to_vec(op).expect("op serializes");
     let bytes = request(socket, Method::POST, "/v1/op", body).await?;
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// Has the server behind `socket` rotate its token signing key.
+pub async fn request_rotate_token_key(socket: &Path) -> Result<Rotated, ClientError> {
+    let bytes = request(
+        socket,
+        Method::POST,
+        "/v1/keys/rotate-token-key",
+        Vec::new(),
+    )
+    .await?;
     serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
 }
 

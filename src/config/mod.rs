@@ -50,6 +50,10 @@ pub struct ServerConfig {
     pub trust_proxy: bool,
     /// Largest request body accepted; larger ones get 413 before they are read.
     pub max_body_bytes: usize,
+    /// Seconds between housekeeping passes: expired codes, revocations and grants swept,
+    /// retired signing keys dropped, and the signing key set read again from the store (so
+    /// an instance signs with a key another instance rotated in within this time).
+    pub housekeeping_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +62,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             trust_proxy: false,
             max_body_bytes: 16 * 1024,
+            housekeeping_secs: 60,
         }
     }
 }
@@ -124,6 +129,9 @@ impl Default for PostgresConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TokenConfig {
+    /// How tokens are signed. Unset: as the store's current key does, and ES256 for a new
+    /// store (HS256 for one that already has an HS256 key, or with `secret` set).
+    pub algorithm: TokenAlgorithm,
     /// HS256 key. Empty: a random one is made on first start and kept in data_dir.
     pub secret: Secret,
     pub ttl_secs: u64,
@@ -139,9 +147,25 @@ pub struct TokenConfig {
     pub cookie_secure: bool,
 }
 
+/// `token.algorithm`. The names are the JWT `alg` values, which clients depend on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenAlgorithm {
+    /// Not set: keep the store's current algorithm; ES256 for a new store.
+    #[default]
+    #[serde(rename = "")]
+    Unset,
+    /// ECDSA on P-256 with SHA-256: public keys in the JWKS.
+    ES256,
+    /// Ed25519: public keys in the JWKS.
+    EdDSA,
+    /// HMAC-SHA-256 with a shared secret, never published.
+    HS256,
+}
+
 impl Default for TokenConfig {
     fn default() -> Self {
         Self {
+            algorithm: TokenAlgorithm::Unset,
             secret: Secret::default(),
             ttl_secs: 86_400,
             issuer: "smsauth".into(),
@@ -420,6 +444,9 @@ impl Config {
         }
         if self.token.ttl_secs == 0 {
             return Err(key("token.ttl_secs", "must be at least 1"));
+        }
+        if self.server.housekeeping_secs == 0 {
+            return Err(key("server.housekeeping_secs", "must be at least 1"));
         }
         let cookie_safe = |v: &str| {
             v.bytes()

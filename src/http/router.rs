@@ -7,7 +7,7 @@ use http::request::Parts;
 use hyper::body::Incoming;
 
 use super::body::Resp;
-use super::handlers::{account, captcha, codes, ops, page, password, session, wechat};
+use super::handlers::{account, captcha, codes, jwks, ops, page, password, session, wechat};
 use crate::app::App;
 use crate::error::ApiError;
 
@@ -37,6 +37,7 @@ pub enum Endpoint {
     Readyz,
     Metrics,
     OpenApi,
+    Jwks,
     Captcha,
     SendCode,
     SmsLogin,
@@ -63,6 +64,7 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/readyz", Endpoint::Readyz),
     ("GET", "/metrics", Endpoint::Metrics),
     ("GET", "/api/v1/openapi.json", Endpoint::OpenApi),
+    ("GET", "/.well-known/jwks.json", Endpoint::Jwks),
     ("POST", "/api/v1/captcha", Endpoint::Captcha),
     ("POST", "/api/v1/sms/code", Endpoint::SendCode),
     ("POST", "/api/v1/auth/sms-login", Endpoint::SmsLogin),
@@ -117,6 +119,7 @@ pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, A
         Endpoint::Readyz => ops::readyz(app).await,
         Endpoint::Metrics => ops::metrics(app).await,
         Endpoint::OpenApi => Ok(ops::openapi()),
+        Endpoint::Jwks => jwks::jwks(app),
         Endpoint::Captcha => captcha::create(app).await,
         Endpoint::SendCode => codes::send_code(app, req).await,
         Endpoint::SmsLogin => session::sms_login(app, req).await,
@@ -179,6 +182,7 @@ impl Endpoint {
             | Endpoint::Readyz
             | Endpoint::Metrics
             | Endpoint::OpenApi
+            | Endpoint::Jwks
             | Endpoint::Logout
             | Endpoint::AuthCheck
             | Endpoint::GetMe

@@ -9,7 +9,7 @@
 //! - [`CaptchaAnswers`]: the answers of pending captchas;
 //! - [`Sessions`]: revoked tokens, and the user a session belongs to;
 //! - [`Grants`]: short-lived single-use grants (WeChat's OAuth states and tickets);
-//! - [`Keys`]: the server's own secrets (code HMAC key, token key);
+//! - [`Keys`]: the server's own secrets (code HMAC key, token signing keys);
 //! - [`Snapshots`]: the whole store as records, for backups, and their import;
 //! - [`Engine`]: durability, readiness and the engine's own figures.
 //!
@@ -420,7 +420,7 @@ pub trait Grants: Send + Sync {
     fn prune_grants(&self, now: i64) -> BoxFuture<'_, Result<usize>>;
 }
 
-/// A server key and its name (`token`, `code`).
+/// A server key and its name (`token`, `code`, `signing`).
 pub type NamedKey = (String, Vec<u8>);
 
 /// The server's own secrets, made once and shared by every instance of a cluster.
@@ -429,6 +429,17 @@ pub trait Keys: Send + Sync {
     /// starting together all get the same key.
     fn key_or_insert<'a>(&'a self, name: &'a str, fresh: Vec<u8>)
     -> BoxFuture<'a, Result<Vec<u8>>>;
+    /// The key `name`, if there is one. Never creates it.
+    fn key<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>>>;
+    /// Replaces the key `name` by `new` if it is still `current`, as one atomic step: of
+    /// instances changing it at once, one wins and the others get false (read it again
+    /// and redo their change on what they read).
+    fn replace_key<'a>(
+        &'a self,
+        name: &'a str,
+        current: &'a [u8],
+        new: Vec<u8>,
+    ) -> BoxFuture<'a, Result<bool>>;
     /// Every key kept, by name, for a backup.
     fn export_keys(&self) -> BoxFuture<'_, Result<Vec<NamedKey>>>;
 }

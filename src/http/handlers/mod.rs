@@ -4,6 +4,7 @@
 pub mod account;
 pub mod captcha;
 pub mod codes;
+pub mod jwks;
 pub mod ops;
 pub mod page;
 pub mod password;
@@ -151,7 +152,7 @@ const SESSION_REFUSED: &str = "the session token is missing, invalid, expired or
 /// `Authorization: Bearer` token, or (with `token.cookie`) the session cookie; a change of
 /// state authenticated by the cookie must come from our own origin.
 pub async fn authenticate(app: &App, head: &Parts) -> Result<(User, Session), ApiError> {
-    let session = session_token(app, head)?;
+    let session = session_token(app, head).await?;
     let user = app
         .store
         .sessions
@@ -166,7 +167,7 @@ pub async fn authenticate_with_methods(
     app: &App,
     head: &Parts,
 ) -> Result<(User, Vec<LoginMethod>), ApiError> {
-    let session = session_token(app, head)?;
+    let session = session_token(app, head).await?;
     let account = app
         .store
         .sessions
@@ -185,7 +186,7 @@ fn current(user: Option<User>, session: &Session) -> Result<User, ApiError> {
 
 /// The request's session token, checked (signature, expiry, issuer): the bearer token,
 /// or with `token.cookie` the session cookie.
-fn session_token(app: &App, head: &Parts) -> Result<Session, ApiError> {
+async fn session_token(app: &App, head: &Parts) -> Result<Session, ApiError> {
     let bearer = head
         .headers
         .get(AUTHORIZATION)
@@ -210,5 +211,6 @@ fn session_token(app: &App, head: &Parts) -> Result<Session, ApiError> {
     };
     app.tokens
         .verify_session(token)
+        .await
         .ok_or(ApiError::Unauthorized(SESSION_REFUSED))
 }

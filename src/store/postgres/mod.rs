@@ -387,6 +387,38 @@ impl Keys for PgStore {
         })
     }
 
+    fn key<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>>> {
+        Box::pin(async move {
+            let row = self
+                .query_opt(
+                    "key",
+                    "SELECT key FROM server_keys WHERE name = $1",
+                    &[&name],
+                )
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn replace_key<'a>(
+        &'a self,
+        name: &'a str,
+        current: &'a [u8],
+        new: Vec<u8>,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            // Compare and swap in one statement: of racing instances, one row update wins.
+            let changed = self
+                .execute(
+                    "replace_key",
+                    "UPDATE server_keys SET key = $3 WHERE name = $1 AND key = $2",
+                    &[&name, &current, &new],
+                )
+                .await?;
+            Ok(changed == 1)
+        })
+    }
+
     fn export_keys(&self) -> BoxFuture<'_, Result<Vec<NamedKey>>> {
         Box::pin(async move {
             let rows = self

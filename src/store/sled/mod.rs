@@ -128,6 +128,9 @@ pub struct SledStore {
     pending: CodeCache,
     /// The service's sends of the day, counted ahead of `counters`.
     budget: DailyBudget,
+    /// Serializes replacements of key files (one process owns the data dir, so this is
+    /// every writer of them).
+    key_files: std::sync::Mutex<()>,
 }
 
 impl From<sled::Error> for StoreError {
@@ -188,6 +191,7 @@ impl SledStore {
             revoked_ids: RwLock::new(HashMap::new()),
             pending: CodeCache::new(memory.code_cache_entries),
             budget: DailyBudget::new(),
+            key_files: std::sync::Mutex::new(()),
         };
         store.migrate()?;
         store.recover()?;
@@ -477,6 +481,29 @@ impl Keys for SledStore {
     ) -> BoxFuture<'a, Result<Vec<u8>, StoreError>> {
         ready(
             crate::keys::load_or_insert(&self.dir, &format!("{name}.key"), fresh)
+                .map_err(|e| StoreError::Engine(format!("{e:#}"))),
+        )
+    }
+
+    fn key<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        ready(
+            crate::keys::load(&self.dir, &format!("{name}.key"))
+                .map_err(|e| StoreError::Engine(format!("{e:#}"))),
+        )
+    }
+
+    fn replace_key<'a>(
+        &'a self,
+        name: &'a str,
+        current: &'a [u8],
+        new: Vec<u8>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let _one_writer = self
+            .key_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        ready(
+            crate::keys::replace(&self.dir, &format!("{name}.key"), current, &new)
                 .map_err(|e| StoreError::Engine(format!("{e:#}"))),
         )
     }
