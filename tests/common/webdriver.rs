@@ -203,6 +203,17 @@ impl Browser {
         v.as_str().unwrap_or_default().to_owned()
     }
 
+    /// The element's rendered text, or None if there is no such element (or the page
+    /// went away under the request, as it does while a redirect loads the next one).
+    async fn try_text(&self, css: &str) -> Option<String> {
+        let id = self.try_find(css).await?;
+        let v = self
+            .try_call("GET", &self.at(&format!("/element/{id}/text")), None)
+            .await
+            .ok()?;
+        Some(v.as_str().unwrap_or_default().to_owned())
+    }
+
     pub async fn displayed(&self, css: &str) -> bool {
         let Some(id) = self.try_find(css).await else {
             return false;
@@ -255,8 +266,11 @@ impl Browser {
         let deadline = Instant::now() + WAIT;
         let mut last = String::new();
         loop {
-            if self.displayed(css).await {
-                last = self.text(css).await;
+            // Between the two calls a navigation can replace the page: polled again.
+            if self.displayed(css).await
+                && let Some(text) = self.try_text(css).await
+            {
+                last = text;
                 if pred(&last) {
                     return last;
                 }
