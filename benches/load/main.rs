@@ -535,6 +535,16 @@ async fn measure(bench: &Bench, loads: Vec<Load>) -> (Vec<Stats>, Raw) {
     )
 }
 
+/// One load of `connections` answered 200 each.
+fn single(name: &str, connections: usize, make: MakeRequest) -> Vec<Load> {
+    vec![Load {
+        name: name.into(),
+        connections,
+        make,
+        expect: StatusCode::OK,
+    }]
+}
+
 /// Where the ceiling and the server(s) under test listen, and the options.
 struct Bench {
     opts: Opts,
@@ -996,14 +1006,7 @@ async fn sled_run(opts: &Opts, ceiling: SocketAddr) -> SledRun {
         ceiling,
         addrs: vec![addr],
     };
-    let one = |name: &str, make: MakeRequest| {
-        vec![Load {
-            name: name.into(),
-            connections: opts.connections,
-            make,
-            expect: StatusCode::OK,
-        }]
-    };
+    let one = |name: &str, make: MakeRequest| single(name, opts.connections, make);
     let mut out = SledRun {
         rows: Vec::new(),
         ceiling: Raw::default(),
@@ -1694,14 +1697,7 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
         ceiling,
         addrs: vec![addr],
     };
-    let one = |name: &str, make: MakeRequest| {
-        vec![Load {
-            name: name.into(),
-            connections: opts.connections,
-            make,
-            expect: StatusCode::OK,
-        }]
-    };
+    let one = |name: &str, make: MakeRequest| single(name, opts.connections, make);
     let mut ceiling_all = Raw::default();
     eprintln!("  scale: me");
     let (rows, c) = measure(&bench, one("scale: me", me_requests(Arc::new(tokens)))).await;
