@@ -1,6 +1,6 @@
 //! The command line: `smsauth [serve] [--config FILE]`, and the admin commands
 //! (`user ...`, `keys ...`, `backup FILE`, `restore FILE`, `migrate`) on the same
-//! configuration's store.
+//! configuration's store, and `config check`.
 
 use std::path::PathBuf;
 
@@ -46,6 +46,19 @@ pub enum Command {
     },
     /// Bring the store's schema to this release's and exit (a start does this too).
     Migrate,
+    /// The configuration, without starting anything.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCommand,
+    },
+}
+
+/// `smsauth config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration as a start would (exit 0, or 2 with the same message),
+    /// and print the effective configuration, every secret masked.
+    Check,
 }
 
 /// `smsauth keys ...`.

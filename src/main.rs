@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use smsauth::admin::command;
-use smsauth::cli::{Cli, Command, KeysCommand};
+use smsauth::cli::{Cli, Command, ConfigCommand, KeysCommand};
 use smsauth::config::Config;
 
 /// jemalloc, not glibc's malloc: under load, glibc's arena locks were half the futex calls
@@ -33,6 +33,9 @@ fn main() -> ExitCode {
         Command::Backup { file } => runtime.block_on(command::backup(&cfg, &file)),
         Command::Restore { file } => runtime.block_on(command::restore(&cfg, &file)),
         Command::Migrate => runtime.block_on(command::migrate(&cfg)),
+        Command::Config {
+            action: ConfigCommand::Check,
+        } => command::config_check(&cfg),
     };
     match admin {
         Ok(text) => {

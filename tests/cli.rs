@@ -83,6 +83,21 @@ fn bad_configuration_exits_2_and_names_the_key() {
             "{toml} {env:?}: expected {named} in {}",
             stderr(&out)
         );
+        let checked = run_cli(
+            &["config", "check", "--config", path.to_str().unwrap()],
+            env,
+            dir.path(),
+        );
+        assert_eq!(
+            checked.status.code(),
+            Some(2),
+            "config check: {toml} {env:?}"
+        );
+        assert_eq!(
+            stderr(&checked),
+            stderr(&out),
+            "config check says what a start says"
+        );
     }
     let out = run_cli(&["--config", "/nonexistent/smsauth.toml"], &[], dir.path());
     assert_eq!(out.status.code(), Some(2));
@@ -90,6 +105,54 @@ fn bad_configuration_exits_2_and_names_the_key() {
         stderr(&out).contains("/nonexistent/smsauth.toml"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// `config check` prints what a start would use, every secret masked, and starts nothing.
+#[test]
+fn config_check_prints_the_effective_configuration_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("smsauth.toml");
+    let token_secret = "token-secret-that-is-long-enough-0123456789";
+    let hook_secret = "webhook-signing-secret-42";
+    std::fs::write(
+        &path,
+        format!(
+            "[token]\nsecret = \"{token_secret}\"\n[sms]\nprovider = \"webhook\"\n\
+             [sms.webhook]\nurl = \"http://127.0.0.1:9/send\"\nsecret = \"{hook_secret}\"\n"
+        ),
+    )
+    .unwrap();
+    let out = run_cli(
+        &["config", "check", "--config", path.to_str().unwrap()],
+        &[("SMSAUTH_CODE__TTL_SECS", "240")],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for secret in [token_secret, hook_secret] {
+        assert!(!text.contains(secret), "a secret was printed: {text}");
+    }
+    let shown: toml::Table = text.parse().expect("the output is TOML");
+    assert_eq!(shown["token"]["secret"].as_str(), Some("********"));
+    assert_eq!(shown["sms"]["webhook"]["secret"].as_str(), Some("********"));
+    assert_eq!(
+        shown["sms"]["webhook"]["url"].as_str(),
+        Some("http://127.0.0.1:9/send")
+    );
+    assert_eq!(
+        shown["code"]["ttl_secs"].as_integer(),
+        Some(240),
+        "the env counts"
+    );
+    assert_eq!(
+        shown["wechat"]["app_secret"].as_str(),
+        Some(""),
+        "unset stays empty"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing was started or made"
     );
 }
 

@@ -215,6 +215,25 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     if refused { 2 } else { 1 }
 }
 
+/// `smsauth config check`: what a start checks before it opens the store (the
+/// configuration itself was checked as it loaded), then the effective configuration as
+/// TOML with every secret masked.
+pub fn config_check(cfg: &Config) -> Result<String, CommandError> {
+    let refused = |e: anyhow::Error| CommandError {
+        message: format!("{e:#}"),
+        exit_code: 2,
+    };
+    PhoneParser::new(&cfg.phone).map_err(|e| refused(e.into()))?;
+    crate::sms::Sms::from_config(&cfg.sms).map_err(refused)?;
+    crate::password::Passwords::new(&cfg.password).map_err(|e| refused(e.into()))?;
+    let shown = toml::to_string(cfg).map_err(|e| refused(e.into()))?;
+    Ok(format!(
+        "# The configuration is valid. As smsauth reads it, defaults included\n\
+         # (secrets shown as {}):\n\n{shown}",
+        crate::config::MASKED
+    ))
+}
+
 /// `smsauth restore FILE`.
 pub async fn restore(cfg: &Config, file: &Path) -> Result<String, CommandError> {
     if cfg.storage.engine == StorageEngine::Postgres {

@@ -325,10 +325,20 @@ impl Default for LogConfig {
     }
 }
 
-/// A configuration string that must never reach a log: `Debug` prints only whether it is set.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A configuration string that must never reach a log: `Debug` prints only whether it is
+/// set, and so does `Serialize` (`smsauth config check` prints the configuration).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+/// What a set secret shows as wherever the configuration is printed.
+pub const MASKED: &str = "********";
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { MASKED })
+    }
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
