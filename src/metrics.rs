@@ -72,6 +72,8 @@ pub struct Metrics {
     pub tracked_addresses: Family<LimiterLabels, Gauge>,
     /// Mirrors [`crate::logging::writer::dropped_total`] at scrape time.
     log_lines_dropped: Counter,
+    /// The process's RSS, read at scrape time.
+    resident_memory: Gauge,
 }
 
 impl Default for Metrics {
@@ -146,6 +148,12 @@ impl Metrics {
             "Client addresses held by each in-memory limiter",
             tracked_addresses.clone(),
         );
+        let resident_memory = Gauge::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Memory the process holds in RAM (RSS), read at scrape time",
+            resident_memory.clone(),
+        );
         let log_lines_dropped = Counter::default();
         registry.register(
             "log_lines_dropped",
@@ -169,6 +177,7 @@ impl Metrics {
             pending_codes,
             tracked_addresses,
             log_lines_dropped,
+            resident_memory,
         }
     }
 
@@ -177,6 +186,9 @@ impl Metrics {
         let total = crate::logging::writer::dropped_total();
         self.log_lines_dropped
             .inc_by(total.saturating_sub(self.log_lines_dropped.get()));
+        if let Some(bytes) = resident_bytes() {
+            self.resident_memory.set(bytes as i64);
+        }
     }
 
     /// The text exposition format.
@@ -202,4 +214,12 @@ impl Metrics {
             .get_or_create(&MethodLabels { method })
             .inc();
     }
+}
+
+/// The process's resident set: the second field of /proc/self/statm, in pages. None where
+/// there is no procfs.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
 }

@@ -94,6 +94,15 @@ async fn metrics_count_what_happened() {
         v(r#"smsauth_limiter_tracked_addresses{limiter="send"}"#),
         1.0
     );
+    // The process's own memory, read as the scrape is answered: at least the binary.
+    let rss = v("smsauth_process_resident_memory_bytes");
+    assert!(rss > 4e6 && rss < 4e9, "RSS {rss}");
+    // The sled engine times each group commit; the login above waited for one at least.
+    // (PostgreSQL commits each statement and has statement timings instead.)
+    if common::engine() == "sled" {
+        assert!(v("smsauth_store_flush_duration_seconds_count") >= 1.0);
+        assert!(v("smsauth_store_flush_duration_seconds_sum") > 0.0);
+    }
     // Nothing personal in the metrics.
     assert!(!text.contains("13812349001"));
 }

@@ -457,6 +457,14 @@ impl Engine for SledStore {
     fn maintain(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         ready(self.checkpoint())
     }
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "store_flush_duration_seconds",
+            "Time each group commit took to make the writes before it durable (flush and fdatasync)",
+            self.commit.flush_seconds.clone(),
+        );
+    }
 }
 
 impl SledStore {
