@@ -150,3 +150,68 @@ async fn pending_codes_are_counted_across_a_restart() {
     let s = s.restart().await;
     assert_eq!(pending(&s).await, 1.0);
 }
+
+/// docs/grafana/smsauth.json queries only series that /metrics serves, with the labels it
+/// groups them by: a renamed metric or label breaks this test, not an operator's panels.
+#[tokio::test]
+async fn every_series_the_dashboard_queries_is_served() {
+    let s = TestServer::start("").await;
+    // Enough traffic that every family has a series: a send, a login, a refused resend.
+    s.sms_login("13812349101").await;
+    let (status, _) = s
+        .post("/api/v1/sms/code", json!({ "phone": "13812349101" }))
+        .await;
+    assert_eq!(status, 429);
+    let text = s.get_text("/metrics").await.1;
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../docs/grafana/smsauth.json")).unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["targets"].as_array())
+        .flatten()
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(exprs.len() >= 15, "the dashboard has its panels");
+    let metric = regex::Regex::new(r"smsauth_[a-z_]+").unwrap();
+    let grouped = regex::Regex::new(r"by \(([a-z_, ]+)\) \((?:rate\()?(smsauth_[a-z_]+)").unwrap();
+    // Series of the other engine are not served here.
+    let other_engine = if common::engine() == "sled" {
+        "smsauth_postgres_"
+    } else {
+        "smsauth_store_flush_"
+    };
+    let mut checked = 0;
+    for expr in &exprs {
+        for name in metric.find_iter(expr).map(|m| m.as_str()) {
+            if name.starts_with(other_engine) {
+                continue;
+            }
+            assert!(
+                text.lines().any(|l| l.starts_with(name)
+                    && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))),
+                "{name} (in {expr}) is not on /metrics:\n{text}"
+            );
+            checked += 1;
+        }
+        for group in grouped.captures_iter(expr) {
+            let name = &group[2];
+            if name.starts_with(other_engine) {
+                continue;
+            }
+            for label in group[1].split(',').map(str::trim) {
+                if label == "le" || label == "instance" {
+                    continue; // the histogram's own, and Prometheus's
+                }
+                assert!(
+                    text.lines()
+                        .any(|l| l.starts_with(name) && l.contains(&format!("{label}=\""))),
+                    "{name} has no label {label} (in {expr})"
+                );
+            }
+        }
+    }
+    assert!(checked >= 15, "{checked} series checked");
+}
