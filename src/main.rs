@@ -15,6 +15,19 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Made from the command line alone: no configuration is read for these.
+    let generated = match &cli.command {
+        Some(Command::Man) => Some(smsauth::cli::man_page()),
+        Some(Command::Completions { shell }) => Some(smsauth::cli::completions(*shell)),
+        _ => None,
+    };
+    if let Some(text) = generated {
+        use std::io::Write;
+        return match std::io::stdout().write_all(&text) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     let cfg = match Config::load(cli.config.as_deref(), std::env::vars()) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -36,6 +49,8 @@ fn main() -> ExitCode {
         Command::Config {
             action: ConfigCommand::Check,
         } => command::config_check(&cfg),
+        // Printed before the configuration was read.
+        Command::Man | Command::Completions { .. } => Ok(String::new()),
     };
     match admin {
         Ok(text) => {

@@ -108,6 +108,44 @@ fn bad_configuration_exits_2_and_names_the_key() {
     );
 }
 
+/// The man page and the completions come from the command line's own definition, so
+/// every subcommand is in them; no configuration is read for them.
+#[test]
+fn man_page_and_completions_cover_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    // A configuration that would stop any other command: these do not read it.
+    let broken = [("SMSAUTH_SERVER__LISTEN", "nowhere")];
+    let man = run_cli(&["man"], &broken, dir.path());
+    assert_eq!(man.status.code(), Some(0), "{}", stderr(&man));
+    let man = String::from_utf8(man.stdout).unwrap();
+    assert!(man.contains(".TH smsauth 1"), "{man}");
+    for sub in [
+        "serve", "user", "keys", "backup", "restore", "migrate", "config",
+    ] {
+        assert!(man.contains(sub), "{sub} not in the man page");
+    }
+    for (shell, marker) in [
+        ("bash", "_smsauth()"),
+        ("zsh", "#compdef smsauth"),
+        ("fish", "complete -c smsauth"),
+    ] {
+        let out = run_cli(&["completions", shell], &broken, dir.path());
+        assert_eq!(out.status.code(), Some(0), "{shell}: {}", stderr(&out));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains(marker), "{shell}: {text}");
+        assert!(
+            text.contains("rotate-token-key"),
+            "{shell} completes nested subcommands"
+        );
+    }
+    let out = run_cli(&["completions", "tcsh"], &[], dir.path());
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
+
 /// `config check` prints what a start would use, every secret masked, and starts nothing.
 #[test]
 fn config_check_prints_the_effective_configuration_with_secrets_masked() {
