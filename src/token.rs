@@ -536,4 +536,92 @@ mod tests {
             "the signing key first"
         );
     }
+
+    /// Our ES256 and EdDSA tokens as another implementation sees them: jwt-simple (pure
+    /// Rust, none of the crypto we sign with) checks them with the keys of our JWKS only,
+    /// and refuses one whose signature was touched.
+    #[tokio::test]
+    async fn an_independent_jwt_crate_verifies_our_asymmetric_tokens() {
+        use jwt_simple::prelude::{
+            ECDSAP256PublicKeyLike, ES256PublicKey, Ed25519PublicKey, EdDSAPublicKeyLike, HashSet,
+            JWTClaims, VerificationOptions,
+        };
+
+        #[derive(serde::Deserialize, serde::Serialize)]
+        struct Ours {
+            typ: String,
+            sid: Option<String>,
+            #[serde(rename = "gen")]
+            session_gen: u32,
+        }
+
+        for alg in [TokenAlgorithm::ES256, TokenAlgorithm::EdDSA] {
+            let (_d, t) = tokens_with(alg, TokenConfig::default()).await;
+            let token = t.issue_session(&user(), &SID).token;
+            let jwks: serde_json::Value = serde_json::from_slice(&t.jwks().unwrap()).unwrap();
+            let jwk = &jwks["keys"][0];
+            let part = |k: &str| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(jwk[k].as_str().unwrap())
+                    .unwrap()
+            };
+            let options = VerificationOptions {
+                allowed_issuers: Some(HashSet::from_iter(["smsauth".to_owned()])),
+                ..Default::default()
+            };
+            let kid = jwk["kid"].as_str().unwrap().to_owned();
+            let check = |token: &str| -> Result<JWTClaims<Ours>, jwt_simple::Error> {
+                match alg {
+                    TokenAlgorithm::ES256 => {
+                        let mut point = vec![4u8];
+                        point.extend(part("x"));
+                        point.extend(part("y"));
+                        ES256PublicKey::from_bytes(&point)
+                            .unwrap()
+                            .with_key_id(&kid)
+                            .verify_token::<Ours>(token, Some(options.clone()))
+                    }
+                    _ => Ed25519PublicKey::from_bytes(&part("x"))
+                        .unwrap()
+                        .with_key_id(&kid)
+                        .verify_token::<Ours>(token, Some(options.clone())),
+                }
+            };
+            let claims = check(&token).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+            assert_eq!(claims.subject.as_deref(), Some("42"));
+            assert_eq!(claims.issuer.as_deref(), Some("smsauth"));
+            assert_eq!(claims.custom.typ, "session");
+            assert_eq!(claims.custom.session_gen, 3);
+            assert_eq!(
+                claims.custom.sid.as_deref(),
+                Some(hex::encode(SID).as_str())
+            );
+            let mut forged = token.into_bytes();
+            let last = forged.len() - 2;
+            forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+            assert!(
+                check(std::str::from_utf8(&forged).unwrap()).is_err(),
+                "{alg:?}"
+            );
+        }
+    }
+
+    /// A token from before login sessions, without `sid`, stays valid until it expires.
+    #[tokio::test]
+    async fn tokens_without_a_session_id_still_verify() {
+        let (_d, t) = tokens().await;
+        let u = user();
+        let old = t.issue(u.id.to_string(), SESSION, u.session_gen, None, None, 60);
+        let s = t.verify_session(&old.token).await.unwrap();
+        assert_eq!((s.user_id, s.sid, s.sid_key), (42, None, None));
+        let new = t
+            .verify_session(&t.issue_session(&u, &SID).token)
+            .await
+            .unwrap();
+        assert_eq!(new.sid, Some(SID));
+        assert_eq!(
+            new.sid_key.as_deref(),
+            Some(session_revocation_key(&SID).as_str())
+        );
+    }
 }
