@@ -165,7 +165,7 @@ pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, A
     }
     endpoint.limit_address(app, req.ip).await?;
     match endpoint {
-        Endpoint::Page => Ok(page::index(app.cfg.wechat.enabled)),
+        Endpoint::Page => Ok(page::index(app.cfg.wechat.enabled, app.cfg.token.cookie)),
         Endpoint::Healthz => Ok(ops::healthz()),
         Endpoint::Readyz => ops::readyz(app).await,
         Endpoint::Metrics => ops::metrics(app).await,
