@@ -102,14 +102,13 @@ pub async fn refresh(app: &App, req: Req) -> Result<Resp, ApiError> {
             .map(str::to_owned),
         false => None,
     };
-    let from_cookie = cookie_token.is_some();
     let same_origin = cookie::same_origin(&req.parts.headers);
     let body: RefreshRequest = req.optional_json(app).await?;
     let token = match (body.refresh_token, cookie_token) {
         (Some(token), _) => token,
         (None, Some(token)) => {
             // The cookie rides along with requests other sites make.
-            if from_cookie && !same_origin {
+            if !same_origin {
                 return Err(ApiError::Forbidden(
                     "a refresh by the refresh cookie must come from this site's own pages",
                 ));
@@ -123,11 +122,8 @@ pub async fn refresh(app: &App, req: Req) -> Result<Resp, ApiError> {
     app.store.engine.flush().await?;
     let (session, refresh) = match refreshed {
         Refreshed::Ok { session, refresh } => (session, refresh),
-        Refreshed::Invalid => return Err(ApiError::InvalidRefreshToken),
-        Refreshed::Stolen(_) => {
-            app.metrics.login("refresh_reuse");
-            return Err(ApiError::InvalidRefreshToken);
-        }
+        // A stolen copy has been logged, and its session ended, by `refresh`.
+        Refreshed::Invalid | Refreshed::Stolen(_) => return Err(ApiError::InvalidRefreshToken),
     };
     let user = app.store.users.user(session.user_id).await?;
     let Some(user) = user.filter(|u| live(&session, u, now)) else {
