@@ -119,7 +119,7 @@ fn keys(store: &Store) -> smsauth::signing::SigningKeys {
     block_on(smsauth::signing::SigningKeys::open(
         &cfg,
         store.keys.clone(),
-        Tokens::lifetime(cfg.token.ttl_secs),
+        Tokens::lifetime(cfg.token.access_ttl_secs),
     ))
     .expect("signing keys")
 }
@@ -192,7 +192,7 @@ fn main() {
             ids.iter()
                 .map(|&id| {
                     let user = block_on(store.users.user(id)).unwrap().unwrap();
-                    tokens.issue_session(&user).token
+                    tokens.issue_session(&user, &[1; 16]).token
                 })
                 .collect::<Vec<String>>()
         },

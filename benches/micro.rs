@@ -112,7 +112,7 @@ fn tokens_signing(store: &Arc<SledStore>, algorithm: TokenAlgorithm) -> Tokens {
         .block_on(smsauth::signing::SigningKeys::open(
             &cfg,
             store.clone(),
-            Tokens::lifetime(cfg.token.ttl_secs),
+            Tokens::lifetime(cfg.token.access_ttl_secs),
         ))
         .unwrap();
     Tokens::new(keys, &cfg.token, store.clone())
@@ -144,17 +144,17 @@ fn tokens_and_users(c: &mut Criterion) {
         .unwrap()
         .unwrap();
     c.bench_function("jwt sign (session)", |b| {
-        b.iter(|| black_box(tokens.issue_session(black_box(&user))))
+        b.iter(|| black_box(tokens.issue_session(black_box(&user), &[1; 16])))
     });
     // The HS256 of stores from before signing key sets, for comparison.
     let hs_dir = tempfile::tempdir().unwrap();
     let hs256 = tokens_signing(&self::store(&hs_dir), TokenAlgorithm::HS256);
     c.bench_function("jwt sign (session, HS256)", |b| {
-        b.iter(|| black_box(hs256.issue_session(black_box(&user))))
+        b.iter(|| black_box(hs256.issue_session(black_box(&user), &[1; 16])))
     });
     c.bench_function("jwt verify, first use (HS256)", |b| {
         b.iter_batched(
-            || hs256.issue_session(&user).token,
+            || hs256.issue_session(&user, &[1; 16]).token,
             |token| black_box(block_on(hs256.verify_session(&token)).unwrap()),
             criterion::BatchSize::SmallInput,
         )
@@ -167,12 +167,12 @@ fn tokens_and_users(c: &mut Criterion) {
     // only); then what every authenticated request asks the store.
     c.bench_function("jwt verify, first use", |b| {
         b.iter_batched(
-            || tokens.issue_session(&user).token,
+            || tokens.issue_session(&user, &[1; 16]).token,
             |token| black_box(block_on(tokens.verify_session(&token)).unwrap()),
             criterion::BatchSize::SmallInput,
         )
     });
-    let token = tokens.issue_session(&user).token;
+    let token = tokens.issue_session(&user, &[1; 16]).token;
     c.bench_function("jwt verify, seen before", |b| {
         b.iter(|| black_box(block_on(tokens.verify_session(black_box(&token))).unwrap()))
     });
@@ -180,9 +180,13 @@ fn tokens_and_users(c: &mut Criterion) {
     c.bench_function("session user (revocation check + user read)", |b| {
         b.iter(|| {
             black_box(
-                block_on(store.session_user(session.user_id, &session.jti))
-                    .unwrap()
-                    .unwrap(),
+                block_on(store.session_user(
+                    session.user_id,
+                    &session.jti,
+                    session.sid_key.as_deref(),
+                ))
+                .unwrap()
+                .unwrap(),
             )
         })
     });

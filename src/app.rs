@@ -13,6 +13,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::password::Passwords;
 use crate::phone::PhoneParser;
+use crate::sessions::LoginSessions;
 use crate::signing::SigningKeys;
 use crate::sms::Sms;
 use crate::store::Store;
@@ -25,6 +26,7 @@ pub struct App {
     pub phones: PhoneParser,
     pub codes: Codes,
     pub tokens: Tokens,
+    pub sessions: LoginSessions,
     pub passwords: Passwords,
     pub captchas: Captchas,
     pub limits: Limits,
@@ -45,7 +47,7 @@ impl App {
         let signing = SigningKeys::open(
             &cfg,
             store.keys.clone(),
-            Tokens::lifetime(cfg.token.ttl_secs),
+            Tokens::lifetime(cfg.token.access_ttl_secs),
         )
         .await
         .context("loading the token signing keys")?;
@@ -60,6 +62,8 @@ impl App {
         );
         let tokens = Tokens::new(signing, &cfg.token, store.sessions.clone())
             .remembering(cfg.memory.token_cache_entries);
+        let refresh_key = store.keys.key_or_insert("refresh", keys::fresh()).await?;
+        let sessions = LoginSessions::new(store.sessions.clone(), refresh_key, &cfg.token);
         let phones = PhoneParser::new(&cfg.phone)?;
         let sms = Sms::from_config(&cfg.sms)?;
         let passwords = Passwords::new(&cfg.password)?;
@@ -72,6 +76,7 @@ impl App {
             phones,
             codes,
             tokens,
+            sessions,
             passwords,
             captchas,
             limits,
@@ -103,6 +108,11 @@ impl App {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "expired revocations pruned"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning revocations failed"),
+        }
+        match self.sessions.prune(crate::clock::now()).await {
+            Ok(n) if n > 0 => tracing::debug!(pruned = n, "ended and expired sessions pruned"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning sessions failed"),
         }
         if let Some(wechat) = &self.wechat
             && let Err(e) = wechat.prune(crate::clock::now()).await

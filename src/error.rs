@@ -33,6 +33,10 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// Unknown, expired, used up (past the reuse window) or of an ended session: one
+    /// answer, so nothing leaks.
+    #[error("the refresh token is invalid, expired or ended; log in again")]
+    InvalidRefreshToken,
     /// Unknown phone, wrong password, or no password: one answer, so nothing leaks.
     #[error("the phone number or password is wrong")]
     InvalidCredentials,
@@ -94,7 +98,7 @@ impl ApiError {
             ApiError::TooManyAttempts { .. } | ApiError::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(_) | ApiError::InvalidRefreshToken => StatusCode::UNAUTHORIZED,
             ApiError::SmsFailed | ApiError::WechatFailed => StatusCode::BAD_GATEWAY,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
@@ -114,6 +118,7 @@ impl ApiError {
             ApiError::TooManyAttempts { .. } => "too_many_attempts",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::InvalidRefreshToken => "invalid_refresh_token",
             ApiError::InvalidCredentials => "invalid_credentials",
             ApiError::PhoneTaken => "phone_taken",
             ApiError::WeakPassword(_) => "weak_password",

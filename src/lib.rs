@@ -30,6 +30,7 @@ pub mod model;
 pub mod password;
 pub mod phone;
 pub mod server;
+pub mod sessions;
 pub mod sharded;
 pub mod signing;
 pub mod sms;

@@ -25,6 +25,9 @@ pub struct Server {
 impl Server {
     /// Opens the data dir and binds `server.listen`.
     pub async fn bind(cfg: Config) -> anyhow::Result<Server> {
+        for warning in &cfg.warnings {
+            tracing::warn!("{warning}");
+        }
         let addr = cfg.listen_addr();
         let app = App::open(cfg).await?;
         let listener = TcpListener::bind(addr)

@@ -2,10 +2,12 @@
 //! multi-step flows, signed and checked with the keys of [`crate::signing`] (ES256, EdDSA
 //! or HS256; each key checks its own algorithm only, found by the token's `kid`).
 //!
-//! A session ends three ways: its `exp`; logout, which records its `jti` as revoked (kept
-//! in the store until the token would have expired, and in memory for the per-request
-//! check); or a bump of the user's `session_gen`, which every token carries, so a reset
-//! or an admin can end all of a user's sessions without listing them.
+//! An access token ends four ways: its `exp`; its `jti` recorded as revoked (kept in the
+//! store until the token would have expired, and in memory for the per-request check);
+//! the end of its login session (`sid`, see [`crate::sessions`]), recorded the same way
+//! under the session's revocation key; or a bump of the user's `session_gen`, which every
+//! token carries, so a reset or an admin can end all of a user's sessions without listing
+//! them.
 
 use std::sync::Arc;
 
@@ -19,7 +21,7 @@ use crate::config::TokenConfig;
 use crate::model::{Purpose, User, UserId};
 use crate::sharded::BoundedMap;
 use crate::signing::{Alg, SigningKeys};
-use crate::store::{Sessions, StoreError};
+use crate::store::{SessionId, Sessions, StoreError, session_revocation_key};
 
 /// How long a verification ticket from /auth/verify may wait for the next step.
 pub const VERIFICATION_TTL_SECS: u64 = 600;
@@ -42,6 +44,10 @@ struct Claims {
     session_gen: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     purpose: Option<Purpose>,
+    /// The login session (hex of its 128-bit id). Tokens issued before sessions had none;
+    /// they stay valid until they expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sid: Option<String>,
 }
 
 /// A verified session token.
@@ -51,6 +57,10 @@ pub struct Session {
     pub jti: String,
     pub exp: i64,
     pub session_gen: u32,
+    /// The login session it belongs to (None: a token from before sessions).
+    pub sid: Option<SessionId>,
+    /// Its [`session_revocation_key`], made once when the token is first checked.
+    pub sid_key: Option<Box<str>>,
 }
 
 pub struct Issued {
@@ -87,7 +97,7 @@ impl Tokens {
         Tokens {
             keys,
             issuer: cfg.issuer.clone(),
-            ttl_secs: cfg.ttl_secs,
+            ttl_secs: cfg.access_ttl_secs,
             verified: BoundedMap::new(VERIFIED_CAPACITY, VERIFIED_SHARDS),
             store,
         }
@@ -137,12 +147,14 @@ impl Tokens {
         self.keys.refresh().await
     }
 
-    pub fn issue_session(&self, user: &User) -> Issued {
+    /// An access token of login session `sid` for `user`.
+    pub fn issue_session(&self, user: &User, sid: &SessionId) -> Issued {
         self.issue(
             user.id.to_string(),
             SESSION,
             user.session_gen,
             None,
+            Some(hex::encode(sid)),
             self.ttl_secs,
         )
     }
@@ -157,11 +169,17 @@ impl Tokens {
             Some(_) => return None,
             None => {
                 let claims = self.decode(token, SESSION).await?;
+                let sid = match claims.sid.as_deref() {
+                    None => None,
+                    Some(text) => Some(crate::sessions::parse_id(text)?),
+                };
                 let session = Session {
                     user_id: claims.sub.parse().ok()?,
                     jti: claims.jti,
                     exp: claims.exp,
                     session_gen: claims.session_gen,
+                    sid,
+                    sid_key: sid.map(|id| session_revocation_key(&id).into()),
                 };
                 let now = now();
                 self.verified
@@ -178,6 +196,7 @@ impl Tokens {
             VERIFICATION,
             0,
             Some(purpose),
+            None,
             VERIFICATION_TTL_SECS,
         )
     }
@@ -216,6 +235,7 @@ impl Tokens {
         typ: &str,
         session_gen: u32,
         purpose: Option<Purpose>,
+        sid: Option<String>,
         ttl: u64,
     ) -> Issued {
         let iat = now();
@@ -230,6 +250,7 @@ impl Tokens {
             typ: typ.to_owned(),
             session_gen,
             purpose,
+            sid,
         };
         let ring = self.keys.ring();
         let token = encode(&ring.signer.header, &claims, &ring.signer.encoding)
@@ -279,6 +300,7 @@ mod tests {
     }
 
     const SECRET: &str = "9999999999999999999999999999999999999999";
+    const SID: SessionId = [5; 16];
 
     /// Tokens on a new store of their own, HS256 with [`SECRET`] or as `algorithm` says.
     async fn tokens_with(
@@ -295,9 +317,13 @@ mod tests {
         if algorithm == TokenAlgorithm::HS256 {
             cfg.token.secret = crate::config::Secret::new(SECRET);
         }
-        let keys = SigningKeys::open(&cfg, store.clone(), Tokens::lifetime(cfg.token.ttl_secs))
-            .await
-            .unwrap();
+        let keys = SigningKeys::open(
+            &cfg,
+            store.clone(),
+            Tokens::lifetime(cfg.token.access_ttl_secs),
+        )
+        .await
+        .unwrap();
         (dir, Tokens::new(keys, &cfg.token, store))
     }
 
@@ -321,7 +347,7 @@ mod tests {
     #[tokio::test]
     async fn session_round_trip_and_revocation() {
         let (_d, t) = tokens().await;
-        let issued = t.issue_session(&user());
+        let issued = t.issue_session(&user(), &SID);
         let s = t.verify_session(&issued.token).await.unwrap();
         assert_eq!((s.user_id, s.session_gen), (42, 3));
         assert!(!t.store.is_revoked(&s.jti).await.unwrap());
@@ -357,7 +383,7 @@ mod tests {
         };
         let (_o, other) = tokens_with(TokenAlgorithm::HS256, other_issuer).await;
         assert!(
-            t.verify_session(&other.issue_session(&user()).token)
+            t.verify_session(&other.issue_session(&user(), &SID).token)
                 .await
                 .is_none()
         );
@@ -367,7 +393,7 @@ mod tests {
     async fn remembered_checks_stay_under_their_bound() {
         let (_d, t) = tokens().await;
         for id in 0..(2 * VERIFIED_CAPACITY as u64) {
-            let token = t.issue_session(&User { id, ..user() }).token;
+            let token = t.issue_session(&User { id, ..user() }, &SID).token;
             assert_eq!(t.verify_session(&token).await.unwrap().user_id, id);
             assert!(
                 t.verified.get(token.as_str()).is_some(),
@@ -382,7 +408,7 @@ mod tests {
         let (_d, t) = tokens().await;
         let phone = "+8613812345678";
         let ticket = t.issue_verification(phone, Purpose::Register);
-        let session = t.issue_session(&user()).token;
+        let session = t.issue_session(&user(), &SID).token;
         assert!(t.verify_session(&ticket.token).await.is_none());
         assert!(
             !t.redeem_verification(&session, phone, Purpose::Register)
@@ -433,7 +459,7 @@ mod tests {
             (TokenAlgorithm::HS256, "HS256"),
         ] {
             let (_d, t) = tokens_with(alg, TokenConfig::default()).await;
-            let token = t.issue_session(&user()).token;
+            let token = t.issue_session(&user(), &SID).token;
             let (header, claims) = split(&token);
             assert_eq!(header["alg"], name);
             assert_eq!(header["kid"].as_str(), Some(t.signing_key().1.as_str()));
@@ -469,7 +495,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_and_missing_kids_are_refused_for_asymmetric_keys() {
         let (_d, t) = tokens_with(TokenAlgorithm::ES256, TokenConfig::default()).await;
-        let token = t.issue_session(&user()).token;
+        let token = t.issue_session(&user(), &SID).token;
         let (header, claims) = split(&token);
         let sig = token.rsplit('.').next().unwrap();
         let b64 = |v: &serde_json::Value| b64(v.to_string().as_bytes());
@@ -487,12 +513,12 @@ mod tests {
     #[tokio::test]
     async fn rotation_keeps_old_tokens_valid() {
         let (_d, t) = tokens_with(TokenAlgorithm::EdDSA, TokenConfig::default()).await;
-        let old = t.issue_session(&user()).token;
+        let old = t.issue_session(&user(), &SID).token;
         let (_, old_kid) = t.signing_key();
         let (alg, new_kid) = t.rotate_key().await.unwrap();
         assert_eq!(alg, Alg::EdDSA);
         assert_ne!(old_kid, new_kid);
-        let new = t.issue_session(&user()).token;
+        let new = t.issue_session(&user(), &SID).token;
         assert_eq!(split(&new).0["kid"].as_str(), Some(new_kid.as_str()));
         t.verified.remove(old.as_str());
         assert!(t.verify_session(&old).await.is_some());
@@ -508,6 +534,94 @@ mod tests {
             kids,
             [new_kid.as_str(), old_kid.as_str()],
             "the signing key first"
+        );
+    }
+
+    /// Our ES256 and EdDSA tokens as another implementation sees them: jwt-simple (pure
+    /// Rust, none of the crypto we sign with) checks them with the keys of our JWKS only,
+    /// and refuses one whose signature was touched.
+    #[tokio::test]
+    async fn an_independent_jwt_crate_verifies_our_asymmetric_tokens() {
+        use jwt_simple::prelude::{
+            ECDSAP256PublicKeyLike, ES256PublicKey, Ed25519PublicKey, EdDSAPublicKeyLike, HashSet,
+            JWTClaims, VerificationOptions,
+        };
+
+        #[derive(serde::Deserialize, serde::Serialize)]
+        struct Ours {
+            typ: String,
+            sid: Option<String>,
+            #[serde(rename = "gen")]
+            session_gen: u32,
+        }
+
+        for alg in [TokenAlgorithm::ES256, TokenAlgorithm::EdDSA] {
+            let (_d, t) = tokens_with(alg, TokenConfig::default()).await;
+            let token = t.issue_session(&user(), &SID).token;
+            let jwks: serde_json::Value = serde_json::from_slice(&t.jwks().unwrap()).unwrap();
+            let jwk = &jwks["keys"][0];
+            let part = |k: &str| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(jwk[k].as_str().unwrap())
+                    .unwrap()
+            };
+            let options = VerificationOptions {
+                allowed_issuers: Some(HashSet::from_iter(["smsauth".to_owned()])),
+                ..Default::default()
+            };
+            let kid = jwk["kid"].as_str().unwrap().to_owned();
+            let check = |token: &str| -> Result<JWTClaims<Ours>, jwt_simple::Error> {
+                match alg {
+                    TokenAlgorithm::ES256 => {
+                        let mut point = vec![4u8];
+                        point.extend(part("x"));
+                        point.extend(part("y"));
+                        ES256PublicKey::from_bytes(&point)
+                            .unwrap()
+                            .with_key_id(&kid)
+                            .verify_token::<Ours>(token, Some(options.clone()))
+                    }
+                    _ => Ed25519PublicKey::from_bytes(&part("x"))
+                        .unwrap()
+                        .with_key_id(&kid)
+                        .verify_token::<Ours>(token, Some(options.clone())),
+                }
+            };
+            let claims = check(&token).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+            assert_eq!(claims.subject.as_deref(), Some("42"));
+            assert_eq!(claims.issuer.as_deref(), Some("smsauth"));
+            assert_eq!(claims.custom.typ, "session");
+            assert_eq!(claims.custom.session_gen, 3);
+            assert_eq!(
+                claims.custom.sid.as_deref(),
+                Some(hex::encode(SID).as_str())
+            );
+            let mut forged = token.into_bytes();
+            let last = forged.len() - 2;
+            forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+            assert!(
+                check(std::str::from_utf8(&forged).unwrap()).is_err(),
+                "{alg:?}"
+            );
+        }
+    }
+
+    /// A token from before login sessions, without `sid`, stays valid until it expires.
+    #[tokio::test]
+    async fn tokens_without_a_session_id_still_verify() {
+        let (_d, t) = tokens().await;
+        let u = user();
+        let old = t.issue(u.id.to_string(), SESSION, u.session_gen, None, None, 60);
+        let s = t.verify_session(&old.token).await.unwrap();
+        assert_eq!((s.user_id, s.sid, s.sid_key), (42, None, None));
+        let new = t
+            .verify_session(&t.issue_session(&u, &SID).token)
+            .await
+            .unwrap();
+        assert_eq!(new.sid, Some(SID));
+        assert_eq!(
+            new.sid_key.as_deref(),
+            Some(session_revocation_key(&SID).as_str())
         );
     }
 }

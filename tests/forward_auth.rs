@@ -77,7 +77,7 @@ async fn the_session_cookie_is_set_accepted_and_cleared() {
     let cookie = cookie.expect("Set-Cookie on the login answer");
     assert_eq!(
         cookie,
-        format!("smsauth_session={token}; Path=/; Max-Age=86400; HttpOnly; SameSite=Lax; Secure")
+        format!("smsauth_session={token}; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax; Secure")
     );
     let jar = format!("other=1; smsauth_session={token}");
     let (status, headers) = check(&s, &[("cookie", &jar)]).await;
@@ -115,7 +115,7 @@ async fn cookie_attributes_follow_the_configuration() {
     let (token, cookie) = login(&s, "13812348003").await;
     assert_eq!(
         cookie.unwrap(),
-        format!("sid={token}; Path=/; Max-Age=86400; HttpOnly; SameSite=Lax; Domain=example.com")
+        format!("sid={token}; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax; Domain=example.com")
     );
     assert_eq!(
         check(&s, &[("cookie", &format!("sid={token}"))]).await.0,

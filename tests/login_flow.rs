@@ -14,7 +14,7 @@ async fn first_login_registers_then_logs_in() {
     let first = s.sms_login("13812340001").await;
     assert_eq!(first["created"], true);
     assert_eq!(first["token_type"], "Bearer");
-    assert_eq!(first["expires_in"], 86400);
+    assert_eq!(first["expires_in"], 3600, "token.access_ttl_secs");
     let user = &first["user"];
     assert_eq!(user["phone"], "+8613812340001");
     assert_eq!(user["nickname"], "138****0001");

@@ -687,3 +687,152 @@ async fn no_wechat_button_when_wechat_is_off() {
     assert!(!b.displayed("#wechat-login").await);
     b.quit().await;
 }
+
+/// The page logged in by code in `b`; the tab's access token.
+async fn page_login(b: &Browser, s: &TestServer, phone: &str) -> String {
+    b.goto(&s.url("/")).await;
+    b.wait_displayed("#login-form", true).await;
+    b.type_into("#phone", phone).await;
+    b.click("#send-code").await;
+    b.wait_text("#message", "code sent", |t| !t.is_empty())
+        .await;
+    let code = s.take_code(&common::e164(phone));
+    b.type_into("#code", &code).await;
+    b.click("#submit").await;
+    b.wait_displayed("#account-view", true).await;
+    tab_value(b, "smsauth.token").await
+}
+
+async fn tab_value(b: &Browser, key: &str) -> String {
+    let v = b
+        .execute("return sessionStorage.getItem(arguments[0])", json!([key]))
+        .await;
+    v.as_str().unwrap_or("").to_owned()
+}
+
+/// The account view lists the sessions: this device marked, the others each with a
+/// button that logs it out, and "log out everywhere else"; in both languages. The page
+/// refreshes its tokens before the access token expires.
+#[tokio::test]
+async fn sessions_and_refresh_in_a_real_browser() {
+    if !browser_available("sessions_and_refresh_in_a_real_browser") {
+        return;
+    }
+    let s =
+        TestServer::start("[code]\nresend_interval_secs = 0\n[token]\naccess_ttl_secs = 6\n").await;
+    let b = Browser::start(1200, 900).await;
+    let phone = "13812347101";
+    let other = s.sms_login(phone).await;
+    let third = s.sms_login(phone).await;
+    let token = page_login(&b, &s, phone).await;
+    b.wait_text("#sessions", "three sessions", |t| {
+        t.matches("Log out this device").count() == 2
+    })
+    .await;
+    assert!(b.text("#sessions").await.contains("This device"));
+    assert!(b.displayed("#logout-others").await);
+
+    // Log out one other device by its button: its tokens are refused.
+    let other_sid = {
+        let part = other["access_token"]
+            .as_str()
+            .unwrap()
+            .split('.')
+            .nth(1)
+            .unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .unwrap(),
+        )
+        .unwrap();
+        claims["sid"].as_str().unwrap().to_owned()
+    };
+    b.click(&format!("li[data-session='{other_sid}'] button"))
+        .await;
+    b.wait_text("#message", "ended", |t| t == "That device is logged out.")
+        .await;
+    let (status, _) = s.get("/api/v1/me", other["access_token"].as_str()).await;
+    assert_eq!(status, 401);
+
+    // In Chinese, then everywhere else.
+    b.click("#lang-switch").await;
+    b.wait_text("#logout-others", "Chinese", |t| t == "退出其他所有设备")
+        .await;
+    b.wait_text("#sessions", "Chinese list", |t| {
+        t.contains("本设备") && t.contains("退出此设备")
+    })
+    .await;
+    b.click("#logout-others").await;
+    b.wait_text("#message", "others ended", |t| {
+        t == "其他设备均已退出登录。"
+    })
+    .await;
+    assert!(!b.displayed("#logout-others").await, "one session left");
+    let (status, _) = s.get("/api/v1/me", third["access_token"].as_str()).await;
+    assert_eq!(status, 401);
+
+    // Before the 6 s access token runs out, the page trades its refresh token.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let refreshed = loop {
+        let now = tab_value(&b, "smsauth.token").await;
+        if now != token && !now.is_empty() {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page never refreshed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let (status, _) = s.get("/api/v1/me", Some(&refreshed)).await;
+    assert_eq!(status, 200);
+    assert!(b.displayed("#account-view").await);
+    b.quit().await;
+}
+
+/// With the site's cookies on, a new browser session (sessionStorage gone, the access
+/// cookie expired) comes back logged in through the refresh cookie; without cookies it
+/// does not (sessionStorage is the tab's only).
+#[tokio::test]
+async fn the_refresh_cookie_outlives_the_tab_in_a_real_browser() {
+    if !browser_available("the_refresh_cookie_outlives_the_tab_in_a_real_browser") {
+        return;
+    }
+    let s = TestServer::start(
+        "[code]\nresend_interval_secs = 0\n[token]\ncookie = true\ncookie_secure = false\naccess_ttl_secs = 1\n",
+    )
+    .await;
+    let b = Browser::start(1200, 900).await;
+    let phone = "13812347102";
+    page_login(&b, &s, phone).await;
+    // What a browser restart leaves: the cookies, not the tab's storage.
+    b.execute("sessionStorage.clear(); return null", json!([]))
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        b.goto(&s.url("/")).await;
+        b.wait_displayed("#account-view", true).await;
+        let by_cookie = s.log_lines().iter().any(|l| {
+            l["path"] == "/api/v1/auth/refresh" && l["status"] == 200 && l["message"] == "request"
+        });
+        if by_cookie {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refresh by the cookie"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(b.text("#acct-phone").await, common::e164(phone));
+
+    // Without cookies the same page starts logged out.
+    let plain = TestServer::start("[code]\nresend_interval_secs = 0\n").await;
+    page_login(&b, &plain, "13812347103").await;
+    b.execute("sessionStorage.clear(); return null", json!([]))
+        .await;
+    b.goto(&plain.url("/")).await;
+    b.wait_displayed("#login-form", true).await;
+    b.quit().await;
+}

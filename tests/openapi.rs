@@ -72,6 +72,7 @@ fn every_error() -> Vec<ApiError> {
         },
         ApiError::rate_limited("test", 1),
         ApiError::Unauthorized(""),
+        ApiError::InvalidRefreshToken,
         ApiError::InvalidCredentials,
         ApiError::PhoneTaken,
         ApiError::WeakPassword(String::new()),
@@ -102,6 +103,7 @@ fn every_error() -> Vec<ApiError> {
             | ApiError::TooManyAttempts { .. }
             | ApiError::RateLimited { .. }
             | ApiError::Unauthorized(_)
+            | ApiError::InvalidRefreshToken
             | ApiError::InvalidCredentials
             | ApiError::PhoneTaken
             | ApiError::WeakPassword(_)
@@ -524,6 +526,39 @@ async fn real_answers_have_the_documented_shape() {
         .await
         .unwrap();
     check_answer(&doc, "GET", "/api/v1/auth/check", resp).await;
+
+    // Refresh, the session list, and ending a session.
+    let resp = post(
+        "/api/v1/auth/refresh",
+        json!({ "refresh_token": login["refresh_token"] }),
+    )
+    .await
+    .unwrap();
+    let refreshed = check_answer(&doc, "POST", "/api/v1/auth/refresh", resp).await;
+    assert!(refreshed["refresh_token"].is_string());
+    let resp = post("/api/v1/auth/refresh", json!({ "refresh_token": "nope" }))
+        .await
+        .unwrap();
+    let body = check_answer(&doc, "POST", "/api/v1/auth/refresh", resp).await;
+    assert_eq!(body["error"], "invalid_refresh_token");
+    let resp = s
+        .client
+        .get(s.url("/api/v1/me/sessions"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let list = check_answer(&doc, "GET", "/api/v1/me/sessions", resp).await;
+    assert_eq!(list[0]["current"], true);
+    let resp = s
+        .client
+        .delete(s.url("/api/v1/me/sessions/00000000000000000000000000000000"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let body = check_answer(&doc, "DELETE", "/api/v1/me/sessions/{id}", resp).await;
+    assert_eq!(body["error"], "not_found");
 
     // Register with a password, in two steps: verify, then the ticket.
     let other = "13812349002";

@@ -921,7 +921,15 @@ async fn prepare(opts: &Opts, cfg: &Config, data: &Path) -> Prepared {
             &cfg.token,
             store.sessions.clone(),
         );
-        prepared.me_tokens = Arc::new(made.iter().map(|u| tokens.issue_session(u).token).collect());
+        prepared.me_tokens = Arc::new(
+            made.iter()
+                .map(|u| {
+                    tokens
+                        .issue_session(u, &u.id.to_be_bytes().repeat(2).try_into().unwrap())
+                        .token
+                })
+                .collect(),
+        );
     }
     if opts.wants("password") {
         let passwords = Passwords::new(&cfg.password).expect("password settings");
@@ -973,7 +981,7 @@ async fn signing_keys(cfg: &Config, store: &Store) -> smsauth::signing::SigningK
     smsauth::signing::SigningKeys::open(
         cfg,
         store.keys.clone(),
-        Tokens::lifetime(cfg.token.ttl_secs),
+        Tokens::lifetime(cfg.token.access_ttl_secs),
     )
     .await
     .expect("token keys")
@@ -1668,7 +1676,11 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
         let tokens: Vec<String> = users
             .iter()
             .step_by(sample)
-            .map(|u| tokens.issue_session(u).token)
+            .map(|u| {
+                tokens
+                    .issue_session(u, &u.id.to_be_bytes().repeat(2).try_into().unwrap())
+                    .token
+            })
             .collect();
         drop(codes);
         drop(store);

@@ -272,7 +272,7 @@ async fn run_instances(
         smsauth::signing::SigningKeys::open(
             &cfg,
             store.keys.clone(),
-            Tokens::lifetime(cfg.token.ttl_secs),
+            Tokens::lifetime(cfg.token.access_ttl_secs),
         )
         .await
         .expect("token keys"),
@@ -321,7 +321,11 @@ async fn run_instances(
                 me_requests(Arc::new(
                     users
                         .iter()
-                        .map(|u| tokens.issue_session(u).token)
+                        .map(|u| {
+                            tokens
+                                .issue_session(u, &u.id.to_be_bytes().repeat(2).try_into().unwrap())
+                                .token
+                        })
                         .collect(),
                 ))
             }

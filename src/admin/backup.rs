@@ -45,7 +45,7 @@ const HEADER_LEN: usize = MAGIC.len() + 2 + 8;
 const TRAILER_LEN: usize = 1 + 8 + 32;
 
 /// The data dir's key files a backup carries (those that exist).
-pub const KEY_FILES: [&str; 3] = ["token.key", "code.key", "signing.key"];
+pub const KEY_FILES: [&str; 4] = ["token.key", "code.key", "signing.key", "refresh.key"];
 /// Where restore builds the new data dir before moving it into place.
 const STAGING: &str = ".restore-partial";
 

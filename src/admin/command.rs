@@ -113,7 +113,7 @@ pub async fn rotate_token_key(cfg: &Config) -> Result<String, CommandError> {
             let keys = crate::signing::SigningKeys::open(
                 cfg,
                 store.keys.clone(),
-                crate::token::Tokens::lifetime(cfg.token.ttl_secs),
+                crate::token::Tokens::lifetime(cfg.token.access_ttl_secs),
             )
             .await
             .map_err(|e| fail(format!("cannot read the token signing keys: {e}")))?;

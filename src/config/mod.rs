@@ -18,6 +18,30 @@ pub use sms::{
 };
 pub use wechat::{WechatConfig, WechatFlow, WechatIdentity};
 
+/// Moves keys given under a former name ([`Config::FORMER_KEYS`]) to their new one; the
+/// warnings to log. Both names at once is an error: which one was meant?
+fn rename_former_keys(table: &mut toml::Table) -> Result<Vec<String>, ConfigError> {
+    let mut warnings = Vec::new();
+    for (section, former, new) in Config::FORMER_KEYS {
+        let Some(toml::Value::Table(t)) = table.get_mut(*section) else {
+            continue;
+        };
+        let Some(value) = t.remove(*former) else {
+            continue;
+        };
+        if t.contains_key(*new) {
+            return Err(err(format!(
+                "configuration key `{section}.{former}` is the former name of `{section}.{new}`; give only `{section}.{new}`"
+            )));
+        }
+        t.insert((*new).to_owned(), value);
+        warnings.push(format!(
+            "configuration key `{section}.{former}` is now called `{section}.{new}`; the old name still works for now"
+        ));
+    }
+    Ok(warnings)
+}
+
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "SMSAUTH_";
 /// The one `SMSAUTH_` variable that is not a key: the config file's path.
@@ -38,6 +62,9 @@ pub struct Config {
     pub memory: MemoryConfig,
     pub wechat: WechatConfig,
     pub log: LogConfig,
+    /// What start-up should warn about: keys read under a former name.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,7 +161,15 @@ pub struct TokenConfig {
     pub algorithm: TokenAlgorithm,
     /// HS256 key. Empty: a random one is made on first start and kept in data_dir.
     pub secret: Secret,
-    pub ttl_secs: u64,
+    /// Access token lifetime (`ttl_secs` before refresh tokens came; still read under
+    /// that name, with a warning at start).
+    pub access_ttl_secs: u64,
+    /// How long a refresh token stays usable; each refresh hands out a new one.
+    pub refresh_ttl_secs: u64,
+    /// A used refresh token presented again within this many seconds gets the same
+    /// successor (two tabs refreshing at once); later it counts as stolen and ends the
+    /// session.
+    pub refresh_reuse_interval_secs: u64,
     pub issuer: String,
     /// Also hand the session to browsers as a cookie (HttpOnly, SameSite=Lax), which the
     /// nginx `auth_request` check reads; state-changing requests authenticated by it must
@@ -167,7 +202,9 @@ impl Default for TokenConfig {
         Self {
             algorithm: TokenAlgorithm::Unset,
             secret: Secret::default(),
-            ttl_secs: 86_400,
+            access_ttl_secs: 3600,
+            refresh_ttl_secs: 2_592_000,
+            refresh_reuse_interval_secs: 10,
             issuer: "smsauth".into(),
             cookie: false,
             cookie_name: "smsauth_session".into(),
@@ -369,6 +406,11 @@ fn err(msg: impl Into<String>) -> ConfigError {
 
 impl Config {
     /// Defaults, overlaid by `file` (if any) and by `SMSAUTH_*` variables from `env`, then validated.
+    /// The keys' former names, each read as its new one (a warning at start says so):
+    /// (table, former, new).
+    pub const FORMER_KEYS: &[(&'static str, &'static str, &'static str)] =
+        &[("token", "ttl_secs", "access_ttl_secs")];
+
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -383,6 +425,7 @@ impl Config {
             }
         };
         apply_env(&mut table, env)?;
+        let warnings = rename_former_keys(&mut table)?;
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
                 let path = e.path().to_string();
@@ -392,6 +435,7 @@ impl Config {
                     err(format!("configuration key `{path}`: {}", e.inner()))
                 }
             })?;
+        config.warnings = warnings;
         config.sms.load_secret_files()?;
         config.wechat.load_secret_file()?;
         if !config.storage.postgres.url_file.as_os_str().is_empty() {
@@ -452,8 +496,11 @@ impl Config {
                 "must be empty (generated) or at least 32 characters",
             ));
         }
-        if self.token.ttl_secs == 0 {
-            return Err(key("token.ttl_secs", "must be at least 1"));
+        if self.token.access_ttl_secs == 0 {
+            return Err(key("token.access_ttl_secs", "must be at least 1"));
+        }
+        if self.token.refresh_ttl_secs == 0 {
+            return Err(key("token.refresh_ttl_secs", "must be at least 1"));
         }
         if self.server.housekeeping_secs == 0 {
             return Err(key("server.housekeeping_secs", "must be at least 1"));

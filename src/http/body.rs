@@ -27,6 +27,31 @@ pub async fn json<T: DeserializeOwned>(
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
+    let bytes = read_limited(headers, body, limit).await?;
+    parse(&bytes)
+}
+
+/// [`json`] for a body that may be left out: a missing or empty body is `T::default()`.
+pub async fn optional_json<T: DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: Incoming,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let bytes = read_limited(headers, body, limit).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    if !is_json(headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    parse(&bytes)
+}
+
+async fn read_limited(
+    headers: &HeaderMap,
+    body: Incoming,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -44,8 +69,11 @@ pub async fn json<T: DeserializeOwned>(
                 ApiError::InvalidRequest("the request body could not be read".into())
             }
         })?;
-    let bytes = collected.to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| {
+    Ok(collected.to_bytes())
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
         let mut msg = format!("invalid JSON body: {e}");
         if msg.len() > 200 {
             let cut = (0..=200)

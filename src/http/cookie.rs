@@ -44,6 +44,41 @@ pub fn clear(cfg: &TokenConfig) -> HeaderValue {
         .expect("a valid Set-Cookie value")
 }
 
+/// Only the refresh endpoint reads the refresh cookie.
+const REFRESH_PATH: &str = "/api/v1/auth/refresh";
+
+/// The refresh cookie's name: the session cookie's, then `_refresh`.
+pub fn refresh_name(cfg: &TokenConfig) -> String {
+    format!("{}_refresh", cfg.cookie_name)
+}
+
+/// The refresh cookie: HttpOnly, SameSite=Strict, sent to the refresh endpoint only.
+fn refresh_cookie(cfg: &TokenConfig, value: &str, max_age: u64) -> HeaderValue {
+    let mut cookie = format!(
+        "{}={value}; Path={REFRESH_PATH}; Max-Age={max_age}; HttpOnly; SameSite=Strict",
+        refresh_name(cfg)
+    );
+    if !cfg.cookie_domain.is_empty() {
+        cookie.push_str("; Domain=");
+        cookie.push_str(&cfg.cookie_domain);
+    }
+    if cfg.cookie_secure {
+        cookie.push_str("; Secure");
+    }
+    // A refresh token is base64url; names and domains are checked at start-up.
+    HeaderValue::from_str(&cookie).expect("a valid Set-Cookie value")
+}
+
+/// `Set-Cookie` for a new refresh token.
+pub fn set_refresh(cfg: &TokenConfig, token: &str, max_age: u64) -> HeaderValue {
+    refresh_cookie(cfg, token, max_age)
+}
+
+/// `Set-Cookie` that removes the refresh cookie.
+pub fn clear_refresh(cfg: &TokenConfig) -> HeaderValue {
+    refresh_cookie(cfg, "", 0)
+}
+
 /// The cookie that binds a WeChat login's `state` to the browser that started it.
 pub const WECHAT_STATE: &str = "smsauth_wechat_state";
 /// Only the callback reads it.
@@ -127,6 +162,19 @@ mod tests {
         assert_eq!(
             clear(&insecure),
             "smsauth_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax"
+        );
+    }
+
+    #[test]
+    fn the_refresh_cookie_is_strict_and_scoped_to_its_endpoint() {
+        let cfg = TokenConfig::default();
+        assert_eq!(
+            set_refresh(&cfg, "abc", 60),
+            "smsauth_session_refresh=abc; Path=/api/v1/auth/refresh; Max-Age=60; HttpOnly; SameSite=Strict; Secure"
+        );
+        assert_eq!(
+            clear_refresh(&cfg),
+            "smsauth_session_refresh=; Path=/api/v1/auth/refresh; Max-Age=0; HttpOnly; SameSite=Strict; Secure"
         );
     }
 

@@ -28,6 +28,19 @@ impl Req {
         )
         .await
     }
+
+    /// [`Req::json`] for a body that may be left out (then `T::default()`).
+    pub async fn optional_json<T: serde::de::DeserializeOwned + Default>(
+        self,
+        app: &App,
+    ) -> Result<T, ApiError> {
+        super::body::optional_json(
+            &self.parts.headers,
+            self.body,
+            app.cfg.server.max_body_bytes,
+        )
+        .await
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,12 +56,15 @@ pub enum Endpoint {
     SmsLogin,
     Verify,
     Logout,
+    Refresh,
     AuthCheck,
     Register,
     PasswordLogin,
     PasswordReset,
     GetMe,
     PatchMe,
+    ListSessions,
+    EndSession,
     WechatStart,
     WechatCallback,
     WechatExchange,
@@ -57,7 +73,8 @@ pub enum Endpoint {
     UnlinkWechat,
 }
 
-/// (method, path, endpoint): the whole HTTP API.
+/// (method, path, endpoint): the whole HTTP API. A `{name}` segment of a path matches
+/// any one non-empty segment (the handler reads it from the request's path).
 pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/", Endpoint::Page),
     ("GET", "/healthz", Endpoint::Healthz),
@@ -70,6 +87,7 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("POST", "/api/v1/auth/sms-login", Endpoint::SmsLogin),
     ("POST", "/api/v1/auth/verify", Endpoint::Verify),
     ("POST", "/api/v1/auth/logout", Endpoint::Logout),
+    ("POST", "/api/v1/auth/refresh", Endpoint::Refresh),
     ("GET", "/api/v1/auth/check", Endpoint::AuthCheck),
     ("POST", "/api/v1/auth/register", Endpoint::Register),
     ("POST", "/api/v1/auth/login", Endpoint::PasswordLogin),
@@ -80,6 +98,8 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ),
     ("GET", "/api/v1/me", Endpoint::GetMe),
     ("PATCH", "/api/v1/me", Endpoint::PatchMe),
+    ("GET", "/api/v1/me/sessions", Endpoint::ListSessions),
+    ("DELETE", "/api/v1/me/sessions/{id}", Endpoint::EndSession),
     ("GET", "/api/v1/auth/wechat/start", Endpoint::WechatStart),
     (
         "GET",
@@ -99,13 +119,44 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
 /// The endpoint for a method and path: 404 for an unknown path, 405 for a known path
 /// with another method.
 pub fn resolve(method: &str, path: &str) -> Result<Endpoint, ApiError> {
-    match ROUTES.iter().find(|(m, p, _)| *p == path && *m == method) {
+    match ROUTES
+        .iter()
+        .find(|(m, p, _)| *m == method && matches(p, path))
+    {
         Some((_, _, endpoint)) => Ok(*endpoint),
-        None if ROUTES.iter().any(|(_, p, _)| *p == path) => Err(ApiError::MethodNotAllowed {
-            allow: allowed(path),
-        }),
+        None if ROUTES.iter().any(|(_, p, _)| matches(p, path)) => {
+            Err(ApiError::MethodNotAllowed {
+                allow: allowed(path),
+            })
+        }
         None => Err(ApiError::NotFound),
     }
+}
+
+/// Whether `path` is one of the paths `pattern` stands for.
+fn matches(pattern: &str, path: &str) -> bool {
+    if !pattern.contains('{') {
+        return pattern == path;
+    }
+    let mut want = pattern.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return true,
+            (Some(w), Some(g)) if w.starts_with('{') && w.ends_with('}') => {
+                if g.is_empty() {
+                    return false;
+                }
+            }
+            (Some(w), Some(g)) if w == g => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The last segment of a request path: what a `{id}` at the end of its route stands for.
+pub fn last_segment(req: &Req) -> &str {
+    req.parts.uri.path().rsplit('/').next().unwrap_or("")
 }
 
 pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, ApiError> {
@@ -114,7 +165,7 @@ pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, A
     }
     endpoint.limit_address(app, req.ip).await?;
     match endpoint {
-        Endpoint::Page => Ok(page::index(app.cfg.wechat.enabled)),
+        Endpoint::Page => Ok(page::index(app.cfg.wechat.enabled, app.cfg.token.cookie)),
         Endpoint::Healthz => Ok(ops::healthz()),
         Endpoint::Readyz => ops::readyz(app).await,
         Endpoint::Metrics => ops::metrics(app).await,
@@ -125,12 +176,15 @@ pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, A
         Endpoint::SmsLogin => session::sms_login(app, req).await,
         Endpoint::Verify => codes::verify(app, req).await,
         Endpoint::Logout => session::logout(app, req).await,
+        Endpoint::Refresh => session::refresh(app, req).await,
         Endpoint::AuthCheck => session::check(app, req).await,
         Endpoint::Register => password::register(app, req).await,
         Endpoint::PasswordLogin => password::login(app, req).await,
         Endpoint::PasswordReset => password::reset(app, req).await,
         Endpoint::GetMe => account::get_me(app, req).await,
         Endpoint::PatchMe => account::patch_me(app, req).await,
+        Endpoint::ListSessions => session::list(app, req).await,
+        Endpoint::EndSession => session::end(app, req).await,
         Endpoint::WechatStart => wechat::start(app, req).await,
         Endpoint::WechatCallback => wechat::callback(app, req).await,
         Endpoint::WechatExchange => wechat::exchange(app, req).await,
@@ -170,6 +224,7 @@ impl Endpoint {
             }
             Endpoint::SendCode => app.limits.address_send(ip).await?,
             Endpoint::SmsLogin
+            | Endpoint::Refresh
             | Endpoint::Verify
             | Endpoint::Register
             | Endpoint::PasswordLogin
@@ -187,6 +242,8 @@ impl Endpoint {
             | Endpoint::AuthCheck
             | Endpoint::GetMe
             | Endpoint::PatchMe
+            | Endpoint::ListSessions
+            | Endpoint::EndSession
             | Endpoint::UnlinkWechat => {}
         }
         Ok(())
@@ -197,7 +254,7 @@ impl Endpoint {
 fn allowed(path: &str) -> String {
     let methods: Vec<&str> = ROUTES
         .iter()
-        .filter(|(_, p, _)| *p == path)
+        .filter(|(_, p, _)| matches(p, path))
         .map(|(m, _, _)| *m)
         .collect();
     methods.join(", ")

@@ -12,6 +12,8 @@
 //! | `kindkey_grant` | grant kind byte, SHA-256 of the grant's token | expiry unix secs i64 BE, then the grant's bytes |
 //! | `phonepurpose_code` | E.164 bytes, 0xff, purpose byte | codec([`crate::model::PendingCode`]) |
 //! | `jti_exp` | token id bytes | expiry unix secs i64 BE |
+//! | `useridsession_session` | user id u64 BE, session id (16 bytes) | codec([`super::SessionRecord`]) |
+//! | `hash_refresh` | SHA-256 of a refresh token | codec(user id, session id, expires_at, used_at) |
 //! | `counter_count` | counter byte, window i64 BE, subject bytes | count u64 BE |
 
 use super::GrantKind;
@@ -30,6 +32,8 @@ pub const GRANTS: &str = "kindkey_grant";
 pub const CODES: &str = "phonepurpose_code";
 pub const REVOKED: &str = "jti_exp";
 pub const COUNTERS: &str = "counter_count";
+pub const SESSIONS: &str = "useridsession_session";
+pub const REFRESH: &str = "hash_refresh";
 pub const META_SCHEMA: &[u8] = b"schema_version";
 pub const META_NEXT_ID: &[u8] = b"next_user_id";
 pub const META_USERS: &[u8] = b"users_total";
@@ -115,6 +119,13 @@ pub fn parse_counter_key(k: &[u8]) -> Option<(Counter, i64, String)> {
     let counter = Counter::ALL.into_iter().find(|x| counter_byte(*x) == c)?;
     let window = i64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
     Some((counter, window, String::from_utf8(rest[8..].to_vec()).ok()?))
+}
+
+pub fn session_key(user: UserId, id: &super::SessionId) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&u64_key(user));
+    k[8..].copy_from_slice(id);
+    k
 }
 
 /// The user id of a `useridmethod_login` key.

@@ -7,7 +7,8 @@
 //! - [`Counters`]: per-phone and service-wide counts in fixed windows (daily caps,
 //!   lockouts) and [`AddressLimits`] per client address;
 //! - [`CaptchaAnswers`]: the answers of pending captchas;
-//! - [`Sessions`]: revoked tokens, and the user a session belongs to;
+//! - [`Sessions`]: login sessions and their refresh tokens, revoked tokens, and the user
+//!   a session belongs to;
 //! - [`Grants`]: short-lived single-use grants (WeChat's OAuth states and tickets);
 //! - [`Keys`]: the server's own secrets (code HMAC key, token signing keys);
 //! - [`Snapshots`]: the whole store as records, for backups, and their import;
@@ -357,21 +358,107 @@ pub trait CaptchaAnswers: Send + Sync {
 /// A user with its login methods.
 pub type Account = (User, Vec<LoginMethod>);
 
-/// Tokens ended before their expiry, and the user a session belongs to.
+/// A login session's id: 128 random bits, the `sid` claim of its access tokens.
+pub type SessionId = [u8; 16];
+
+/// One login (sms, password or WeChat) and the chain of refresh tokens that follows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    pub user_id: UserId,
+    /// The user's session generation at the login: a bump (password reset, admin
+    /// logout, "log out everywhere") ends the session.
+    pub session_gen: u32,
+    pub method: crate::model::Method,
+    pub created_at: i64,
+    pub last_used_at: i64,
+    /// When its newest refresh token expires: the session is over then.
+    pub expires_at: i64,
+    /// The client address, masked (/24, /48).
+    pub ip: String,
+    /// The client's User-Agent, cut to 200 characters.
+    pub user_agent: String,
+    pub ended: bool,
+}
+
+/// What presenting a refresh token found ([`Sessions::use_refresh`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshUse {
+    /// It was live and is used up now, by this call; its successor is stored. The
+    /// session as it is after it (`last_used_at`, `expires_at` moved on).
+    Rotated(SessionRecord),
+    /// It was used before, at `used_at` (by this instance or another); its successor was
+    /// stored then. Whether that is a second tab or a thief is the caller's call.
+    Used {
+        session: SessionRecord,
+        used_at: i64,
+    },
+    /// Unknown, expired, or of a session that has ended or is gone.
+    Invalid,
+}
+
+/// The revocation entry that ends every access token of session `id` (kept with the
+/// token ids of [`Sessions::revoke`]; a jti is bare hex, so the two never meet).
+pub fn session_revocation_key(id: &SessionId) -> String {
+    format!("sid:{}", hex::encode(id))
+}
+
+/// Tokens ended before their expiry, the user a session belongs to, and the login
+/// sessions with their refresh tokens (kept as SHA-256 digests only).
 pub trait Sessions: Send + Sync {
+    /// Stores a new session and its first refresh token (by digest), live until
+    /// `session.expires_at`.
+    fn create_session<'a>(
+        &'a self,
+        session: &'a SessionRecord,
+        refresh: [u8; 32],
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Uses up the live refresh token `presented` (a digest) and stores `successor` in
+    /// its place, live until `expires_at`, as one atomic step: of racing uses of one
+    /// token, on any instance, exactly one gets [`RefreshUse::Rotated`] and the others
+    /// [`RefreshUse::Used`].
+    fn use_refresh(
+        &self,
+        presented: [u8; 32],
+        successor: [u8; 32],
+        now: i64,
+        expires_at: i64,
+    ) -> BoxFuture<'_, Result<RefreshUse>>;
+    /// Every stored session of the user, ended and stale ones included.
+    fn user_sessions(&self, user: UserId) -> BoxFuture<'_, Result<Vec<SessionRecord>>>;
+    /// Ends session `id` of `user` (refresh tokens refused from now on) and revokes its
+    /// access tokens ([`session_revocation_key`]) until `revoke_until`, as one step.
+    /// False if there was no such live session.
+    fn end_session(
+        &self,
+        user: UserId,
+        id: SessionId,
+        revoke_until: i64,
+    ) -> BoxFuture<'_, Result<bool>>;
+    /// Deletes the sessions that expired or ended before `now` and the refresh tokens
+    /// that expired, or whose session is gone.
+    fn prune_sessions(&self, now: i64) -> BoxFuture<'_, Result<usize>>;
+
     /// Marks a token id as used up until `exp`. True if it was not marked before: the
     /// caller that gets true is the one that used it (single-use tickets).
     fn revoke<'a>(&'a self, jti: &'a str, exp: i64) -> BoxFuture<'a, Result<bool>>;
     fn is_revoked<'a>(&'a self, jti: &'a str) -> BoxFuture<'a, Result<bool>>;
-    /// The user of a session with token id `jti`, unless the token is revoked: what an
+    /// The user of a session with token id `jti`, unless the token is revoked, or its
+    /// login session (`sid`, a [`session_revocation_key`]) has ended: what an
     /// authenticated request needs, in one read where the engine allows.
-    fn session_user<'a>(&'a self, id: UserId, jti: &'a str) -> BoxFuture<'a, Result<Option<User>>>;
+    fn session_user<'a>(
+        &'a self,
+        id: UserId,
+        jti: &'a str,
+        sid: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<User>>>;
     /// [`Sessions::session_user`] with the user's login methods (as
     /// [`Users::login_methods`] gives them), in one read where the engine allows.
     fn session_account<'a>(
         &'a self,
         id: UserId,
         jti: &'a str,
+        sid: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Option<Account>>>;
     /// Forgets revocations of tokens that have expired anyway.
     fn prune_revocations(&self, now: i64) -> BoxFuture<'_, Result<usize>>;

@@ -3,6 +3,9 @@
 // on the page with textContent only, never as HTML.
 (function () {
   const TOKEN_KEY = "smsauth.token"; // sessionStorage: this tab only, gone when it closes
+  // The refresh token of a bearer session, beside it. With the site's cookies on, the
+  // server keeps it in an HttpOnly cookie instead, which outlives a browser restart.
+  const REFRESH_KEY = "smsauth.refresh";
   const LANG_KEY = "smsauth.lang"; // localStorage: the visitor's choice of language
 
   const TEXT = {
@@ -45,6 +48,13 @@
       method_wechat: "WeChat",
       never: "—",
       logout: "Log out",
+      sessions_title: "Where you are logged in",
+      session_current: "This device",
+      session_end: "Log out this device",
+      session_used: "{method} · {ip} · last used {when}",
+      logout_others: "Log out everywhere else",
+      session_ended: "That device is logged out.",
+      others_ended: "You are logged out everywhere else.",
       welcome: "Welcome, {name}.",
       welcome_new: "Your account is ready. Welcome, {name}.",
       code_sent: "Code sent. It is valid for {s}.",
@@ -139,6 +149,13 @@
       method_wechat: "微信",
       never: "—",
       logout: "退出登录",
+      sessions_title: "登录设备",
+      session_current: "本设备",
+      session_end: "退出此设备",
+      session_used: "{method} · {ip} · 最近使用 {when}",
+      logout_others: "退出其他所有设备",
+      session_ended: "该设备已退出登录。",
+      others_ended: "其他设备均已退出登录。",
       welcome: "欢迎，{name}。",
       welcome_new: "账户已创建。欢迎，{name}。",
       code_sent: "验证码已发送，{s}内有效。",
@@ -210,6 +227,8 @@
   // The server serves this meta only with WeChat login on; without it the page never
   // shows a WeChat control (the routes would answer 404).
   const WECHAT = (document.querySelector('meta[name="smsauth-wechat"]') || {}).content === "on";
+  // The site keeps sessions in cookies: the refresh cookie may outlive the tab.
+  const COOKIES = (document.querySelector('meta[name="smsauth-cookie"]') || {}).content === "on";
 
   const state = {
     lang: "en",
@@ -223,6 +242,7 @@
     busy: false,
     countdownEnd: 0,
     countdownTimer: null,
+    refreshTimer: null,
     bind: null, // {token, nickname, avatar}: the WeChat user who is binding a phone
   };
 
@@ -355,7 +375,10 @@
     renderMode();
     renderSendButton();
     renderMessage();
-    if (state.user) renderAccount();
+    if (state.user) {
+      renderAccount();
+      loadSessions();
+    }
   }
 
   function switchLang() {
@@ -574,11 +597,50 @@
     await loggedIn(res.data);
   }
 
-  // A token answer (any login): keep the token and show the account.
-  async function loggedIn(data) {
+  // A token answer (a login or a refresh): keep the tokens and refresh before the access
+  // token expires.
+  function keepTokens(data) {
     const token = data && data.access_token;
-    // With cookie sessions the cookie carries the session; a token, if given, is kept too.
+    // With cookie sessions the cookies carry the session; the tokens are kept too.
     if (typeof token === "string" && token) storageSet("sessionStorage", TOKEN_KEY, token);
+    const refresh = data && data.refresh_token;
+    if (typeof refresh === "string" && refresh) storageSet("sessionStorage", REFRESH_KEY, refresh);
+    clearTimeout(state.refreshTimer);
+    const secs = Number(data && data.expires_in) || 0;
+    // At four fifths of its life, and never in a tight loop.
+    if (secs > 0) state.refreshTimer = setTimeout(refreshTokens, Math.max(5, secs * 0.8) * 1000);
+  }
+
+  function forgetTokens() {
+    clearTimeout(state.refreshTimer);
+    storageSet("sessionStorage", TOKEN_KEY, null);
+    storageSet("sessionStorage", REFRESH_KEY, null);
+  }
+
+  // POST /auth/refresh with this tab's refresh token, or with none (the refresh cookie,
+  // if the site set one). Resolves to whether the session goes on.
+  async function refreshTokens() {
+    const refresh = storageGet("sessionStorage", REFRESH_KEY);
+    if (!refresh && !COOKIES) return false; // nothing to refresh with
+    const res = await api("POST", "/api/v1/auth/refresh", refresh ? { refresh_token: refresh } : undefined);
+    if (res.ok && res.data) {
+      keepTokens(res.data);
+      return true;
+    }
+    if (res.status === 401 || res.status === 403) {
+      const wasIn = state.user !== null;
+      forgetTokens();
+      if (wasIn) {
+        showLogin();
+        say("info", "logged_out");
+      }
+    }
+    return false;
+  }
+
+  // A token answer (any login): keep the tokens and show the account.
+  async function loggedIn(data) {
+    keepTokens(data);
     state.created = Boolean(data && data.created);
     await loadAccount(true);
   }
@@ -627,7 +689,10 @@
   // sets one. `afterLogin`: a failure here is an error worth showing.
   // Resolves to whether the account is shown.
   async function loadAccount(afterLogin) {
-    const res = await api("GET", "/api/v1/me");
+    let res = await api("GET", "/api/v1/me");
+    // An expired access token (a tab asleep, a browser restarted with cookies on): one
+    // refresh, then ask again.
+    if (res.status === 401 && (await refreshTokens())) res = await api("GET", "/api/v1/me");
     if (res.ok && res.data) {
       state.user = res.data;
       clearMessage();
@@ -635,10 +700,11 @@
       $("login-view").hidden = true;
       $("account-view").hidden = false;
       $("logout").focus();
+      loadSessions();
       return true;
     }
     const hadToken = storageGet("sessionStorage", TOKEN_KEY) !== null;
-    if (res.status === 401) storageSet("sessionStorage", TOKEN_KEY, null);
+    if (res.status === 401) forgetTokens();
     showLogin();
     if (afterLogin || hadToken || res.status !== 401) sayApiError(res);
     return false;
@@ -651,13 +717,81 @@
     btn.disabled = false;
     // 401: the session had already ended; either way this tab is logged out.
     if (res.ok || res.status === 401) {
-      storageSet("sessionStorage", TOKEN_KEY, null);
+      forgetTokens();
       showLogin();
       say("info", "logged_out");
       $("phone").focus();
     } else {
       sayApiError(res);
     }
+  }
+
+  // ---- sessions ----
+
+  // GET /me/sessions: every device logged in, this one first, each but this one with a
+  // button that logs it out.
+  async function loadSessions() {
+    const res = await api("GET", "/api/v1/me/sessions");
+    const list = $("sessions");
+    list.textContent = "";
+    if (!res.ok || !Array.isArray(res.data)) return;
+    const sessions = res.data.slice().sort((a, b) => Number(Boolean(b.current)) - Number(Boolean(a.current)));
+    for (const s of sessions) {
+      const li = document.createElement("li");
+      li.className = "session";
+      li.dataset.session = String(s.id);
+      const agent = document.createElement("span");
+      agent.className = "agent";
+      agent.textContent = String(s.user_agent || "");
+      const used = document.createElement("span");
+      used.className = "used";
+      used.textContent = t("session_used", {
+        method: TEXT.en["method_" + s.method] ? t("method_" + s.method) : String(s.method),
+        ip: String(s.ip),
+        when: when(s.last_used_at),
+      });
+      li.append(agent, used);
+      if (s.current) {
+        const here = document.createElement("span");
+        here.className = "current";
+        here.textContent = t("session_current");
+        li.append(here);
+      } else {
+        const end = document.createElement("button");
+        end.type = "button";
+        end.className = "link";
+        end.textContent = t("session_end");
+        end.addEventListener("click", () => endSession(String(s.id), end));
+        li.append(end);
+      }
+      list.append(li);
+    }
+    $("logout-others").hidden = sessions.length < 2;
+  }
+
+  async function endSession(id, btn) {
+    btn.disabled = true;
+    const res = await api("DELETE", "/api/v1/me/sessions/" + encodeURIComponent(id));
+    if (!res.ok && res.status !== 404) {
+      btn.disabled = false;
+      sayApiError(res);
+      return;
+    }
+    await loadSessions();
+    say("info", "session_ended");
+  }
+
+  async function logoutOthers() {
+    const btn = $("logout-others");
+    btn.disabled = true;
+    const res = await api("POST", "/api/v1/auth/logout", { scope: "others" });
+    btn.disabled = false;
+    if (!res.ok) {
+      sayApiError(res);
+      return;
+    }
+    await loadSessions();
+    say("info", "others_ended");
   }
 
   // ---- WeChat ----
@@ -796,6 +930,7 @@
   $("captcha-image-button").addEventListener("click", loadCaptcha);
   $("login-form").addEventListener("submit", submit);
   $("logout").addEventListener("click", logout);
+  $("logout-others").addEventListener("click", logoutOthers);
   $("wechat-login").addEventListener("click", startWechat);
   $("bind-cancel").addEventListener("click", () => {
     endBind();

@@ -54,6 +54,10 @@ pub struct LinkingSession {
     pub session_gen: u32,
     /// The session token's id, to tell a logout.
     pub jti: String,
+    /// Its login session's revocation key, to tell that the session ended (none for a
+    /// token from before sessions, and in states stored before this field).
+    #[serde(default)]
+    pub sid_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -24,6 +24,27 @@ use crate::model::{LoginMethod, User};
 use crate::phone::Phone;
 use crate::token::Session;
 
+/// Who sent a login request, for the session it starts.
+pub struct Client {
+    pub ip: std::net::IpAddr,
+    pub user_agent: String,
+}
+
+impl Client {
+    pub fn of(req: &crate::http::router::Req) -> Client {
+        let user_agent = req
+            .parts
+            .headers
+            .get(http::header::USER_AGENT)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        Client {
+            ip: req.ip,
+            user_agent,
+        }
+    }
+}
+
 /// A user as the API shows it.
 #[derive(Serialize)]
 pub struct UserView {
@@ -156,7 +177,7 @@ pub async fn authenticate(app: &App, head: &Parts) -> Result<(User, Session), Ap
     let user = app
         .store
         .sessions
-        .session_user(session.user_id, &session.jti)
+        .session_user(session.user_id, &session.jti, session.sid_key.as_deref())
         .await?;
     Ok((current(user, &session)?, session))
 }
@@ -171,7 +192,7 @@ pub async fn authenticate_with_methods(
     let account = app
         .store
         .sessions
-        .session_account(session.user_id, &session.jti)
+        .session_account(session.user_id, &session.jti, session.sid_key.as_deref())
         .await?;
     let (user, methods) = account.ok_or(ApiError::Unauthorized(SESSION_REFUSED))?;
     Ok((current(Some(user), &session)?, methods))

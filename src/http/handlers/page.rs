@@ -24,6 +24,9 @@ const JS_SLOT: &str = "/*APP_JS*/";
 
 /// Tells the script to offer WeChat login; inserted at the end of `<head>`.
 const WECHAT_META: &str = "<meta name=\"smsauth-wechat\" content=\"on\">\n";
+/// Tells the script that the site keeps sessions in cookies (`token.cookie`), so a
+/// refresh by the refresh cookie can bring a session back after a browser restart.
+const COOKIE_META: &str = "<meta name=\"smsauth-cookie\" content=\"on\">\n";
 /// Where WeChat serves avatars (`headimgurl`): images only, over HTTPS.
 const WECHAT_IMG_HOSTS: &str = "https://thirdwx.qlogo.cn https://wx.qlogo.cn";
 
@@ -32,14 +35,19 @@ struct Page {
     csp: HeaderValue,
 }
 
-static PLAIN: LazyLock<Page> = LazyLock::new(|| build(false));
-static WECHAT: LazyLock<Page> = LazyLock::new(|| build(true));
+static PLAIN: LazyLock<Page> = LazyLock::new(|| build(false, false));
+static WECHAT: LazyLock<Page> = LazyLock::new(|| build(true, false));
+static PLAIN_COOKIE: LazyLock<Page> = LazyLock::new(|| build(false, true));
+static WECHAT_COOKIE: LazyLock<Page> = LazyLock::new(|| build(true, true));
 
-fn build(wechat: bool) -> Page {
-    let template = match wechat {
-        true => TEMPLATE.replacen("</head>", &format!("{WECHAT_META}</head>"), 1),
-        false => TEMPLATE.to_owned(),
-    };
+fn build(wechat: bool, cookie: bool) -> Page {
+    let mut template = TEMPLATE.to_owned();
+    if wechat {
+        template = template.replacen("</head>", &format!("{WECHAT_META}</head>"), 1);
+    }
+    if cookie {
+        template = template.replacen("</head>", &format!("{COOKIE_META}</head>"), 1);
+    }
     let html = template.replacen(CSS_SLOT, CSS, 1).replacen(JS_SLOT, JS, 1);
     let img_src = match wechat {
         true => format!("data: {WECHAT_IMG_HOSTS}"),
@@ -66,9 +74,15 @@ fn sha256_source(text: &str) -> String {
     )
 }
 
-/// The page; `wechat_enabled` picks the variant that offers WeChat login.
-pub fn index(wechat_enabled: bool) -> Resp {
-    let page: &Page = if wechat_enabled { &WECHAT } else { &PLAIN };
+/// The page; `wechat_enabled` picks the variant that offers WeChat login, `cookie` the
+/// one that knows the site keeps sessions in cookies.
+pub fn index(wechat_enabled: bool, cookie: bool) -> Resp {
+    let page: &Page = match (wechat_enabled, cookie) {
+        (false, false) => &PLAIN,
+        (true, false) => &WECHAT,
+        (false, true) => &PLAIN_COOKIE,
+        (true, true) => &WECHAT_COOKIE,
+    };
     let mut resp = Response::new(Full::new(page.html.clone()));
     *resp.status_mut() = StatusCode::OK;
     let headers = resp.headers_mut();

@@ -6,7 +6,7 @@ use http::StatusCode;
 use serde::Deserialize;
 
 use super::session::{default_nickname, sms_method, token_response};
-use super::{UserView, nickname, parse_phone, redeem_proof};
+use super::{Client, UserView, nickname, parse_phone, redeem_proof};
 use crate::app::App;
 use crate::clock::now;
 use crate::error::ApiError;
@@ -38,6 +38,7 @@ struct RegisterRequest {
 /// 409 phone_taken if the phone has an account, also when registrations race: the
 /// store's create is atomic, so exactly one of them gets 201.
 pub async fn register(app: &App, req: Req) -> Result<Resp, ApiError> {
+    let client = Client::of(&req);
     let body: RegisterRequest = req.json(app).await?;
     let phone = parse_phone(app, &body.phone)?;
     // Check what is cheap first, so a rejected password does not use up the code.
@@ -74,7 +75,8 @@ pub async fn register(app: &App, req: Req) -> Result<Resp, ApiError> {
     tracing::info!(user_id = user.id, phone = %phone.masked(), "registered with a password");
     app.metrics.registration("password");
     let view = UserView::new(&user, &methods);
-    Ok(token_response(app, &user, view, true, StatusCode::CREATED))
+    let login = (&client, Method::Password);
+    token_response(app, login, &user, view, true, StatusCode::CREATED).await
 }
 
 #[derive(Deserialize)]
@@ -86,6 +88,7 @@ struct LoginRequest {
 /// Unknown phone, wrong password and an account without a password get the same 401
 /// invalid_credentials in the same time: each costs one argon2 verification.
 pub async fn login(app: &App, req: Req) -> Result<Resp, ApiError> {
+    let client = Client::of(&req);
     let body: LoginRequest = req.json(app).await?;
     let phone = parse_phone(app, &body.phone)?;
     let user = app.store.users.user_by_phone(phone.as_str()).await?;
@@ -129,7 +132,15 @@ pub async fn login(app: &App, req: Req) -> Result<Resp, ApiError> {
     tracing::info!(user_id = user.id, phone = %phone.masked(), "password login");
     app.metrics.login("password");
     let view = UserView::load(app, &user).await?;
-    Ok(token_response(app, &user, view, false, StatusCode::OK))
+    token_response(
+        app,
+        (&client, Method::Password),
+        &user,
+        view,
+        false,
+        StatusCode::OK,
+    )
+    .await
 }
 
 #[derive(Deserialize)]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use super::session::{default_nickname, sms_method, token_response};
-use super::{UserView, authenticate, consume_code, nickname, parse_phone};
+use super::{Client, UserView, authenticate, consume_code, nickname, parse_phone};
 use crate::app::App;
 use crate::clock::now;
 use crate::error::ApiError;
@@ -67,6 +67,7 @@ pub async fn link(app: &App, req: Req) -> Result<Resp, ApiError> {
             user_id: user.id,
             session_gen: user.session_gen,
             jti: session.jti,
+            sid_key: session.sid_key.map(String::from),
         }),
     };
     let (state, url) = wechat.start(&oauth, now()).await?;
@@ -140,7 +141,7 @@ async fn link_profile(
     let user = app
         .store
         .sessions
-        .session_user(user_id, &session.jti)
+        .session_user(user_id, &session.jti, session.sid_key.as_deref())
         .await?;
     if !user.is_some_and(|u| !u.disabled && u.session_gen == session.session_gen) {
         return Err(ApiError::Unauthorized("the session that asked has ended"));
@@ -184,6 +185,7 @@ struct ProfileView {
 /// account, else a bind token to bind a phone with.
 pub async fn exchange(app: &App, req: Req) -> Result<Resp, ApiError> {
     let wechat = enabled(app)?;
+    let client = Client::of(&req);
     let body: ExchangeRequest = req.json(app).await?;
     let now = now();
     let profile = wechat
@@ -202,7 +204,8 @@ pub async fn exchange(app: &App, req: Req) -> Result<Resp, ApiError> {
         tracing::info!(user_id = user.id, wechat = %mask_id(&profile.id), "wechat login");
         app.metrics.login("wechat");
         let view = UserView::load(app, &user).await?;
-        return Ok(token_response(app, &user, view, false, StatusCode::OK));
+        let login = (&client, Method::Wechat);
+        return token_response(app, login, &user, view, false, StatusCode::OK).await;
     }
     let bind_token = wechat
         .grant(GrantKind::WechatBind, &profile, now, BIND_TTL_SECS)
@@ -234,6 +237,7 @@ struct BindRequest {
 /// phone's account (made, with both methods, if the phone has none) and logs in.
 pub async fn bind(app: &App, req: Req) -> Result<Resp, ApiError> {
     let wechat = enabled(app)?;
+    let client = Client::of(&req);
     let body: BindRequest = req.json(app).await?;
     let phone = parse_phone(app, &body.phone)?;
     // The code first: a mistyped code leaves the bind token for the next try.
@@ -277,7 +281,15 @@ pub async fn bind(app: &App, req: Req) -> Result<Resp, ApiError> {
     } else {
         UserView::load(app, &user).await?
     };
-    Ok(token_response(app, &user, view, created, StatusCode::OK))
+    token_response(
+        app,
+        (&client, Method::Wechat),
+        &user,
+        view,
+        created,
+        StatusCode::OK,
+    )
+    .await
 }
 
 /// The API error of a bind that did not happen.

@@ -19,6 +19,7 @@ mod codes;
 mod grants;
 mod limits;
 mod metrics;
+mod sessions;
 mod users;
 mod wechat;
 
@@ -35,8 +36,12 @@ use crate::config::{LimitsConfig, PostgresConfig};
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// The schema this release writes; numbered scripts take a database from one to the next.
-const SCHEMA_VERSION: i32 = 2;
-const MIGRATIONS: [&str; 2] = [include_str!("schema_1.sql"), include_str!("schema_2.sql")];
+const SCHEMA_VERSION: i32 = 3;
+const MIGRATIONS: [&str; 3] = [
+    include_str!("schema_1.sql"),
+    include_str!("schema_2.sql"),
+    include_str!("schema_3.sql"),
+];
 /// Any fixed number: the advisory lock every instance takes while it migrates.
 const MIGRATION_LOCK: i64 = 0x0073_6d73_6175_7468; // "smsauth"
 

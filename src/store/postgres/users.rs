@@ -1,4 +1,5 @@
-//! [`Users`] and [`Sessions`] on PostgreSQL: `users`, `login_methods`, `revoked_tokens`.
+//! [`Users`] and [`Sessions`] on PostgreSQL: `users`, `login_methods`, `revoked_tokens`
+//! (login sessions and refresh tokens in [`super::sessions`]).
 
 use tokio_postgres::Row;
 
@@ -421,7 +422,12 @@ impl Sessions for PgStore {
         })
     }
 
-    fn session_user<'a>(&'a self, id: UserId, jti: &'a str) -> BoxFuture<'a, Result<Option<User>>> {
+    fn session_user<'a>(
+        &'a self,
+        id: UserId,
+        jti: &'a str,
+        sid: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<User>>> {
         Box::pin(async move {
             // The user and the revocation check in one round trip.
             let row = self
@@ -431,9 +437,9 @@ impl Sessions for PgStore {
                         "SELECT ",
                         user_columns!(),
                         " FROM users
-                     WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)"
+                     WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti IN ($2, $3))"
                     ),
-                    &[&(id as i64), &jti],
+                    &[&(id as i64), &jti, &sid],
                 )
                 .await?;
             Ok(row.as_ref().map(row_user))
@@ -444,6 +450,7 @@ impl Sessions for PgStore {
         &'a self,
         id: UserId,
         jti: &'a str,
+        sid: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Option<crate::store::Account>>> {
         Box::pin(async move {
             // The user, its stored methods and the revocation check in one statement: a
@@ -454,9 +461,9 @@ impl Sessions for PgStore {
                     "SELECT u.id, u.phone, u.nickname, u.created_at, u.last_login_at, u.disabled,
                             u.session_gen, u.avatar_url, m.method, m.identification, m.access_code
                      FROM users u LEFT JOIN login_methods m ON m.user_id = u.id
-                     WHERE u.id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)
+                     WHERE u.id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti IN ($2, $3))
                      ORDER BY m.method",
-                    &[&(id as i64), &jti],
+                    &[&(id as i64), &jti, &sid],
                 )
                 .await?;
             let Some(first) = rows.first() else {
@@ -492,5 +499,43 @@ impl Sessions for PgStore {
                 .await?;
             Ok(n as usize)
         })
+    }
+
+    fn create_session<'a>(
+        &'a self,
+        session: &'a crate::store::SessionRecord,
+        refresh: [u8; 32],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.create_session_now(session, refresh))
+    }
+
+    fn use_refresh(
+        &self,
+        presented: [u8; 32],
+        successor: [u8; 32],
+        now: i64,
+        expires_at: i64,
+    ) -> BoxFuture<'_, Result<crate::store::RefreshUse>> {
+        Box::pin(self.use_refresh_now(presented, successor, now, expires_at))
+    }
+
+    fn user_sessions(
+        &self,
+        user: UserId,
+    ) -> BoxFuture<'_, Result<Vec<crate::store::SessionRecord>>> {
+        Box::pin(self.user_sessions_now(user))
+    }
+
+    fn end_session(
+        &self,
+        user: UserId,
+        id: crate::store::SessionId,
+        revoke_until: i64,
+    ) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(self.end_session_now(user, id, revoke_until))
+    }
+
+    fn prune_sessions(&self, now: i64) -> BoxFuture<'_, Result<usize>> {
+        Box::pin(self.prune_sessions_now(now))
     }
 }

@@ -105,6 +105,12 @@ pub struct SledStore {
     codes: sled::Tree,
     revoked: sled::Tree,
     counters: sled::Tree,
+    /// Login sessions by (user id, session id), and refresh tokens by digest.
+    sessions: sled::Tree,
+    refresh: sled::Tree,
+    /// Serializes every use of a refresh token: a read of its record and the writes
+    /// that use it up are one step (see [`sessions`]).
+    refresh_lock: std::sync::Mutex<()>,
     commit: Arc<GroupCommit>,
     /// Read-held by every write, write-held by a snapshot (see the module doc).
     gate: RwLock<()>,
@@ -179,6 +185,9 @@ impl SledStore {
             codes: db.open_tree(layout::CODES)?,
             revoked: db.open_tree(layout::REVOKED)?,
             counters: db.open_tree(layout::COUNTERS)?,
+            sessions: db.open_tree(layout::SESSIONS)?,
+            refresh: db.open_tree(layout::REFRESH)?,
+            refresh_lock: std::sync::Mutex::new(()),
             commit: GroupCommit::new(db.clone(), log_file),
             db,
             gate: RwLock::new(()),
