@@ -72,6 +72,8 @@ cargo bench --bench load [-- OPTIONS]   (or the BENCH_* variables)
                                           server and ceiling on the first half of the
                                           cores, the client on the second, by taskset)
   --no-wrk           BENCH_WRK=0          skip the check with wrk (run when installed)
+  --token-algorithm A BENCH_TOKEN_ALGORITHM sign the sled run's sessions with ES256 or
+                                          EdDSA (default: HS256 with a fixed secret)
   --engine E         BENCH_ENGINE         sled (default): the scenarios above;
                                           postgres: send-code, sms-login-existing,
                                           sms-login-new and me on the PostgreSQL engine,
@@ -128,6 +130,8 @@ struct Opts {
     pin: bool,
     /// Drive the same server with wrk too, where it is installed.
     wrk: bool,
+    /// `token.algorithm` of the sled run's server; None: HS256 with a fixed secret.
+    token_algorithm: Option<String>,
 }
 
 /// Which storage engine(s) the scenarios run on (`--engine`).
@@ -170,6 +174,7 @@ const OPTIONS: &[&str] = &[
     "soak",
     "pin",
     "wrk",
+    "token_algorithm",
 ];
 
 impl Opts {
@@ -258,6 +263,7 @@ impl Opts {
             soak: vars.get("soak").map(|_| num("soak", 600.0) as u64),
             pin: vars.get("pin").is_none_or(|v| v != "0"),
             wrk: vars.get("wrk").is_none_or(|v| v != "0"),
+            token_algorithm: vars.get("token_algorithm").cloned(),
         }
     }
 
@@ -993,6 +999,12 @@ async fn sled_run(opts: &Opts, ceiling: SocketAddr) -> SledRun {
     std::fs::create_dir_all(&data).expect("data dir");
     let port = free_port();
     let mut text = bench_config(&data, &format!("127.0.0.1:{port}"), SECRET, 3600, "");
+    if let Some(alg) = &opts.token_algorithm {
+        text = text.replace(
+            &format!("secret = \"{SECRET}\""),
+            &format!("algorithm = \"{alg}\""),
+        );
+    }
     if !opts.log {
         text.push_str("level = \"warn\"\n");
     }
