@@ -102,21 +102,7 @@ async fn the_pyjwt_example_checks_tokens_of_every_asymmetric_algorithm() {
         let login = s.sms_login("13812347001").await;
         let token = login["access_token"].as_str().unwrap().to_owned();
         let id = login["user"]["id"].to_string();
-        let run = |token: String| {
-            let script = script.clone();
-            let base = s.url("");
-            // Blocking: the server answers on its own process meanwhile.
-            std::thread::spawn(move || {
-                Command::new("python3")
-                    .arg(&script)
-                    .arg(token)
-                    .env("AUTH_BASE_URL", base)
-                    .output()
-                    .unwrap()
-            })
-            .join()
-            .unwrap()
-        };
+        let run = |token: String| run_example("python3", &script, s.url(""), token);
         let out = run(token.clone());
         assert!(
             out.status.success(),
