@@ -135,6 +135,7 @@ fn create_users(store: &Store, n: usize) -> Vec<u64> {
             }];
             let new = NewUser {
                 phone: &p,
+                index: store.phones.index(&p),
                 nickname: "bench".into(),
                 created_at: 1,
                 last_login_at: None,
@@ -167,7 +168,12 @@ fn main() {
                     expires_at: now + 300,
                     attempts: 0,
                 };
-                block_on(store.codes.put_code(&phone(i), Purpose::Login, code)).expect("put");
+                block_on(store.codes.put_code(
+                    &store.phones.index(&phone(i)),
+                    Purpose::Login,
+                    code,
+                ))
+                .expect("put");
             }
             None
         },
@@ -211,9 +217,13 @@ fn main() {
         |_| (),
         |store, _, _| {
             for i in 0..ENTRIES {
-                block_on(store.waits.reserve_send(&phone(i), now, 60))
-                    .expect("reserve")
-                    .expect("a first send");
+                block_on(
+                    store
+                        .waits
+                        .reserve_send(&store.phones.index(&phone(i)), now, 60),
+                )
+                .expect("reserve")
+                .expect("a first send");
             }
             None
         },

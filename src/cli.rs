@@ -38,6 +38,10 @@ pub enum Command {
     Backup {
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// Put the phone key in the backup too. Without it the backup's phone numbers
+        /// stay encrypted to whoever holds the file; restore then needs the key file.
+        #[arg(long)]
+        include_keys: bool,
     },
     /// Load a backup FILE into an empty data dir (the server must not be running).
     Restore {
@@ -97,8 +101,13 @@ pub enum KeysCommand {
 /// `smsauth user ...`. PHONE takes any form the API accepts (`13812345678`, `+86 138...`).
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
-    /// One line per user: id, phone, nickname, created, last login, disabled.
-    List,
+    /// One line per user: id, phone (masked unless --full), nickname, created, last
+    /// login, disabled.
+    List {
+        /// Show every phone number in full (the store keeps them encrypted; this decrypts).
+        #[arg(long)]
+        full: bool,
+    },
     /// One user, with its login methods.
     Show { phone: String },
     /// Refuse the user's logins and sessions until enabled again.
@@ -115,7 +124,7 @@ impl From<UserCommand> for crate::admin::Op {
     fn from(c: UserCommand) -> Self {
         use crate::admin::Op;
         match c {
-            UserCommand::List => Op::List,
+            UserCommand::List { full } => Op::List { full },
             UserCommand::Show { phone } => Op::Show { phone },
             UserCommand::Disable { phone } => Op::Disable { phone },
             UserCommand::Enable { phone } => Op::Enable { phone },

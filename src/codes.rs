@@ -13,7 +13,7 @@ use sha2::Sha256;
 use crate::clock::now;
 use crate::config::CodeConfig;
 use crate::model::{PendingCode, Purpose};
-use crate::phone::Phone;
+use crate::phone::{IndexedPhone, Phone};
 use crate::store::{CodeCheck, PendingCodes, ResendWaits, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,24 +79,27 @@ impl Codes {
 
     /// Claims the right to send to `phone` now. Ok(Err(seconds to wait)) inside the
     /// resend interval. Atomic per phone, so two racing requests cannot both send.
-    pub async fn reserve_send(&self, phone: &Phone) -> Result<Result<(), u64>, StoreError> {
+    pub async fn reserve_send(&self, phone: &IndexedPhone) -> Result<Result<(), u64>, StoreError> {
         let interval = self.cfg.resend_interval_secs as i64;
         if interval == 0 {
             return Ok(Ok(()));
         }
-        self.waits
-            .reserve_send(phone.as_str(), now(), interval)
-            .await
+        self.waits.reserve_send(&phone.index, now(), interval).await
     }
 
     /// Gives back a reservation whose send failed: a failed send costs the user no wait.
-    pub async fn release_send(&self, phone: &Phone) -> Result<(), StoreError> {
-        self.waits.release_send(phone.as_str()).await
+    pub async fn release_send(&self, phone: &IndexedPhone) -> Result<(), StoreError> {
+        self.waits.release_send(&phone.index).await
     }
 
     /// Records `code` as the pending code for phone+purpose, replacing any older one.
     /// Durable after the next store flush.
-    pub async fn put(&self, phone: &Phone, purpose: Purpose, code: &str) -> Result<(), StoreError> {
+    pub async fn put(
+        &self,
+        phone: &IndexedPhone,
+        purpose: Purpose,
+        code: &str,
+    ) -> Result<(), StoreError> {
         let now = now();
         let rec = PendingCode {
             hash: self.hash(phone, purpose, code),
@@ -104,19 +107,19 @@ impl Codes {
             expires_at: now + self.cfg.ttl_secs as i64,
             attempts: 0,
         };
-        self.store.put_code(phone.as_str(), purpose, rec).await
+        self.store.put_code(&phone.index, purpose, rec).await
     }
 
     /// Drops the pending code of phone+purpose (its SMS could not be sent).
-    pub async fn discard(&self, phone: &Phone, purpose: Purpose) -> Result<(), StoreError> {
-        self.store.discard_code(phone.as_str(), purpose).await
+    pub async fn discard(&self, phone: &IndexedPhone, purpose: Purpose) -> Result<(), StoreError> {
+        self.store.discard_code(&phone.index, purpose).await
     }
 
     /// Checks `code` and uses it up if right. A wrong try counts against the code; the
     /// attempt that reaches `max_attempts` kills it. Durable after the next store flush.
     pub async fn consume(
         &self,
-        phone: &Phone,
+        phone: &IndexedPhone,
         purpose: Purpose,
         code: &str,
     ) -> Result<(), CodeError> {
@@ -124,13 +127,7 @@ impl Codes {
         let now = now();
         let checked = self
             .store
-            .check_code(
-                phone.as_str(),
-                purpose,
-                presented,
-                self.cfg.max_attempts,
-                now,
-            )
+            .check_code(&phone.index, purpose, presented, self.cfg.max_attempts, now)
             .await?;
         match checked {
             CodeCheck::Used => Ok(()),
@@ -192,7 +189,7 @@ mod tests {
     impl ResendWaits for NoWaits {
         fn reserve_send<'a>(
             &'a self,
-            _: &'a str,
+            _: &'a crate::store::PhoneIndex,
             _: i64,
             _: i64,
         ) -> crate::store::BoxFuture<'a, Result<Result<(), u64>, StoreError>> {
@@ -200,7 +197,7 @@ mod tests {
         }
         fn release_send<'a>(
             &'a self,
-            _: &'a str,
+            _: &'a crate::store::PhoneIndex,
         ) -> crate::store::BoxFuture<'a, Result<(), StoreError>> {
             crate::store::ready(Ok(()))
         }
@@ -213,8 +210,10 @@ mod tests {
         }
     }
 
-    fn phone() -> Phone {
-        Phone::from_e164("+8613812345678")
+    fn phone() -> IndexedPhone {
+        let key = crate::privacy::PhoneKey::new(&[3; 32]);
+        let vault = crate::privacy::PhoneVault::new(crate::privacy::PhoneKeys::new(key));
+        IndexedPhone::new(Phone::from_e164("+8613812345678"), &vault)
     }
 
     #[test]

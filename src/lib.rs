@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod model;
 pub mod password;
 pub mod phone;
+pub mod privacy;
 pub mod server;
 pub mod sessions;
 pub mod sharded;

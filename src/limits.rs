@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::clock::now;
 use crate::config::LimitsConfig;
 use crate::model::Counter;
-use crate::phone::Phone;
+use crate::phone::IndexedPhone;
 use crate::store::{AddressLimit, AddressLimits, Counters, StoreError};
 
 /// Why a request was limited, with the seconds to wait.
@@ -98,11 +98,11 @@ impl Limits {
 
     /// Takes one send from the phone's and the service's daily quota, or says how long to
     /// wait. Durable after the next store flush.
-    pub async fn take_send_quota(&self, phone: &Phone) -> Result<SendQuota, Limited> {
+    pub async fn take_send_quota(&self, phone: &IndexedPhone) -> Result<SendQuota, Limited> {
         let now = now();
         let day = window(Counter::SendsPerDay, now);
         let retry_after = secs_left(Counter::SendsPerDay, now);
-        let p = phone.as_str();
+        let p = phone.index.as_str();
         if self
             .counters
             .count_up(Counter::PhoneSendsPerDay, day, p, self.cfg.phone_per_day)
@@ -141,7 +141,7 @@ impl Limits {
     }
 
     /// Err while the phone is locked for too many wrong codes this hour.
-    pub async fn check_lockout(&self, phone: &Phone) -> Result<(), Limited> {
+    pub async fn check_lockout(&self, phone: &IndexedPhone) -> Result<(), Limited> {
         let limit = self.cfg.phone_failures_per_hour;
         if limit == 0 {
             return Ok(());
@@ -150,7 +150,7 @@ impl Limits {
         let hour = window(Counter::PhoneFailuresPerHour, now);
         if self
             .counters
-            .count(Counter::PhoneFailuresPerHour, hour, phone.as_str())
+            .count(Counter::PhoneFailuresPerHour, hour, phone.index.as_str())
             .await?
             >= limit
         {
@@ -163,12 +163,12 @@ impl Limits {
 
     /// Counts a wrong code tried against a live code of `phone`. Durable after the next
     /// store flush.
-    pub async fn record_failure(&self, phone: &Phone) -> Result<(), StoreError> {
+    pub async fn record_failure(&self, phone: &IndexedPhone) -> Result<(), StoreError> {
         let hour = window(Counter::PhoneFailuresPerHour, now());
         // Limit 0: counting never refuses; check_lockout decides the lockout.
         let _always_counted = self
             .counters
-            .count_up(Counter::PhoneFailuresPerHour, hour, phone.as_str(), 0)
+            .count_up(Counter::PhoneFailuresPerHour, hour, phone.index.as_str(), 0)
             .await?;
         Ok(())
     }

@@ -43,7 +43,9 @@ fn main() -> ExitCode {
         Command::Keys {
             action: KeysCommand::RotateTokenKey,
         } => runtime.block_on(command::rotate_token_key(&cfg)),
-        Command::Backup { file } => runtime.block_on(command::backup(&cfg, &file)),
+        Command::Backup { file, include_keys } => {
+            runtime.block_on(command::backup(&cfg, &file, include_keys))
+        }
         Command::Restore { file } => runtime.block_on(command::restore(&cfg, &file)),
         Command::Migrate => runtime.block_on(command::migrate(&cfg)),
         Command::Config {

@@ -4,6 +4,7 @@
 use regex::Regex;
 
 use crate::config::PhoneConfig;
+use crate::privacy::{PhoneIndex, PhoneVault};
 
 /// A phone number in E.164 form, valid under the configured pattern.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -22,6 +23,28 @@ impl Phone {
     /// For logs and default nicknames: `+86138****5678`, never the full number.
     pub fn masked(&self) -> String {
         mask(&self.0)
+    }
+}
+
+/// A phone number with its blind index ([`crate::privacy`]): what every record of the
+/// phone is found by. Made once per request, so the index costs one HMAC.
+#[derive(Debug, Clone)]
+pub struct IndexedPhone {
+    pub phone: Phone,
+    pub index: PhoneIndex,
+}
+
+impl IndexedPhone {
+    pub fn new(phone: Phone, vault: &PhoneVault) -> IndexedPhone {
+        let index = vault.index(phone.as_str());
+        IndexedPhone { phone, index }
+    }
+}
+
+impl std::ops::Deref for IndexedPhone {
+    type Target = Phone;
+    fn deref(&self) -> &Phone {
+        &self.phone
     }
 }
 

@@ -44,6 +44,7 @@ fn fill(data: &Path) {
         let (user, created) = block_on(store.create_user_if_absent(
             NewUser {
                 phone: &p,
+                index: store.vault().index(&p),
                 nickname: format!("user {i}"),
                 created_at: 1_700_000_000 + i as i64,
                 last_login_at: (i % 3 == 0).then_some(1_800_000_000),
@@ -70,7 +71,8 @@ fn fill(data: &Path) {
             expires_at: far,
             attempts: i % 3,
         };
-        block_on(store.put_code(&phone(i as u64), Purpose::ALL[i as usize % 3], code)).unwrap();
+        let index = store.vault().index(&phone(i as u64));
+        block_on(store.put_code(&index, Purpose::ALL[i as usize % 3], code)).unwrap();
     }
     store.flush_blocking().unwrap();
 }
@@ -92,7 +94,7 @@ fn contents(data: &Path) -> Contents {
     let by_phone = users
         .iter()
         .map(|u| {
-            block_on(store.user_by_phone(&u.phone))
+            block_on(store.user_by_phone(&store.vault().index(&u.phone)))
                 .unwrap()
                 .map(|x| x.id)
         })
@@ -116,6 +118,16 @@ fn contents(data: &Path) -> Contents {
         revocations_and_codes,
         count: block_on(store.user_count()).unwrap(),
         users,
+    }
+}
+
+/// Where the harness dir `dir`'s phone key is: the sled data dir's own, or the file the
+/// harness gives a PostgreSQL store.
+fn phone_key_path(dir: &Path) -> std::path::PathBuf {
+    if common::engine() == "postgres" {
+        common::phone_key_file(dir)
+    } else {
+        dir.join("data").join(smsauth::privacy::DEFAULT_KEY_FILE)
     }
 }
 
@@ -150,8 +162,12 @@ async fn ten_thousand_users_round_trip_and_old_sessions_still_work() {
     // While the server runs: through the admin socket.
     let live = dir.path().join("live.bak");
     let started = Instant::now();
-    let out = ok_stdout(&admin(dir.path(), &["backup", live.to_str().unwrap()]));
+    let out = ok_stdout(&admin(
+        dir.path(),
+        &["backup", "--include-keys", live.to_str().unwrap()],
+    ));
     eprintln!("backup via the admin socket: {:?}", started.elapsed());
+    assert!(out.contains("the phone key too"), "{out}");
     assert!(out.contains("from the running server"), "{out}");
     assert_eq!(mode(&live), 0o600, "a backup holds the keys");
     assert!(s.wait_log(|l| l["message"] == "admin snapshot").is_some());
@@ -171,9 +187,16 @@ async fn ten_thousand_users_round_trip_and_old_sessions_still_work() {
     let out = ok_stdout(&admin(dir.path(), &["backup", offline.to_str().unwrap()]));
     eprintln!("backup directly: {:?}", started.elapsed());
     assert!(out.contains("from the store"), "{out}");
+    assert!(out.contains("not the phone key"), "{out}");
 
+    let phone_key = std::fs::read(dir.path().join("data/phone.key")).unwrap();
     for (name, file) in [("live", &live), ("offline", &offline)] {
         let target = Arc::new(tempfile::tempdir().unwrap());
+        if name == "offline" {
+            // Without the key in the backup: the operator puts it into the new data dir.
+            std::fs::create_dir(target.path().join("data")).unwrap();
+            std::fs::write(target.path().join("data/phone.key"), &phone_key).unwrap();
+        }
         let started = Instant::now();
         let out = ok_stdout(&admin(target.path(), &["restore", file.to_str().unwrap()]));
         eprintln!("restore of the {name} backup: {:?}", started.elapsed());
@@ -184,6 +207,12 @@ async fn ten_thousand_users_round_trip_and_old_sessions_still_work() {
         assert_eq!(
             std::fs::read(data.join("signing.key")).unwrap(),
             std::fs::read(dir.path().join("data/signing.key")).unwrap()
+        );
+        let key_of = |p: &Path| smsauth::privacy::read_key_file(p).unwrap();
+        assert_eq!(
+            key_of(&data.join("phone.key")),
+            key_of(&dir.path().join("data/phone.key")),
+            "{name}"
         );
         let restored = contents(&data);
         // Field by field first, for a readable failure.
@@ -256,7 +285,35 @@ async fn restore_refuses_damaged_files_and_non_empty_data_dirs_leaving_nothing()
         before
     );
 
-    // The good file restores into the dir the refusals targeted.
+    // Without the phone key it was sealed with: refused, naming the key, nothing written.
+    let target_key = phone_key_path(target.path());
+    if common::engine() == "sled" {
+        let out = admin(target.path(), &["restore", file.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("sealed with phone key") && err.contains("--include-keys"),
+            "{err}"
+        );
+        assert!(!data.join("db").exists(), "no store left behind");
+        std::fs::create_dir_all(&data).unwrap();
+        let stranger = smsauth::privacy::PhoneKey::generate();
+        smsauth::privacy::create_key_file(&target_key, &stranger).unwrap();
+    } // (a PostgreSQL store is always given a key: the harness made the target's its own)
+    // Another key: refused too.
+    let out = admin(target.path(), &["restore", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("restore with the key the backup was taken with"),
+        "{err}"
+    );
+    if common::engine() == "sled" {
+        assert!(!data.join("db").exists(), "no store left behind");
+    }
+
+    // The good file, with its key, restores into the dir the refusals targeted.
+    std::fs::copy(phone_key_path(dir.path()), &target_key).unwrap();
     let out = ok_stdout(&admin(target.path(), &["restore", file.to_str().unwrap()]));
     assert!(out.contains("(1 users)"), "{out}");
 }

@@ -80,11 +80,20 @@ async fn eventually(within: Duration, mut ready: impl AsyncFnMut() -> bool) -> b
     }
 }
 
+/// The phones that have an account in the database, by their blind index (the database
+/// holds no phone number in the clear).
 fn phones_in(c: &Cluster) -> BTreeSet<String> {
-    c.pg.psql("smsauth", "SELECT phone FROM users")
+    c.pg.psql("smsauth", "SELECT phone_index FROM users")
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+/// The blind index of the national number `p` under the cluster's phone key.
+fn index_of(c: &Cluster, p: &str) -> String {
+    let key = smsauth::privacy::read_key_file(&c.phone_key).unwrap();
+    let index = smsauth::privacy::PhoneKey::new(&key).index(&common::e164(p));
+    index.as_str().to_owned()
 }
 
 #[tokio::test]
@@ -199,7 +208,7 @@ async fn a_database_restart_under_load_loses_nothing_acknowledged() {
         passwords += reset.len();
         for p in phones {
             assert!(
-                stored.contains(&common::e164(p)),
+                stored.contains(&index_of(&c, p)),
                 "{p} was acknowledged and lost"
             );
         }
@@ -287,7 +296,7 @@ async fn one_instance_killed_under_load_the_other_serves_on() {
     b.kill9(); // reaps it
     let stored = phones_in(&c);
     for p in &made_on_a {
-        assert!(stored.contains(&common::e164(p)), "{p} lost");
+        assert!(stored.contains(&index_of(&c, p)), "{p} lost");
     }
     for t in &made_on_b {
         assert_eq!(
@@ -307,7 +316,11 @@ fn config_for(url: &str, extra: &str) -> (tempfile::TempDir, std::path::PathBuf)
     let path = dir.path().join("smsauth.toml");
     std::fs::write(
         &path,
-        format!("[storage]\nengine = \"postgres\"\ndata_dir = \"{}\"\n[storage.postgres]\nurl = \"{url}\"\n{extra}", dir.path().join("data").display()),
+        format!(
+            "[privacy]\nphone_key_file = \"{}\"\n[storage]\nengine = \"postgres\"\ndata_dir = \"{}\"\n[storage.postgres]\nurl = \"{url}\"\n{extra}",
+            common::phone_key_file(dir.path()).display(),
+            dir.path().join("data").display()
+        ),
     )
     .unwrap();
     (dir, path)
@@ -322,6 +335,7 @@ fn serve(config: &std::path::Path, cwd: &std::path::Path) -> std::process::Outpu
         .env_remove("RUST_LOG")
         .env_remove("SMSAUTH_STORAGE__ENGINE")
         .env_remove("SMSAUTH_STORAGE__POSTGRES__URL")
+        .env_remove("SMSAUTH_PRIVACY__PHONE_KEY_FILE")
         .env("SMSAUTH_SERVER__LISTEN", "127.0.0.1:0");
     cmd.output().expect("run smsauth")
 }
@@ -390,7 +404,7 @@ fn refused_credentials_a_missing_database_and_a_newer_schema_stop_the_start() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         c.pg.psql("smsauth", "SELECT version FROM smsauth_schema"),
-        "3"
+        "4"
     );
     c.pg.psql("smsauth", "UPDATE smsauth_schema SET version = 99");
     let out = migrate(dir.path());

@@ -68,7 +68,7 @@ impl Site<'_> {
     /// the accounts (ids, phones, nicknames, times, disabled, session generations, login
     /// methods), to compare across a move.
     fn accounts(&self) -> String {
-        let list = ok_stdout(&self.run(&["user", "list"]));
+        let list = ok_stdout(&self.run(&["user", "list", "--full"]));
         let mut all = list.clone();
         for row in list.lines().skip(1) {
             let phone = row.split('\t').nth(1).expect("phone column");
@@ -360,16 +360,12 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
         eprintln!("skipped the move: no PostgreSQL to move to");
         return;
     };
+    // The phone key moves with the deployment: the sled data dir's own file becomes the
+    // one every PostgreSQL instance reads.
+    std::fs::copy(dir1.path().join("data/phone.key"), &c.phone_key).unwrap();
     let pg_dir = tempfile::tempdir().unwrap();
     let pg_config = pg_dir.path().join("smsauth.toml");
-    std::fs::write(
-        &pg_config,
-        format!(
-            "[storage]\nengine = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\n{extra}",
-            c.url
-        ),
-    )
-    .unwrap();
+    std::fs::write(&pg_config, format!("{}{extra}", c.storage_toml())).unwrap();
     let pg = Site::Postgres(&pg_config);
     let out = ok_stdout(&pg.run(&["restore", file1.to_str().unwrap()]));
     assert!(
@@ -435,6 +431,8 @@ async fn a_sled_deployment_moves_to_postgres_and_back() {
     // 3. Back to sled, in a new empty data dir.
     let dir3 = Arc::new(tempfile::tempdir().unwrap());
     let sled3 = Site::Sled(dir3.path());
+    std::fs::create_dir(dir3.path().join("data")).unwrap();
+    std::fs::copy(&c.phone_key, dir3.path().join("data/phone.key")).unwrap();
     let out = ok_stdout(&sled3.run(&["restore", file2.to_str().unwrap()]));
     assert!(out.contains("(7 users)"), "{out}");
     for key in ["signing.key", "code.key"] {

@@ -453,7 +453,7 @@ async fn changed_hash_parameters_rehash_at_the_next_login() {
         let store = smsauth::store::SledStore::open(data, 8).unwrap();
         use futures::executor::block_on;
         use smsauth::store::Users;
-        let user = block_on(store.user_by_phone("+8613812346019"))
+        let user = block_on(store.user_by_phone(&store.vault().index("+8613812346019")))
             .unwrap()
             .unwrap();
         let methods = block_on(store.login_methods(&user)).unwrap();

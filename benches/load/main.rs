@@ -41,8 +41,8 @@ use smsauth::codes::Codes;
 use smsauth::config::Config;
 use smsauth::model::{LoginMethod, Method as LoginKind, Purpose, User};
 use smsauth::password::Passwords;
-use smsauth::phone::Phone;
-use smsauth::store::{NewUser, SledStore, Store, Users};
+use smsauth::phone::{IndexedPhone, Phone};
+use smsauth::store::{NewUser, PhoneVault, SledStore, Store};
 use smsauth::token::Tokens;
 
 /// The server's allocator (see src/main.rs), for the client and the ceiling as well.
@@ -750,9 +750,10 @@ fn bench_user(series: u32, i: u64, password_phc: Option<&str>) -> (String, Vec<L
     (phone, methods)
 }
 
-fn new_user(phone: &str) -> NewUser<'_> {
+fn new_user<'a>(phone: &'a str, vault: &PhoneVault) -> NewUser<'a> {
     NewUser {
         phone,
+        index: vault.index(phone),
         nickname: "bench".into(),
         created_at: smsauth::clock::now(),
         last_login_at: None,
@@ -761,12 +762,7 @@ fn new_user(phone: &str) -> NewUser<'_> {
 }
 
 /// Creates users for national numbers `series`/0..n through the store, on every core.
-fn create_users(
-    store: &Arc<dyn Users>,
-    series: u32,
-    n: u64,
-    password_phc: Option<&str>,
-) -> Vec<User> {
+fn create_users(store: &Store, series: u32, n: u64, password_phc: Option<&str>) -> Vec<User> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let per = n.div_ceil(threads);
     std::thread::scope(|s| {
@@ -776,7 +772,9 @@ fn create_users(
                     let mut users = Vec::new();
                     for i in (t * per)..((t + 1) * per).min(n) {
                         let (phone, methods) = bench_user(series, i, password_phc);
-                        let made = store.create_user_if_absent(new_user(&phone), &methods);
+                        let made = store
+                            .users
+                            .create_user_if_absent(new_user(&phone, &store.phones), &methods);
                         users.push(futures::executor::block_on(made).expect("create user").0);
                     }
                     users
@@ -790,10 +788,14 @@ fn create_users(
     })
 }
 
-async fn put_codes(codes: &Codes, phones: impl Iterator<Item = String>) {
+async fn put_codes(codes: &Codes, vault: &PhoneVault, phones: impl Iterator<Item = String>) {
     for p in phones {
         codes
-            .put(&Phone::from_e164(p), Purpose::Login, FIXED_CODE)
+            .put(
+                &IndexedPhone::new(Phone::from_e164(p), vault),
+                Purpose::Login,
+                FIXED_CODE,
+            )
             .await
             .expect("put code");
     }
@@ -903,7 +905,7 @@ async fn prepare(opts: &Opts, cfg: &Config, data: &Path) -> Prepared {
     );
     let store = Store::embedded(sled.clone(), cfg).expect("store");
     let users = |series: u32, n: u64, phc: Option<String>| {
-        let store = store.users.clone();
+        let store = store.clone();
         tokio::task::spawn_blocking(move || create_users(&store, series, n, phc.as_deref()))
     };
     let mut prepared = Prepared {
@@ -1654,7 +1656,7 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
             Arc::new(SledStore::open(&data, cfg.storage.cache_capacity_mb).expect("open store"));
         let store = Store::embedded(sled.clone(), &cfg).expect("store");
         let users = {
-            let store = store.users.clone();
+            let store = store.clone();
             let n = report.users;
             tokio::task::spawn_blocking(move || create_users(&store, 135, n, None))
                 .await
@@ -1678,7 +1680,7 @@ async fn scale_mode(opts: &Opts, ceiling: SocketAddr) -> (ScaleReport, Raw) {
             .take(report.pending_codes as usize)
             .map(|u| u.phone.clone())
             .collect();
-        put_codes(&codes, login_phones.iter().cloned()).await;
+        put_codes(&codes, &store.phones, login_phones.iter().cloned()).await;
         let tokens = Tokens::new(
             signing_keys(&cfg, &store).await,
             &cfg.token,

@@ -33,8 +33,8 @@ use serde::Serialize;
 
 use smsauth::codes::Codes;
 use smsauth::model::{Purpose, User};
-use smsauth::phone::Phone;
-use smsauth::store::{Store, Users};
+use smsauth::phone::{IndexedPhone, Phone};
+use smsauth::store::{PhoneVault, Store};
 use smsauth::token::Tokens;
 
 use super::{
@@ -306,18 +306,18 @@ async fn run_instances(
         let make = match name {
             "send-code" => send_codes(),
             "sms-login-existing" => {
-                let users = fill_users(&store.users, 135, pool).await;
+                let users = fill_users(&store, 135, pool).await;
                 let phones: Vec<String> = users.into_iter().map(|u| u.phone).collect();
-                fill_codes(&codes, &phones).await;
+                fill_codes(&codes, &store.phones, &phones).await;
                 sms_logins(phones)
             }
             "sms-login-new" => {
                 let phones: Vec<String> = (0..pool).map(|i| e164(&national(136, i))).collect();
-                fill_codes(&codes, &phones).await;
+                fill_codes(&codes, &store.phones, &phones).await;
                 sms_logins(phones)
             }
             "me" => {
-                let users = fill_users(&store.users, 138, ME_USERS).await;
+                let users = fill_users(&store, 138, ME_USERS).await;
                 me_requests(Arc::new(
                     users
                         .iter()
@@ -393,11 +393,13 @@ fn send_codes() -> MakeRequest {
 /// The users of national numbers `series`/0..n, created through the store with
 /// [`FILL_IN_FLIGHT`] creates at once (the sled mode's `create_users` makes them one after
 /// another on each core, which on this engine would wait out one commit at a time).
-async fn fill_users(users: &Arc<dyn Users>, series: u32, n: u64) -> Vec<User> {
+async fn fill_users(store: &Store, series: u32, n: u64) -> Vec<User> {
     futures::stream::iter(0..n)
         .map(|i| async move {
             let (phone, methods) = bench_user(series, i, None);
-            let made = users.create_user_if_absent(new_user(&phone), &methods);
+            let made = store
+                .users
+                .create_user_if_absent(new_user(&phone, &store.phones), &methods);
             made.await.expect("create user").0
         })
         .buffer_unordered(FILL_IN_FLIGHT)
@@ -407,10 +409,10 @@ async fn fill_users(users: &Arc<dyn Users>, series: u32, n: u64) -> Vec<User> {
 
 /// A pending login code for each of `phones`, written by the codes module as
 /// /sms/code would, [`FILL_IN_FLIGHT`] at once.
-async fn fill_codes(codes: &Codes, phones: &[String]) {
+async fn fill_codes(codes: &Codes, vault: &PhoneVault, phones: &[String]) {
     futures::stream::iter(phones)
         .for_each_concurrent(FILL_IN_FLIGHT, |p| async move {
-            let phone = Phone::from_e164(p.as_str());
+            let phone = IndexedPhone::new(Phone::from_e164(p.as_str()), vault);
             codes
                 .put(&phone, Purpose::Login, FIXED_CODE)
                 .await

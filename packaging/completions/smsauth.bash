@@ -191,7 +191,7 @@ _smsauth() {
             return 0
             ;;
         smsauth__subcmd__backup)
-            opts="-h --config --help"
+            opts="-h --include-keys --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -905,7 +905,7 @@ _smsauth() {
             return 0
             ;;
         smsauth__subcmd__user__subcmd__list)
-            opts="-h --config --help"
+            opts="-h --full --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

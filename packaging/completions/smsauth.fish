@@ -41,7 +41,7 @@ complete -c smsauth -n "__fish_smsauth_using_subcommand serve" -l config -d 'Con
 complete -c smsauth -n "__fish_smsauth_using_subcommand serve" -s h -l help -d 'Print help'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and not __fish_seen_subcommand_from list show disable enable delete logout help" -l config -d 'Configuration file (TOML). Without one, embedded defaults apply' -r -F
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and not __fish_seen_subcommand_from list show disable enable delete logout help" -s h -l help -d 'Print help'
-complete -c smsauth -n "__fish_smsauth_using_subcommand user; and not __fish_seen_subcommand_from list show disable enable delete logout help" -f -a "list" -d 'One line per user: id, phone, nickname, created, last login, disabled'
+complete -c smsauth -n "__fish_smsauth_using_subcommand user; and not __fish_seen_subcommand_from list show disable enable delete logout help" -f -a "list" -d 'One line per user: id, phone (masked unless --full), nickname, created, last login, disabled'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and not __fish_seen_subcommand_from list show disable enable delete logout help" -f -a "show" -d 'One user, with its login methods'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and not __fish_seen_subcommand_from list show disable enable delete logout help" -f -a "disable" -d 'Refuse the user\'s logins and sessions until enabled again'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and not __fish_seen_subcommand_from list show disable enable delete logout help" -f -a "enable" -d 'Undo disable'
@@ -49,6 +49,7 @@ complete -c smsauth -n "__fish_smsauth_using_subcommand user; and not __fish_see
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and not __fish_seen_subcommand_from list show disable enable delete logout help" -f -a "logout" -d 'End all of the user\'s sessions'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and not __fish_seen_subcommand_from list show disable enable delete logout help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from list" -l config -d 'Configuration file (TOML). Without one, embedded defaults apply' -r -F
+complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from list" -l full -d 'Show every phone number in full (the store keeps them encrypted; this decrypts)'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from show" -l config -d 'Configuration file (TOML). Without one, embedded defaults apply' -r -F
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from show" -s h -l help -d 'Print help'
@@ -60,7 +61,7 @@ complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_su
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from delete" -s h -l help -d 'Print help'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from logout" -l config -d 'Configuration file (TOML). Without one, embedded defaults apply' -r -F
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from logout" -s h -l help -d 'Print help'
-complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from help" -f -a "list" -d 'One line per user: id, phone, nickname, created, last login, disabled'
+complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from help" -f -a "list" -d 'One line per user: id, phone (masked unless --full), nickname, created, last login, disabled'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from help" -f -a "show" -d 'One user, with its login methods'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from help" -f -a "disable" -d 'Refuse the user\'s logins and sessions until enabled again'
 complete -c smsauth -n "__fish_smsauth_using_subcommand user; and __fish_seen_subcommand_from help" -f -a "enable" -d 'Undo disable'
@@ -76,6 +77,7 @@ complete -c smsauth -n "__fish_smsauth_using_subcommand keys; and __fish_seen_su
 complete -c smsauth -n "__fish_smsauth_using_subcommand keys; and __fish_seen_subcommand_from help" -f -a "rotate-token-key" -d 'A new token signing key signs from now on; the old one goes on verifying until the last token it signed has expired (it stays in the JWKS until then)'
 complete -c smsauth -n "__fish_smsauth_using_subcommand keys; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c smsauth -n "__fish_smsauth_using_subcommand backup" -l config -d 'Configuration file (TOML). Without one, embedded defaults apply' -r -F
+complete -c smsauth -n "__fish_smsauth_using_subcommand backup" -l include-keys -d 'Put the phone key in the backup too. Without it the backup\'s phone numbers stay encrypted to whoever holds the file; restore then needs the key file'
 complete -c smsauth -n "__fish_smsauth_using_subcommand backup" -s h -l help -d 'Print help'
 complete -c smsauth -n "__fish_smsauth_using_subcommand restore" -l config -d 'Configuration file (TOML). Without one, embedded defaults apply' -r -F
 complete -c smsauth -n "__fish_smsauth_using_subcommand restore" -s h -l help -d 'Print help'
@@ -103,7 +105,7 @@ complete -c smsauth -n "__fish_smsauth_using_subcommand help; and not __fish_see
 complete -c smsauth -n "__fish_smsauth_using_subcommand help; and not __fish_seen_subcommand_from serve user keys backup restore migrate config man completions help" -f -a "man" -d 'Print the man page (roff), made from this command line\'s definition'
 complete -c smsauth -n "__fish_smsauth_using_subcommand help; and not __fish_seen_subcommand_from serve user keys backup restore migrate config man completions help" -f -a "completions" -d 'Print the completion script for SHELL (bash, zsh, fish, elvish or powershell)'
 complete -c smsauth -n "__fish_smsauth_using_subcommand help; and not __fish_seen_subcommand_from serve user keys backup restore migrate config man completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c smsauth -n "__fish_smsauth_using_subcommand help; and __fish_seen_subcommand_from user" -f -a "list" -d 'One line per user: id, phone, nickname, created, last login, disabled'
+complete -c smsauth -n "__fish_smsauth_using_subcommand help; and __fish_seen_subcommand_from user" -f -a "list" -d 'One line per user: id, phone (masked unless --full), nickname, created, last login, disabled'
 complete -c smsauth -n "__fish_smsauth_using_subcommand help; and __fish_seen_subcommand_from user" -f -a "show" -d 'One user, with its login methods'
 complete -c smsauth -n "__fish_smsauth_using_subcommand help; and __fish_seen_subcommand_from user" -f -a "disable" -d 'Refuse the user\'s logins and sessions until enabled again'
 complete -c smsauth -n "__fish_smsauth_using_subcommand help; and __fish_seen_subcommand_from user" -f -a "enable" -d 'Undo disable'

@@ -24,6 +24,11 @@
 //!
 //! The trailer's digest makes any truncation or changed byte an error: restore checks the
 //! whole file before it writes anything.
+//!
+//! Phone numbers travel as the store keeps them, sealed ([`crate::privacy`]), and the
+//! store's `meta/phone_key_id` names the key they need. The phone key itself is left out
+//! unless asked for (`--include-keys`, a file record `phone.key`): a backup alone then
+//! reveals no number, and restore needs the key from where the operator keeps it.
 
 use std::fs;
 use std::io::Write;
@@ -34,6 +39,7 @@ use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 
 use crate::clock::now;
+use crate::privacy::{DEFAULT_KEY_FILE, KeyId, PhoneKey};
 use crate::store::{SledStore, Snapshots, StoreError};
 
 const MAGIC: &[u8] = b"SMSAUTH-BACKUP\n";
@@ -235,7 +241,7 @@ pub fn parse_records(mut b: &[u8]) -> Result<Vec<Record<'_>>, FormatError> {
             },
             FILE => {
                 let name = name(&mut b)?;
-                if !KEY_FILES.contains(&name) {
+                if !KEY_FILES.contains(&name) && name != DEFAULT_KEY_FILE {
                     return Err(bad(format!("unexpected file {name:?} in the backup")));
                 }
                 Record::File {
@@ -262,8 +268,18 @@ pub fn snapshot_records(store: &dyn Snapshots) -> Result<Vec<u8>, StoreError> {
 /// name, as [`crate::store::Keys::export_keys`] gives them), and writes it to `file`
 /// (mode 0600, replaced atomically). Returns the count of records written. A key travels
 /// as the data dir keeps it, `NAME.key` holding its hex, whichever engine kept it.
-pub fn write_file(file: &Path, snapshot: &[u8], keys: &[(String, Vec<u8>)]) -> anyhow::Result<u64> {
+pub fn write_file(
+    file: &Path,
+    snapshot: &[u8],
+    keys: &[(String, Vec<u8>)],
+    phone_key: Option<&[u8; crate::privacy::KEY_BYTES]>,
+) -> anyhow::Result<u64> {
     let mut w = Writer::new();
+    if let Some(key) = phone_key {
+        use base64::Engine as _;
+        let text = base64::engine::general_purpose::STANDARD.encode(key);
+        w.file(DEFAULT_KEY_FILE, text.as_bytes())?;
+    }
     for (name, key) in keys {
         let file_name = format!("{name}.key");
         if !KEY_FILES.contains(&file_name.as_str()) {
@@ -313,6 +329,8 @@ pub fn load(backup: &Backup<'_>, store: &crate::store::Store) -> anyhow::Result<
     for r in &backup.records {
         match *r {
             Record::Tree { tree, key, value } => store.snapshots.import(tree, key, value)?,
+            // Never into a shared store: its instances read the key from their own file.
+            Record::File { name, .. } if name == DEFAULT_KEY_FILE => {}
             Record::File { name, content } => {
                 let hex_text = std::str::from_utf8(content).unwrap_or("").trim();
                 let key = hex::decode(hex_text)
@@ -332,6 +350,49 @@ pub fn load(backup: &Backup<'_>, store: &crate::store::Store) -> anyhow::Result<
     Ok(key_files)
 }
 
+/// The phone key a backup's records are sealed with; None for an earlier release's
+/// backup, whose numbers are in the clear (sealed as they are restored).
+pub fn sealed_with(backup: &Backup<'_>) -> anyhow::Result<Option<KeyId>> {
+    for r in &backup.records {
+        if let Record::Tree { tree, key, value } = *r
+            && tree == crate::store::META_TREE
+            && key == crate::store::META_PHONE_KEY
+        {
+            return KeyId::from_bytes(value)
+                .map(Some)
+                .context("the backup's phone_key_id is malformed");
+        }
+    }
+    Ok(None)
+}
+
+/// The phone key a backup carries (taken with `--include-keys`).
+pub fn carried_phone_key(
+    backup: &Backup<'_>,
+) -> anyhow::Result<Option<[u8; crate::privacy::KEY_BYTES]>> {
+    for r in &backup.records {
+        if let Record::File { name, content } = *r
+            && name == DEFAULT_KEY_FILE
+        {
+            return crate::privacy::parse_key(content)
+                .map(Some)
+                .context("the backup's phone.key is malformed");
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses to restore a backup sealed with another phone key than `have` (the key
+/// restore will use), saying which key it needs.
+pub fn check_phone_key(backup: &Backup<'_>, have: KeyId, source: &str) -> anyhow::Result<()> {
+    match sealed_with(backup)? {
+        Some(needed) if needed != have => bail!(
+            "the backup's phone numbers are sealed with phone key {needed}, but {source} is phone key {have}: restore with the key the backup was taken with"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// What a restore did.
 pub struct Restored {
     pub records: usize,
@@ -344,12 +405,47 @@ pub struct Restored {
 /// is checked first; the new store is then built in `data_dir/.restore-partial`, reopened
 /// to prove it sound, and only then moved into place, so a refused or failed restore
 /// leaves no store behind.
-pub fn restore(file: &Path, data_dir: &Path, cache_capacity_mb: u64) -> anyhow::Result<Restored> {
+///
+/// The phone key: `phone_key_file` if set, else `data_dir/phone.key` if the operator put
+/// it there (the one file an empty data dir may hold), else the one the backup carries,
+/// else, for an earlier release's backup with its numbers in the clear, a new one. A
+/// backup sealed with a key restore does not have is refused before anything is written.
+pub fn restore(
+    file: &Path,
+    data_dir: &Path,
+    cache_capacity_mb: u64,
+    phone_key_file: Option<&Path>,
+) -> anyhow::Result<Restored> {
     let bytes = fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let backup = Backup::parse(&bytes).with_context(|| format!("refusing {}", file.display()))?;
     check_empty(data_dir)?;
+    let in_dir = data_dir.join(DEFAULT_KEY_FILE);
+    let given = phone_key_file
+        .map(Path::to_owned)
+        .or_else(|| in_dir.exists().then_some(in_dir));
+    let key_file = match &given {
+        Some(path) => {
+            let key = crate::privacy::read_key_file(path)?;
+            let source = format!("the phone key file {}", path.display());
+            check_phone_key(&backup, PhoneKey::new(&key).id(), &source)?;
+            KeyFile::Given(path.clone())
+        }
+        None => match carried_phone_key(&backup)? {
+            Some(key) => {
+                check_phone_key(&backup, PhoneKey::new(&key).id(), "the key it carries")?;
+                KeyFile::Carried(key)
+            }
+            None => match sealed_with(&backup)? {
+                None => KeyFile::New,
+                Some(needed) => bail!(
+                    "the backup's phone numbers are sealed with phone key {needed}, which it does not carry (it was taken without --include-keys): put that key file at {} or set privacy.phone_key_file to it, and run restore again",
+                    data_dir.join(DEFAULT_KEY_FILE).display()
+                ),
+            },
+        },
+    };
     let staging = data_dir.join(STAGING);
-    let result = build(&backup, &staging, cache_capacity_mb);
+    let result = build(&backup, &staging, cache_capacity_mb, &key_file);
     let restored = match result {
         Ok(r) => r,
         Err(e) => {
@@ -383,7 +479,8 @@ fn check_empty(data_dir: &Path) -> anyhow::Result<()> {
     for e in entries {
         let name = e?.file_name().to_string_lossy().into_owned();
         // Left by a restore that was interrupted: never moved into place, safe to redo.
-        if name != STAGING {
+        // The phone key, put there by the operator for the restore.
+        if name != STAGING && name != DEFAULT_KEY_FILE {
             found.push(name);
         }
     }
@@ -398,18 +495,52 @@ fn check_empty(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(backup: &Backup<'_>, staging: &Path, cache_capacity_mb: u64) -> anyhow::Result<Restored> {
+/// Where a restore's phone key comes from.
+enum KeyFile {
+    /// A file the operator gave (`privacy.phone_key_file`, or `phone.key` in the data dir).
+    Given(std::path::PathBuf),
+    /// The backup's own, written into the new data dir.
+    Carried([u8; crate::privacy::KEY_BYTES]),
+    /// None needed yet (numbers in the clear): a new one, made in the new data dir.
+    New,
+}
+
+fn build(
+    backup: &Backup<'_>,
+    staging: &Path,
+    cache_capacity_mb: u64,
+    key_file: &KeyFile,
+) -> anyhow::Result<Restored> {
     let _ = fs::remove_dir_all(staging);
     fs::DirBuilder::new()
         .mode(0o700)
         .create(staging)
         .with_context(|| format!("cannot create {}", staging.display()))?;
     let mut key_files = Vec::new();
+    // None: the new data dir's own `phone.key`, written now or made by the open.
+    let key_path = match key_file {
+        KeyFile::Given(path) => Some(path.as_path()),
+        KeyFile::Carried(key) => {
+            crate::privacy::create_key_file(&staging.join(DEFAULT_KEY_FILE), key)?;
+            key_files.push(DEFAULT_KEY_FILE.to_owned());
+            None
+        }
+        KeyFile::New => {
+            key_files.push(DEFAULT_KEY_FILE.to_owned());
+            None
+        }
+    };
     {
-        let store = SledStore::open(staging, cache_capacity_mb)?;
+        let store = SledStore::open_keyed(
+            staging,
+            cache_capacity_mb,
+            &crate::config::MemoryConfig::default(),
+            key_path,
+        )?;
         for r in &backup.records {
             match *r {
                 Record::Tree { tree, key, value } => store.import(tree, key, value)?,
+                Record::File { name, .. } if name == DEFAULT_KEY_FILE => {}
                 Record::File { name, content } => {
                     write_private(&staging.join(name), content)?;
                     key_files.push(name.to_owned());
@@ -419,7 +550,7 @@ fn build(backup: &Backup<'_>, staging: &Path, cache_capacity_mb: u64) -> anyhow:
         store.flush_blocking()?;
     }
     // Reopen: runs the schema check and migrations as a server start would.
-    let store = SledStore::reopen(staging, cache_capacity_mb)
+    let store = SledStore::reopen_keyed(staging, cache_capacity_mb, key_path)
         .context("the restored store does not open")?;
     let (users, listed) = store.user_counts()?;
     if users != listed {

@@ -61,7 +61,12 @@ async fn open(cfg: &Config) -> Result<Target, CommandError> {
             dir.display()
         )));
     }
-    match SledStore::open(dir, cfg.storage.cache_capacity_mb) {
+    match SledStore::open_keyed(
+        dir,
+        cfg.storage.cache_capacity_mb,
+        &cfg.memory,
+        crate::store::phone_key_file(cfg),
+    ) {
         Ok(sled) => Store::embedded(Arc::new(sled), cfg)
             .map(Target::Direct)
             .map_err(|e| fail(format!("cannot open the store in {}: {e}", dir.display()))),
@@ -150,8 +155,8 @@ pub async fn rotate_token_key(cfg: &Config) -> Result<String, CommandError> {
     ))
 }
 
-/// `smsauth backup FILE`.
-pub async fn backup(cfg: &Config, file: &Path) -> Result<String, CommandError> {
+/// `smsauth backup FILE [--include-keys]`.
+pub async fn backup(cfg: &Config, file: &Path, include_keys: bool) -> Result<String, CommandError> {
     let (snapshot, keys, via) = match open(cfg).await? {
         Target::Direct(store) => {
             let keys = store
@@ -175,9 +180,22 @@ pub async fn backup(cfg: &Config, file: &Path) -> Result<String, CommandError> {
             (records.to_vec(), keys, "the running server")
         }
     };
-    let count = backup::write_file(file, &snapshot, &keys)?;
+    let phone_key = if include_keys {
+        let path = crate::store::phone_key_file(cfg)
+            .map(Path::to_owned)
+            .unwrap_or_else(|| cfg.storage.data_dir.join(crate::privacy::DEFAULT_KEY_FILE));
+        Some(crate::privacy::read_key_file(&path)?)
+    } else {
+        None
+    };
+    let count = backup::write_file(file, &snapshot, &keys, phone_key.as_ref())?;
+    let phone_note = if include_keys {
+        "the phone key too: anyone with this file reads every phone number"
+    } else {
+        "not the phone key: keep that file apart, restore needs it"
+    };
     Ok(format!(
-        "backed up {count} records from {via} to {} (mode 0600: it holds the server's keys)\n",
+        "backed up {count} records from {via} to {} (mode 0600: it holds the server's keys; {phone_note})\n",
         file.display()
     ))
 }
@@ -242,9 +260,12 @@ pub async fn restore(cfg: &Config, file: &Path) -> Result<String, CommandError> 
     let dir = cfg.storage.data_dir.clone();
     let cache = cfg.storage.cache_capacity_mb;
     let file = file.to_owned();
-    let restored = tokio::task::spawn_blocking(move || backup::restore(&file, &dir, cache))
-        .await
-        .map_err(|e| fail(e.to_string()))??;
+    let key_file = crate::store::phone_key_file(cfg).map(Path::to_owned);
+    let restored = tokio::task::spawn_blocking(move || {
+        backup::restore(&file, &dir, cache, key_file.as_deref())
+    })
+    .await
+    .map_err(|e| fail(e.to_string()))??;
     keep_owner(&cfg.storage.data_dir);
     let mut text = format!(
         "restored {} records ({} users) taken at {} into {}\n",
@@ -273,6 +294,11 @@ async fn restore_shared(cfg: &Config, file: &Path) -> Result<String, CommandErro
     let parsed = backup::Backup::parse(&bytes)
         .map_err(|e| fail(format!("refusing {}: {e}", file.display())))?;
     let store = Store::open(cfg).await?;
+    let source = format!(
+        "privacy.phone_key_file ({})",
+        cfg.privacy.phone_key_file.display()
+    );
+    backup::check_phone_key(&parsed, store.phones.keys().current().id(), &source)?;
     let users = store
         .users
         .user_count()

@@ -20,18 +20,32 @@ use crate::store::{Store, StoreError, UserChange};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    List,
-    Show { phone: String },
-    Disable { phone: String },
-    Enable { phone: String },
-    Delete { phone: String },
-    Logout { phone: String },
+    /// Every user; phones masked unless `full`.
+    List {
+        #[serde(default)]
+        full: bool,
+    },
+    Show {
+        phone: String,
+    },
+    Disable {
+        phone: String,
+    },
+    Enable {
+        phone: String,
+    },
+    Delete {
+        phone: String,
+    },
+    Logout {
+        phone: String,
+    },
 }
 
 impl Op {
     pub fn name(&self) -> &'static str {
         match self {
-            Op::List => "list",
+            Op::List { .. } => "list",
             Op::Show { .. } => "show",
             Op::Disable { .. } => "disable",
             Op::Enable { .. } => "enable",
@@ -42,7 +56,7 @@ impl Op {
 
     fn phone(&self) -> Option<&str> {
         match self {
-            Op::List => None,
+            Op::List { .. } => None,
             Op::Show { phone }
             | Op::Disable { phone }
             | Op::Enable { phone }
@@ -121,21 +135,28 @@ impl AdminError {
 /// Runs one user action and makes its change durable before answering.
 pub async fn execute(store: &Store, phones: &PhoneParser, op: &Op) -> Result<Answer, AdminError> {
     let Some(input) = op.phone() else {
+        let full = matches!(op, Op::List { full: true });
         let users = store
             .users
             .users()
             .await?
-            .iter()
-            .map(UserInfo::from)
+            .into_iter()
+            .map(|mut user| {
+                if !full {
+                    user.phone = crate::phone::mask(&user.phone);
+                }
+                UserInfo::from(&user)
+            })
             .collect();
         return Ok(Answer::Users { users });
     };
     let phone = phones
         .parse(input)
         .ok_or_else(|| AdminError::InvalidPhone(input.to_owned()))?;
+    let index = store.phones.index(phone.as_str());
     let user = store
         .users
-        .user_by_phone(phone.as_str())
+        .user_by_phone(&index)
         .await?
         .ok_or_else(|| AdminError::NoSuchUser(phone.to_string()))?;
     let set_disabled = async |to: bool| -> Result<Answer, AdminError> {
@@ -153,7 +174,7 @@ pub async fn execute(store: &Store, phones: &PhoneParser, op: &Op) -> Result<Ans
         })
     };
     let answer = match op {
-        Op::List => unreachable!("handled above"),
+        Op::List { .. } => unreachable!("handled above"),
         Op::Show { .. } => {
             let mut info = UserInfo::from(&user);
             let mut methods: Vec<MethodInfo> = store
@@ -279,7 +300,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<Op>(&json).unwrap(), op);
         assert_eq!(
             serde_json::from_str::<Op>(r#"{"op":"list"}"#).unwrap(),
-            Op::List
+            Op::List { full: false }
         );
     }
 

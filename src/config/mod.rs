@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod memory;
+mod privacy;
 mod sms;
 mod wechat;
 
 pub use memory::MemoryConfig;
+pub use privacy::PrivacyConfig;
 pub use sms::{
     AliyunConfig, Provider, PurposeTemplates, RonglianConfig, SmsConfig, Templates, WebhookConfig,
 };
@@ -60,6 +62,7 @@ pub struct Config {
     pub captcha: CaptchaConfig,
     pub limits: LimitsConfig,
     pub memory: MemoryConfig,
+    pub privacy: PrivacyConfig,
     pub wechat: WechatConfig,
     pub log: LogConfig,
     /// What start-up should warn about: keys read under a former name.
@@ -479,6 +482,16 @@ impl Config {
             return Err(key("storage.cache_capacity_mb", "must be at least 1"));
         }
         self.memory.validate()?;
+        if self.storage.engine == StorageEngine::Postgres
+            && self.privacy.phone_key_file.as_os_str().is_empty()
+        {
+            return Err(key(
+                "privacy.phone_key_file",
+                "required with storage.engine = \"postgres\": the phone key is never kept in \
+                 the database, so every instance reads it from this file (32 random bytes, \
+                 e.g. `head -c 32 /dev/urandom | base64 > /etc/smsauth/phone.key`)",
+            ));
+        }
         let pg = &self.storage.postgres;
         if pg.pool_size == 0 {
             return Err(key("storage.postgres.pool_size", "must be at least 1"));

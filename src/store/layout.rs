@@ -5,23 +5,26 @@
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `meta` | name | `schema_version` u32 BE; `next_user_id`, `users_total` u64 BE; others the sled engine's own |
-//! | `userid_user` | user id u64 BE | codec user record ([`super::codec::encode_user`]) |
-//! | `phone_userid` | E.164 bytes | user id u64 BE |
+//! | `userid_user` | user id u64 BE | codec user record, phone sealed ([`super::codec::encode_user`]) |
+//! | `phone_userid` | the phone's blind index ([`crate::privacy::PhoneIndex`]) | user id u64 BE |
 //! | `useridmethod_login` | user id u64 BE, method byte | codec([`crate::model::LoginMethod`]) |
 //! | `wechat_userid` | WeChat id bytes | user id u64 BE (valid only while the user's `wechat` method names it) |
 //! | `kindkey_grant` | grant kind byte, SHA-256 of the grant's token | expiry unix secs i64 BE, then the grant's bytes |
-//! | `phonepurpose_code` | E.164 bytes, 0xff, purpose byte | codec([`crate::model::PendingCode`]) |
+//! | `phonepurpose_code` | blind index, 0xff, purpose byte | codec([`crate::model::PendingCode`]) |
 //! | `jti_exp` | token id bytes | expiry unix secs i64 BE |
 //! | `useridsession_session` | user id u64 BE, session id (16 bytes) | codec([`super::SessionRecord`]) |
 //! | `hash_refresh` | SHA-256 of a refresh token | codec(user id, session id, expires_at, used_at) |
-//! | `counter_count` | counter byte, window i64 BE, subject bytes | count u64 BE |
+//! | `counter_count` | counter byte, window i64 BE, subject bytes (a phone's blind index, or empty) | count u64 BE |
+//!
+//! No phone number is kept in the clear (schema 5): `meta/phone_key_id` names the phone
+//! key the store is sealed with; the key itself is never in the store.
 
-use super::GrantKind;
 use super::codec::u64_key;
+use super::{GrantKind, PhoneIndex};
 use crate::model::{Counter, Method, Purpose, UserId};
 
 /// The version of this layout (`meta/schema_version`): the sled engine's schema.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 pub const META: &str = "meta";
 pub const USERS: &str = "userid_user";
@@ -37,6 +40,8 @@ pub const REFRESH: &str = "hash_refresh";
 pub const META_SCHEMA: &[u8] = b"schema_version";
 pub const META_NEXT_ID: &[u8] = b"next_user_id";
 pub const META_USERS: &[u8] = b"users_total";
+/// The [`crate::privacy::KeyId`] of the phone key the store is sealed with.
+pub const META_PHONE_KEY: &[u8] = b"phone_key_id";
 
 /// Login methods with a stored record, in key order (`sms` is implied, never stored).
 pub const STORED_METHODS: [Method; 2] = [Method::Password, Method::Wechat];
@@ -79,7 +84,8 @@ pub fn purpose_byte(p: Purpose) -> u8 {
     }
 }
 
-pub fn code_key(phone: &str, purpose: Purpose) -> Vec<u8> {
+pub fn code_key(phone: &PhoneIndex, purpose: Purpose) -> Vec<u8> {
+    let phone = phone.as_str();
     let mut k = Vec::with_capacity(phone.len() + 2);
     k.extend_from_slice(phone.as_bytes());
     k.push(0xff);
@@ -144,10 +150,11 @@ mod tests {
             parse_counter_key(&k),
             Some((Counter::PhoneFailuresPerHour, -3, "+861".to_string()))
         );
-        let k = code_key("+861", Purpose::ResetPassword);
+        let index = crate::privacy::PhoneKeys::random().index("+861");
+        let k = code_key(&index, Purpose::ResetPassword);
         assert_eq!(
             parse_code_key(&k),
-            Some(("+861".to_string(), Purpose::ResetPassword))
+            Some((index.as_str().to_string(), Purpose::ResetPassword))
         );
         assert_eq!(method_key_user(&method_key(7, Method::Password)), Some(7));
     }

@@ -13,7 +13,8 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::{
-    AddressLimit, AddressLimits, BoxFuture, CaptchaAnswers, ResendWaits, StoreError, ready,
+    AddressLimit, AddressLimits, BoxFuture, CaptchaAnswers, PhoneIndex, ResendWaits, StoreError,
+    ready,
 };
 use crate::config::LimitsConfig;
 use crate::sharded::{BoundedMap, KeyLocks};
@@ -25,9 +26,9 @@ const RESEND_SHARDS: usize = 64;
 /// Locks that make a phone's check-and-claim one step.
 const PHONE_LOCKS: usize = 256;
 
-/// Phone -> unix time of its last send.
+/// Phone (by its blind index) -> unix time of its last send.
 pub struct Waits {
-    last_sent: BoundedMap<String, i64>,
+    last_sent: BoundedMap<PhoneIndex, i64>,
     locks: KeyLocks,
 }
 
@@ -44,10 +45,10 @@ impl Waits {
     }
 
     /// Remembers a send found in the store at start.
-    pub fn restore(&self, phone: &str, sent_at: i64, now: i64, interval: i64) {
+    pub fn restore(&self, phone: &PhoneIndex, sent_at: i64, now: i64, interval: i64) {
         let newest = self.last_sent.get(phone).unwrap_or(i64::MIN);
         self.last_sent
-            .insert(phone.to_owned(), newest.max(sent_at), over(now, interval));
+            .insert(*phone, newest.max(sent_at), over(now, interval));
     }
 }
 
@@ -59,23 +60,22 @@ fn over(now: i64, interval: i64) -> impl Fn(&i64) -> bool {
 impl ResendWaits for Waits {
     fn reserve_send<'a>(
         &'a self,
-        phone: &'a str,
+        phone: &'a PhoneIndex,
         now: i64,
         interval: i64,
     ) -> BoxFuture<'a, Result<std::result::Result<(), u64>>> {
-        let _phone = self.locks.lock(phone);
+        let _phone = self.locks.lock(phone.as_str());
         ready(Ok(match self.last_sent.get(phone) {
             Some(at) if now - at < interval => Err((interval - (now - at)) as u64),
             _ => {
-                self.last_sent
-                    .insert(phone.to_owned(), now, over(now, interval));
+                self.last_sent.insert(*phone, now, over(now, interval));
                 Ok(())
             }
         }))
     }
 
-    fn release_send<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<()>> {
-        let _phone = self.locks.lock(phone);
+    fn release_send<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<()>> {
+        let _phone = self.locks.lock(phone.as_str());
         self.last_sent.remove(phone);
         ready(Ok(()))
     }
@@ -266,7 +266,7 @@ mod tests {
     #[tokio::test]
     async fn resend_interval_is_reserved_atomically() {
         let waits = Waits::new(1_000);
-        let phone = "+8613812345678";
+        let phone = &crate::privacy::PhoneKeys::random().index("+8613812345678");
         assert_eq!(waits.reserve_send(phone, 1000, 60).await.unwrap(), Ok(()));
         assert_eq!(waits.reserve_send(phone, 1001, 60).await.unwrap(), Err(59));
         waits.release_send(phone).await.unwrap();

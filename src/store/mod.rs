@@ -30,10 +30,12 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use self::layout::{META as META_TREE, META_PHONE_KEY};
 pub use self::sled::SledStore;
 
 use crate::config::{Config, StorageEngine};
-use crate::model::{Counter, LoginMethod, PendingCode, Purpose, User, UserId};
+use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
+pub use crate::privacy::{PhoneIndex, PhoneVault};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -74,9 +76,28 @@ pub fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
     Box::pin(std::future::ready(value))
 }
 
+/// What a stored login method keeps as its identification: nothing for a password, whose
+/// identification is the phone, which the user record holds (sealed).
+pub fn stored_identification(method: &LoginMethod) -> &str {
+    match method.method {
+        Method::Sms | Method::Password => "",
+        Method::Wechat => &method.identification,
+    }
+}
+
+/// A login method as read back: one identified by the phone gets the user's.
+pub fn identified(mut method: LoginMethod, user: &User) -> LoginMethod {
+    if matches!(method.method, Method::Sms | Method::Password) {
+        method.identification.clone_from(&user.phone);
+    }
+    method
+}
+
 /// A user to create; the store gives it its id.
 pub struct NewUser<'a> {
+    /// E.164: the store keeps it sealed, and finds it by `index`.
     pub phone: &'a str,
+    pub index: PhoneIndex,
     pub nickname: String,
     pub created_at: i64,
     pub last_login_at: Option<i64>,
@@ -126,9 +147,10 @@ impl UserChange {
 /// Accounts and their login methods.
 pub trait Users: Send + Sync {
     fn user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>>;
-    fn user_by_phone<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<Option<User>>>;
+    /// The account of the phone whose blind index is `phone`.
+    fn user_by_phone<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<Option<User>>>;
     /// Whether the phone has an account: one read of the phone index, not of the user.
-    fn has_user<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<bool>>;
+    fn has_user<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<bool>>;
     /// Creates the user unless the phone already has one, atomically: of racing calls
     /// for one phone (on any instance) exactly one creates. Returns the user and whether
     /// it was created.
@@ -216,12 +238,13 @@ pub enum CodeCheck {
     Dead { expires_at: i64, guessed: bool },
 }
 
-/// Codes sent and not yet used, one per phone and purpose, kept as keyed hashes.
+/// Codes sent and not yet used, one per phone (by its blind index) and purpose, kept as
+/// keyed hashes.
 pub trait PendingCodes: Send + Sync {
     /// Stores the pending code of phone+purpose, replacing any.
     fn put_code<'a>(
         &'a self,
-        phone: &'a str,
+        phone: &'a PhoneIndex,
         purpose: Purpose,
         code: PendingCode,
     ) -> BoxFuture<'a, Result<()>>;
@@ -230,14 +253,18 @@ pub trait PendingCodes: Send + Sync {
     /// right code, on any instance, exactly one gets [`CodeCheck::Used`].
     fn check_code<'a>(
         &'a self,
-        phone: &'a str,
+        phone: &'a PhoneIndex,
         purpose: Purpose,
         presented: [u8; 32],
         max_attempts: u32,
         now: i64,
     ) -> BoxFuture<'a, Result<CodeCheck>>;
     /// Drops the pending code of phone+purpose (its SMS could not be sent).
-    fn discard_code<'a>(&'a self, phone: &'a str, purpose: Purpose) -> BoxFuture<'a, Result<()>>;
+    fn discard_code<'a>(
+        &'a self,
+        phone: &'a PhoneIndex,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<()>>;
     /// Codes sent and not yet used; expired ones may count until the next sweep.
     fn pending_code_count(&self) -> BoxFuture<'_, Result<u64>>;
     /// Deletes every code that expired before `now`. A full pass: for the clean-up.
@@ -250,17 +277,18 @@ pub trait ResendWaits: Send + Sync {
     /// `interval` of the last claim. Atomic per phone across instances.
     fn reserve_send<'a>(
         &'a self,
-        phone: &'a str,
+        phone: &'a PhoneIndex,
         now: i64,
         interval: i64,
     ) -> BoxFuture<'a, Result<Result<(), u64>>>;
     /// Gives back a claim whose send failed.
-    fn release_send<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<()>>;
+    fn release_send<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<()>>;
     /// Forgets claims older than `interval` (the clean-up).
     fn prune_waits(&self, now: i64, interval: i64) -> BoxFuture<'_, Result<()>>;
 }
 
-/// Counts in fixed windows (a UTC day, a clock hour) that outlive restarts.
+/// Counts in fixed windows (a UTC day, a clock hour) that outlive restarts. A per-phone
+/// counter's subject is the phone's blind index ([`PhoneIndex::as_str`]).
 pub trait Counters: Send + Sync {
     /// Adds one to a counter in window `window` unless it has reached `limit` (0: no
     /// limit). Ok(new value), or Err(current value) when at the limit. Atomic.
@@ -574,6 +602,9 @@ pub struct Store {
     pub keys: Arc<dyn Keys>,
     pub snapshots: Arc<dyn Snapshots>,
     pub engine: Arc<dyn Engine>,
+    /// The phone keys: what the store's phone-keyed records are found by
+    /// ([`PhoneVault::index`]).
+    pub phones: Arc<PhoneVault>,
 }
 
 impl Store {
@@ -581,16 +612,28 @@ impl Store {
     pub async fn open(cfg: &Config) -> anyhow::Result<Store> {
         match cfg.storage.engine {
             StorageEngine::Sled => {
-                let sled = SledStore::open_sized(
+                let sled = SledStore::open_keyed(
                     &cfg.storage.data_dir,
                     cfg.storage.cache_capacity_mb,
                     &cfg.memory,
+                    phone_key_file(cfg),
                 )?;
                 Ok(Self::embedded(Arc::new(sled), cfg)?)
             }
             StorageEngine::Postgres => {
-                let pg =
-                    Arc::new(postgres::PgStore::open(&cfg.storage.postgres, &cfg.limits).await?);
+                let file = phone_key_file(cfg).ok_or_else(|| {
+                    StoreError::Schema("privacy.phone_key_file is required with PostgreSQL".into())
+                })?;
+                let key = crate::privacy::read_key_file(file)
+                    .map_err(|e| StoreError::Schema(format!("{e:#}")))?;
+                let pg = Arc::new(
+                    postgres::PgStore::open(
+                        &cfg.storage.postgres,
+                        &cfg.limits,
+                        crate::privacy::PhoneKey::new(&key),
+                    )
+                    .await?,
+                );
                 Ok(Store {
                     users: pg.clone(),
                     codes: pg.clone(),
@@ -602,6 +645,7 @@ impl Store {
                     grants: pg.clone(),
                     keys: pg.clone(),
                     snapshots: pg.clone(),
+                    phones: pg.vault(),
                     engine: pg,
                 })
             }
@@ -630,9 +674,15 @@ impl Store {
             grants: sled.clone(),
             keys: sled.clone(),
             snapshots: sled.clone(),
+            phones: sled.vault(),
             engine: sled,
         })
     }
+}
+
+/// `privacy.phone_key_file`, if set.
+pub fn phone_key_file(cfg: &Config) -> Option<&std::path::Path> {
+    Some(cfg.privacy.phone_key_file.as_path()).filter(|p| !p.as_os_str().is_empty())
 }
 
 #[cfg(test)]

@@ -14,6 +14,9 @@ pub struct Cluster {
     pub url: String,
     /// The configuration every instance shares, apart from its port and data dir.
     pub extra: String,
+    /// The phone key file every instance reads (a PostgreSQL store needs one).
+    pub phone_key: std::path::PathBuf,
+    _key_dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -23,17 +26,22 @@ impl Cluster {
     pub fn new(extra: &str) -> Option<Cluster> {
         let pg = Postgres::start()?;
         let url = pg.url();
+        let key_dir = tempfile::tempdir().expect("temp dir");
+        let phone_key = super::phone_key_file(key_dir.path());
         Some(Cluster {
             pg,
             url,
             extra: extra.to_owned(),
+            phone_key,
+            _key_dir: key_dir,
         })
     }
 
     /// The `[storage]` part of every instance's configuration.
     pub fn storage_toml(&self) -> String {
         format!(
-            "[storage]\nengine = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\nconnect_timeout_secs = 10\nstatement_timeout_ms = 1000\n",
+            "[privacy]\nphone_key_file = \"{}\"\n[storage]\nengine = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\nconnect_timeout_secs = 10\nstatement_timeout_ms = 1000\n",
+            self.phone_key.display(),
             self.url
         )
     }
@@ -44,6 +52,8 @@ impl Cluster {
         // Under TEST_STORAGE_ENGINE=postgres the harness would give the dir a database of
         // its own; this is the one it finds there instead.
         std::fs::write(dir.path().join("postgres.url"), &self.url).expect("write url");
+        // And the key it would give the dir: the cluster's, as every instance has.
+        std::fs::copy(&self.phone_key, dir.path().join("phone.key")).expect("copy the key");
         TestServer::start_in(dir, &format!("{}{}", self.storage_toml(), self.extra)).await
     }
 

@@ -368,8 +368,25 @@ pub fn storage_env(dir: &Path) -> Vec<(&'static str, OsString)> {
     if engine() == "postgres" {
         env.push(("SMSAUTH_STORAGE__ENGINE", "postgres".into()));
         env.push(("SMSAUTH_STORAGE__POSTGRES__URL", postgres_url(dir).into()));
+        env.push((
+            "SMSAUTH_PRIVACY__PHONE_KEY_FILE",
+            phone_key_file(dir).into_os_string(),
+        ));
     }
     env
+}
+
+/// The phone key of the harness dir `dir` for a PostgreSQL store (which must be given
+/// one): `dir/phone.key`, outside the data dir, made by the first process on the dir.
+pub fn phone_key_file(dir: &Path) -> PathBuf {
+    static MAKING: Mutex<()> = Mutex::new(());
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let file = dir.join("phone.key");
+    if !file.exists() {
+        smsauth::privacy::create_key_file(&file, &smsauth::privacy::PhoneKey::generate())
+            .unwrap_or_else(|e| panic!("write {}: {e:#}", file.display()));
+    }
+    file
 }
 
 /// The shared PostgreSQL cluster of this test binary; TEST_STORAGE_ENGINE=postgres only.

@@ -385,6 +385,30 @@ impl Postgres {
             .status()
     }
 
+    /// `pg_dump` of the database at `url`, as an operator's backup of it would be: every
+    /// byte a copy of the database gives away.
+    pub fn dump(&self, url: &str) -> Vec<u8> {
+        let pg_dump = self.tools.psql.with_file_name("pg_dump");
+        let pg_dump = if pg_dump.is_file() {
+            pg_dump
+        } else {
+            self.tools.bin.join("pg_dump")
+        };
+        let out = Command::new(&pg_dump)
+            .args(["--no-owner", "-d", url])
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_dump");
+        assert!(
+            out.status.success(),
+            "pg_dump exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
     fn run_psql(&self, conn: &[OsString], target: &str, sql: &str) -> String {
         let mut child = Command::new(&self.tools.psql)
             // -X: no ~/.psqlrc; -q: no command tags mixed into the results.

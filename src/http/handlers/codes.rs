@@ -41,7 +41,7 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
             return Err(ApiError::CaptchaInvalid);
         }
     }
-    let has_account = app.store.users.has_user(phone.as_str()).await?;
+    let has_account = app.store.users.has_user(&phone.index).await?;
     if purpose == Purpose::Register && has_account {
         return Err(ApiError::PhoneTaken);
     }
@@ -72,7 +72,11 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
 }
 
 /// Makes, stores (durably) and sends a code. On failure nothing is kept.
-async fn deliver(app: &App, phone: &crate::phone::Phone, purpose: Purpose) -> Result<(), ApiError> {
+async fn deliver(
+    app: &App,
+    phone: &crate::phone::IndexedPhone,
+    purpose: Purpose,
+) -> Result<(), ApiError> {
     let code = app.codes.generate();
     app.codes.put(phone, purpose, &code).await?;
     app.store.engine.flush().await?;

@@ -21,7 +21,7 @@ use crate::codes::CodeError;
 use crate::error::ApiError;
 use crate::http::cookie;
 use crate::model::{LoginMethod, User};
-use crate::phone::Phone;
+use crate::phone::IndexedPhone;
 use crate::token::Session;
 
 /// Who sent a login request, for the session it starts.
@@ -78,15 +78,16 @@ impl UserView {
     }
 }
 
-pub fn parse_phone(app: &App, input: &str) -> Result<Phone, ApiError> {
-    app.phones.parse(input).ok_or(ApiError::InvalidPhone)
+pub fn parse_phone(app: &App, input: &str) -> Result<IndexedPhone, ApiError> {
+    let phone = app.phones.parse(input).ok_or(ApiError::InvalidPhone)?;
+    Ok(IndexedPhone::new(phone, &app.store.phones))
 }
 
 /// Uses up `code` for phone+purpose, mapping the codes module's answer to the API's.
 /// A phone locked for too many wrong codes this hour is refused whatever the code.
 pub async fn consume_code(
     app: &App,
-    phone: &Phone,
+    phone: &IndexedPhone,
     purpose: crate::model::Purpose,
     code: &str,
 ) -> Result<(), ApiError> {
@@ -128,7 +129,7 @@ pub async fn consume_code(
 /// for one. Exactly one of the two; it is used up here.
 pub async fn redeem_proof(
     app: &App,
-    phone: &Phone,
+    phone: &IndexedPhone,
     purpose: crate::model::Purpose,
     code: Option<&str>,
     verification_token: Option<&str>,

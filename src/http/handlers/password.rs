@@ -61,6 +61,7 @@ pub async fn register(app: &App, req: Req) -> Result<Resp, ApiError> {
     let now = now();
     let new = NewUser {
         phone: phone.as_str(),
+        index: phone.index,
         nickname,
         created_at: now,
         last_login_at: Some(now),
@@ -91,7 +92,7 @@ pub async fn login(app: &App, req: Req) -> Result<Resp, ApiError> {
     let client = Client::of(&req);
     let body: LoginRequest = req.json(app).await?;
     let phone = parse_phone(app, &body.phone)?;
-    let user = app.store.users.user_by_phone(phone.as_str()).await?;
+    let user = app.store.users.user_by_phone(&phone.index).await?;
     let stored = match &user {
         Some(u) => app
             .store
@@ -171,7 +172,7 @@ pub async fn reset(app: &App, req: Req) -> Result<Resp, ApiError> {
     let user = app
         .store
         .users
-        .user_by_phone(phone.as_str())
+        .user_by_phone(&phone.index)
         .await?
         .ok_or(ApiError::InvalidCode)?;
     let phc = app.passwords.hash(&body.new_password).await?;

@@ -250,6 +250,7 @@ pub async fn bind(app: &App, req: Req) -> Result<Resp, ApiError> {
     let profile = taken.ok_or_else(|| ApiError::InvalidRequest(BIND_REFUSED.into()))?;
     let new = NewUser {
         phone: phone.as_str(),
+        index: phone.index,
         // WeChat's nickname if it makes a valid one, else the usual masked number.
         nickname: nickname(&profile.nickname)
             .unwrap_or_else(|_| default_nickname(&phone, &app.cfg.phone.country_code)),

@@ -8,14 +8,18 @@ use std::collections::BTreeMap;
 
 use tokio_postgres::IsolationLevel;
 
-use super::users::{method_number, row_user, user_columns};
+use super::users::{method_number, user_columns};
 use super::{PgStore, Result, classify, pool_error};
-use crate::model::{LoginMethod, Method, PendingCode, Purpose, User};
-use crate::store::codec::{decode, decode_user, encode, encode_user, read_i64, read_u64, u64_key};
+use crate::model::{LoginMethod, Method, PendingCode, Purpose, User, UserId};
+use crate::privacy::user_aad;
+use crate::store::codec::{
+    decode, decode_plain_user, decode_sealed_user, encode, encode_sealed_user, read_i64, read_u64,
+    u64_key,
+};
 use crate::store::layout::{
     self, code_key, counter_key, method_key, parse_code_key, parse_counter_key,
 };
-use crate::store::{RecordSink, Snapshots, StoreError};
+use crate::store::{PhoneIndex, RecordSink, Snapshots, StoreError, stored_identification};
 
 type Trees = BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -49,18 +53,33 @@ impl PgStore {
         let mut put = |tree: &'static str, k: Vec<u8>, v: Vec<u8>| {
             trees.entry(tree).or_default().insert(k, v);
         };
+        // Users as they are stored: the phone stays sealed, the index stays an index.
         let users = tx
-            .query(concat!("SELECT ", user_columns!(), " FROM users"), &[])
+            .query(
+                concat!("SELECT ", user_columns!(), ", phone_index FROM users"),
+                &[],
+            )
             .await
             .map_err(classify)?;
         for row in &users {
-            let user: User = row_user(row);
+            let id = row.get::<_, i64>(0) as UserId;
+            let bare = User {
+                id,
+                phone: String::new(),
+                nickname: row.get(2),
+                created_at: row.get(3),
+                last_login_at: row.get(4),
+                disabled: row.get(5),
+                session_gen: row.get::<_, i64>(6) as u32,
+                avatar_url: row.get(7),
+            };
+            let index: String = row.get(8);
+            put(layout::PHONES, index.into_bytes(), u64_key(id).to_vec());
             put(
-                layout::PHONES,
-                user.phone.clone().into_bytes(),
-                u64_key(user.id).to_vec(),
+                layout::USERS,
+                u64_key(id).to_vec(),
+                encode_sealed_user(&bare, row.get(1)),
             );
-            put(layout::USERS, u64_key(user.id).to_vec(), encode_user(&user));
         }
         for row in tx
             .query(
@@ -99,7 +118,7 @@ impl PgStore {
         }
         for row in tx
             .query(
-                "SELECT phone, purpose, hash, sent_at, expires_at, attempts FROM pending_codes",
+                "SELECT phone_index, purpose, hash, sent_at, expires_at, attempts FROM pending_codes",
                 &[],
             )
             .await
@@ -114,10 +133,11 @@ impl PgStore {
                 expires_at: row.get(4),
                 attempts: row.get::<_, i32>(5) as u32,
             };
-            let phone: String = row.get(0);
+            let index = PhoneIndex::parse(row.get(0))
+                .ok_or_else(|| StoreError::Corrupt("pending_codes.phone_index".into()))?;
             put(
                 layout::CODES,
-                code_key(&phone, purpose_of(row.get(1))?),
+                code_key(&index, purpose_of(row.get(1))?),
                 encode(&code),
             );
         }
@@ -171,8 +191,28 @@ impl PgStore {
             layout::META_USERS.to_vec(),
             u64_key(users.len() as u64).to_vec(),
         );
+        put(
+            layout::META,
+            layout::META_PHONE_KEY.to_vec(),
+            self.vault.keys().current().id().0.to_vec(),
+        );
         tx.commit().await.map_err(classify)?;
         Ok(trees)
+    }
+
+    /// The index a backup's phone key names: an index already, or a phone in the clear
+    /// (an earlier release's backup).
+    fn index_of(&self, key: &str) -> PhoneIndex {
+        PhoneIndex::parse(key).unwrap_or_else(|| self.vault.index(key))
+    }
+
+    /// A counter's subject as this release keys it: a phone becomes its index.
+    fn subject_of(&self, subject: &str) -> String {
+        if subject.starts_with('+') {
+            self.vault.index(subject).as_str().to_owned()
+        } else {
+            subject.to_owned()
+        }
     }
 
     /// Moves the identity past `id`, so ids from the backup are never given out again.
@@ -190,20 +230,34 @@ impl PgStore {
         let op = "import";
         match tree {
             layout::USERS => {
-                let u: User = decode_user(value)?;
+                // Sealed (this release's backups) or in the clear (an earlier one's): the
+                // index comes from the phone, which also proves the key opens it.
+                let (u, sealed) = match decode_plain_user(value)? {
+                    Some(u) => {
+                        let sealed = self.vault.seal(&u.phone, &user_aad(u.id));
+                        (u, sealed)
+                    }
+                    None => {
+                        let (bare, sealed) = decode_sealed_user(value)?;
+                        let phone = self.vault.open(sealed, &user_aad(bare.id))?;
+                        (User { phone, ..bare }, sealed.to_vec())
+                    }
+                };
+                let index = self.vault.index(&u.phone);
                 self.execute(
                     op,
-                    "INSERT INTO users (id, phone, nickname, created_at, last_login_at, disabled, session_gen, avatar_url)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    "INSERT INTO users (id, phone_index, phone_sealed, nickname, created_at, last_login_at, disabled, session_gen, avatar_url)
+                     VALUES ($1, $2, $9, $3, $4, $5, $6, $7, $8)",
                     &[
                         &(u.id as i64),
-                        &u.phone,
+                        &index.as_str(),
                         &u.nickname,
                         &u.created_at,
                         &u.last_login_at,
                         &u.disabled,
                         &(u.session_gen as i64),
                         &u.avatar_url,
+                        &sealed,
                     ],
                 )
                 .await?;
@@ -223,7 +277,7 @@ impl PgStore {
                     &[
                         &(user as i64),
                         &method_number(m.method),
-                        &m.identification,
+                        &stored_identification(&m),
                         &m.access_code,
                     ],
                 )
@@ -234,7 +288,8 @@ impl PgStore {
                 let (phone, purpose) =
                     parse_code_key(key).ok_or_else(|| StoreError::Corrupt("code key".into()))?;
                 let c: PendingCode = decode(value)?;
-                crate::store::PendingCodes::put_code(self, &phone, purpose, c).await
+                let index = self.index_of(&phone);
+                crate::store::PendingCodes::put_code(self, &index, purpose, c).await
             }
             layout::REVOKED => {
                 let jti = String::from_utf8_lossy(key).into_owned();
@@ -250,7 +305,7 @@ impl PgStore {
                     &[
                         &super::limits::counter_number(counter),
                         &window,
-                        &subject,
+                        &self.subject_of(&subject),
                         &(read_u64(value)? as i64),
                     ],
                 )
@@ -274,7 +329,7 @@ impl PgStore {
             layout::META if key == layout::META_NEXT_ID => {
                 self.keep_ids_past(read_u64(value)? as i64 - 1).await
             }
-            // The phone index is users.phone and the WeChat index the wechat methods;
+            // The phone index is users.phone_index and the WeChat index the wechat methods;
             // the other meta records are the embedded engine's own bookkeeping. Grants
             // live minutes and are not carried over.
             _ => Ok(()),

@@ -4,7 +4,7 @@
 
 use super::{PgStore, Result};
 use crate::model::{PendingCode, Purpose};
-use crate::store::{BoxFuture, CaptchaAnswers, CodeCheck, PendingCodes, ResendWaits};
+use crate::store::{BoxFuture, CaptchaAnswers, CodeCheck, PendingCodes, PhoneIndex, ResendWaits};
 
 pub(super) fn purpose_number(p: Purpose) -> i16 {
     match p {
@@ -17,16 +17,17 @@ pub(super) fn purpose_number(p: Purpose) -> i16 {
 impl PendingCodes for PgStore {
     fn put_code<'a>(
         &'a self,
-        phone: &'a str,
+        phone: &'a PhoneIndex,
         purpose: Purpose,
         code: PendingCode,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            let phone = phone.as_str();
             self.execute(
                 "put_code",
-                "INSERT INTO pending_codes (phone, purpose, hash, sent_at, expires_at, attempts)
+                "INSERT INTO pending_codes (phone_index, purpose, hash, sent_at, expires_at, attempts)
                  VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (phone, purpose) DO UPDATE
+                 ON CONFLICT (phone_index, purpose) DO UPDATE
                  SET hash = EXCLUDED.hash, sent_at = EXCLUDED.sent_at,
                      expires_at = EXCLUDED.expires_at, attempts = EXCLUDED.attempts",
                 &[
@@ -45,13 +46,14 @@ impl PendingCodes for PgStore {
 
     fn check_code<'a>(
         &'a self,
-        phone: &'a str,
+        phone: &'a PhoneIndex,
         purpose: Purpose,
         presented: [u8; 32],
         max_attempts: u32,
         now: i64,
     ) -> BoxFuture<'a, Result<CodeCheck>> {
         Box::pin(async move {
+            let phone = phone.as_str();
             // One round trip decides every case. `used` takes the right code out and
             // `wrong` counts a wrong one; their conditions on `hash` exclude each other,
             // so at most one touches the row, and each re-checks it after waiting for a
@@ -64,17 +66,17 @@ impl PendingCodes for PgStore {
                     "check_code",
                     "WITH used AS (
                         DELETE FROM pending_codes
-                        WHERE phone = $1 AND purpose = $2 AND hash = $3
+                        WHERE phone_index = $1 AND purpose = $2 AND hash = $3
                           AND expires_at > $4 AND attempts < $5
                         RETURNING 1
                     ), wrong AS (
                         UPDATE pending_codes SET attempts = attempts + 1
-                        WHERE phone = $1 AND purpose = $2 AND hash <> $3
+                        WHERE phone_index = $1 AND purpose = $2 AND hash <> $3
                           AND expires_at > $4 AND attempts < $5
                         RETURNING attempts, expires_at
                     ), seen AS (
                         SELECT attempts, expires_at FROM pending_codes
-                        WHERE phone = $1 AND purpose = $2
+                        WHERE phone_index = $1 AND purpose = $2
                     )
                     SELECT (SELECT count(*) FROM used),
                            (SELECT attempts FROM wrong), (SELECT expires_at FROM wrong),
@@ -117,11 +119,16 @@ impl PendingCodes for PgStore {
         })
     }
 
-    fn discard_code<'a>(&'a self, phone: &'a str, purpose: Purpose) -> BoxFuture<'a, Result<()>> {
+    fn discard_code<'a>(
+        &'a self,
+        phone: &'a PhoneIndex,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            let phone = phone.as_str();
             self.execute(
                 "discard_code",
-                "DELETE FROM pending_codes WHERE phone = $1 AND purpose = $2",
+                "DELETE FROM pending_codes WHERE phone_index = $1 AND purpose = $2",
                 &[&phone, &purpose_number(purpose)],
             )
             .await?;
@@ -158,17 +165,18 @@ impl PendingCodes for PgStore {
 impl ResendWaits for PgStore {
     fn reserve_send<'a>(
         &'a self,
-        phone: &'a str,
+        phone: &'a PhoneIndex,
         now: i64,
         interval: i64,
     ) -> BoxFuture<'a, Result<std::result::Result<(), u64>>> {
         Box::pin(async move {
+            let phone = phone.as_str();
             // The claim is taken only if the last one is `interval` old: atomic per phone.
             let claimed = self
                 .query_opt(
                     "reserve_send",
-                    "INSERT INTO resend_waits (phone, sent_at) VALUES ($1, $2)
-                     ON CONFLICT (phone) DO UPDATE SET sent_at = EXCLUDED.sent_at
+                    "INSERT INTO resend_waits (phone_index, sent_at) VALUES ($1, $2)
+                     ON CONFLICT (phone_index) DO UPDATE SET sent_at = EXCLUDED.sent_at
                      WHERE resend_waits.sent_at <= $2::bigint - $3::bigint
                      RETURNING 1",
                     &[&phone, &now, &interval],
@@ -180,7 +188,7 @@ impl ResendWaits for PgStore {
             let last: i64 = self
                 .query_opt(
                     "reserve_send",
-                    "SELECT sent_at FROM resend_waits WHERE phone = $1",
+                    "SELECT sent_at FROM resend_waits WHERE phone_index = $1",
                     &[&phone],
                 )
                 .await?
@@ -189,11 +197,12 @@ impl ResendWaits for PgStore {
         })
     }
 
-    fn release_send<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<()>> {
+    fn release_send<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            let phone = phone.as_str();
             self.execute(
                 "release_send",
-                "DELETE FROM resend_waits WHERE phone = $1",
+                "DELETE FROM resend_waits WHERE phone_index = $1",
                 &[&phone],
             )
             .await?;

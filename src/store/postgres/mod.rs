@@ -19,6 +19,7 @@ mod codes;
 mod grants;
 mod limits;
 mod metrics;
+mod privacy;
 mod sessions;
 mod users;
 mod wechat;
@@ -36,12 +37,16 @@ use crate::config::{LimitsConfig, PostgresConfig};
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// The schema this release writes; numbered scripts take a database from one to the next.
-const SCHEMA_VERSION: i32 = 3;
-const MIGRATIONS: [&str; 3] = [
+const SCHEMA_VERSION: i32 = 4;
+const MIGRATIONS: [&str; 4] = [
     include_str!("schema_1.sql"),
     include_str!("schema_2.sql"),
     include_str!("schema_3.sql"),
+    include_str!("schema_4.sql"),
 ];
+/// Where a script stops for the phone numbers to be sealed ([`privacy`]), in the same
+/// transaction, before the rest of it runs.
+const SEAL_HERE: &str = "-- smsauth: the phone numbers are sealed here";
 /// Any fixed number: the advisory lock every instance takes while it migrates.
 const MIGRATION_LOCK: i64 = 0x0073_6d73_6175_7468; // "smsauth"
 
@@ -59,6 +64,9 @@ pub struct PgStore {
     metrics: metrics::PgMetrics,
     /// For [`super::Snapshots`], which is called from a blocking thread.
     runtime: tokio::runtime::Handle,
+    /// Seals the phone of every user row and indexes every phone. The key comes from a
+    /// file every instance reads; the database only holds its id.
+    vault: std::sync::Arc<crate::privacy::PhoneVault>,
 }
 
 /// A database error as the store's: what says "not now" is `Unavailable`.
@@ -123,7 +131,11 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
 impl PgStore {
     /// Connects (retrying for `connect_timeout_secs` while the database does not
     /// answer), migrates the schema under an advisory lock and builds the pool.
-    pub async fn open(cfg: &PostgresConfig, limits: &LimitsConfig) -> anyhow::Result<PgStore> {
+    pub async fn open(
+        cfg: &PostgresConfig,
+        limits: &LimitsConfig,
+        phone_key: crate::privacy::PhoneKey,
+    ) -> anyhow::Result<PgStore> {
         let mut pg: tokio_postgres::Config = cfg.url.expose().parse().map_err(|e| {
             // The parser's message never holds the password; the URL might.
             anyhow::anyhow!("configuration key `storage.postgres.url`: not a PostgreSQL URL ({e})")
@@ -159,12 +171,18 @@ impl PgStore {
             target,
             metrics: metrics::PgMetrics::new(),
             runtime: tokio::runtime::Handle::current(),
+            vault: crate::privacy::PhoneVault::new(crate::privacy::PhoneKeys::new(phone_key)),
         };
         store
             .wait_until_up(Duration::from_secs(cfg.connect_timeout_secs))
             .await?;
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The phone keys this store seals and indexes with.
+    pub fn vault(&self) -> std::sync::Arc<crate::privacy::PhoneVault> {
+        self.vault.clone()
     }
 
     /// Tries to connect until the database answers or `patience` runs out. Refused
@@ -221,8 +239,17 @@ impl PgStore {
             ))
             .into());
         }
+        let mut sealed = false;
         for (i, script) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-            tx.batch_execute(script).await.map_err(classify)?;
+            match script.split_once(SEAL_HERE) {
+                Some((before, after)) => {
+                    tx.batch_execute(before).await.map_err(classify)?;
+                    self.seal_plain_rows(&tx).await?;
+                    sealed = found > 0;
+                    tx.batch_execute(after).await.map_err(classify)?;
+                }
+                None => tx.batch_execute(script).await.map_err(classify)?,
+            }
             tracing::info!(version = i + 1, "PostgreSQL schema migrated");
         }
         if found == 0 {
@@ -237,7 +264,22 @@ impl PgStore {
                 .await
                 .map_err(classify)?;
         }
+        self.check_phone_key(&tx).await?;
         tx.commit().await.map_err(classify)?;
+        if sealed {
+            // An update leaves the row it replaced in the table's files until a vacuum:
+            // rewritten now, so no number in the clear stays behind in them.
+            // One statement per call: several would be one transaction, where VACUUM
+            // cannot run.
+            for sql in [
+                "SET statement_timeout = 0",
+                "VACUUM FULL users, login_methods, pending_codes, resend_waits, counters",
+                "RESET statement_timeout",
+            ] {
+                client.batch_execute(sql).await.map_err(classify)?;
+            }
+            tracing::info!("PostgreSQL tables rewritten: no number in the clear is left in them");
+        }
         Ok(())
     }
 

@@ -5,28 +5,47 @@ use tokio_postgres::Row;
 
 use super::{PgStore, Result};
 use crate::model::{LoginMethod, Method, User, UserId};
-use crate::store::{BoxFuture, NewUser, Sessions, StoreError, UserChange, Users, WechatBind};
+use crate::privacy::user_aad;
+use crate::store::{
+    BoxFuture, NewUser, PhoneIndex, Sessions, StoreError, UserChange, Users, WechatBind,
+    identified, stored_identification,
+};
 
-/// The columns [`row_user`] reads, in its order: for `concat!` into each statement.
+/// The columns [`PgStore::row_user`] reads, in its order: for `concat!` into each
+/// statement.
 macro_rules! user_columns {
     () => {
-        "id, phone, nickname, created_at, last_login_at, disabled, session_gen, avatar_url"
+        "id, phone_sealed, nickname, created_at, last_login_at, disabled, session_gen, avatar_url"
     };
 }
 pub(super) use user_columns;
 
-pub(super) fn row_user(row: &Row) -> User {
-    User {
-        id: row.get::<_, i64>(0) as UserId,
-        phone: row.get(1),
-        nickname: row.get(2),
-        created_at: row.get(3),
-        last_login_at: row.get(4),
-        disabled: row.get(5),
-        session_gen: row.get::<_, i64>(6) as u32,
-        avatar_url: row.get(7),
+impl PgStore {
+    /// A user as [`user_columns`] read it, its phone opened.
+    pub(super) fn row_user(&self, row: &Row) -> Result<User> {
+        let id = row.get::<_, i64>(0) as UserId;
+        let sealed: &[u8] = row.get(1);
+        Ok(User {
+            id,
+            phone: self.vault.open(sealed, &user_aad(id))?,
+            nickname: row.get(2),
+            created_at: row.get(3),
+            last_login_at: row.get(4),
+            disabled: row.get(5),
+            session_gen: row.get::<_, i64>(6) as u32,
+            avatar_url: row.get(7),
+        })
+    }
+
+    /// [`Self::row_user`] of a row that may be missing.
+    pub(super) fn maybe_user(&self, row: Option<&Row>) -> Result<Option<User>> {
+        row.map(|r| self.row_user(r)).transpose()
     }
 }
+
+/// The phone of a user to insert, sealed for the id it will get: `nextval` is taken by
+/// the caller first, so the sealed bytes name their record.
+pub(super) const NEXT_USER_ID: &str = "SELECT nextval(pg_get_serial_sequence('users', 'id'))";
 
 /// `wechat` in `login_methods.method`; schema 2's unique index names it.
 pub(super) const WECHAT: i16 = 3;
@@ -53,14 +72,17 @@ fn method_arrays(methods: &[LoginMethod]) -> (Vec<i16>, Vec<String>, Vec<Option<
     let stored = methods.iter().filter(|m| m.method != Method::Sms);
     (
         stored.clone().map(|m| method_number(m.method)).collect(),
-        stored.clone().map(|m| m.identification.clone()).collect(),
+        stored
+            .clone()
+            .map(|m| stored_identification(m).to_owned())
+            .collect(),
         stored.map(|m| m.access_code.clone()).collect(),
     )
 }
 
 impl PgStore {
     /// The user of a phone that an insert found taken.
-    async fn existing(&self, phone: &str) -> Result<User> {
+    async fn existing(&self, phone: &PhoneIndex) -> Result<User> {
         self.user_by_phone(phone).await?.ok_or_else(|| {
             StoreError::Unavailable("the account was deleted while it was used".into())
         })
@@ -72,11 +94,18 @@ impl PgStore {
         sql: &str,
         key: &(dyn tokio_postgres::types::ToSql + Sync),
     ) -> Result<Option<User>> {
-        Ok(self
-            .query_opt(op, sql, &[key])
+        let row = self.query_opt(op, sql, &[key]).await?;
+        self.maybe_user(row.as_ref())
+    }
+
+    /// A new id and the phone sealed for it.
+    pub(super) async fn seal_for_new_user(&self, phone: &str) -> Result<(i64, Vec<u8>)> {
+        let row = self
+            .query_opt("next_user_id", NEXT_USER_ID, &[])
             .await?
-            .as_ref()
-            .map(row_user))
+            .ok_or_else(|| StoreError::Engine("nextval: no row".into()))?;
+        let id: i64 = row.get(0);
+        Ok((id, self.vault.seal(phone, &user_aad(id as UserId))))
     }
 }
 
@@ -88,20 +117,24 @@ impl Users for PgStore {
         })
     }
 
-    fn user_by_phone<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<Option<User>>> {
+    fn user_by_phone<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<Option<User>>> {
         Box::pin(async move {
-            let sql = concat!("SELECT ", user_columns!(), " FROM users WHERE phone = $1");
-            self.user_where("user_by_phone", sql, &phone).await
+            let sql = concat!(
+                "SELECT ",
+                user_columns!(),
+                " FROM users WHERE phone_index = $1"
+            );
+            self.user_where("user_by_phone", sql, &phone.as_str()).await
         })
     }
 
-    fn has_user<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<bool>> {
+    fn has_user<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let row = self
                 .query_opt(
                     "has_user",
-                    "SELECT 1 FROM users WHERE phone = $1",
-                    &[&phone],
+                    "SELECT 1 FROM users WHERE phone_index = $1",
+                    &[&phone.as_str()],
                 )
                 .await?;
             Ok(row.is_some())
@@ -115,6 +148,7 @@ impl Users for PgStore {
     ) -> BoxFuture<'a, Result<(User, bool)>> {
         Box::pin(async move {
             let (kinds, idents, codes) = method_arrays(methods);
+            let (id, sealed) = self.seal_for_new_user(new.phone).await?;
             // One statement: the user and its methods commit together, and of racing
             // creates for one phone the unique index lets exactly one insert.
             let created = self
@@ -122,9 +156,9 @@ impl Users for PgStore {
                     "create_user_if_absent",
                     concat!(
                         "WITH u AS (
-                            INSERT INTO users (phone, nickname, created_at, last_login_at, avatar_url)
-                            VALUES ($1, $2, $3, $4, $8)
-                            ON CONFLICT (phone) DO NOTHING
+                            INSERT INTO users (id, phone_index, phone_sealed, nickname, created_at, last_login_at, avatar_url)
+                            VALUES ($9, $1, $10, $2, $3, $4, $8)
+                            ON CONFLICT (phone_index) DO NOTHING
                             RETURNING ",
                         user_columns!(),
                         "
@@ -137,7 +171,7 @@ impl Users for PgStore {
                         SELECT * FROM u"
                     ),
                     &[
-                        &new.phone,
+                        &new.index.as_str(),
                         &new.nickname,
                         &new.created_at,
                         &new.last_login_at,
@@ -145,15 +179,17 @@ impl Users for PgStore {
                         &idents,
                         &codes,
                         &new.avatar_url,
+                        &id,
+                        &sealed,
                     ],
                 )
                 .await?;
             if let Some(row) = created {
-                return Ok((row_user(&row), true));
+                return Ok((self.row_user(&row)?, true));
             }
             // The other create has committed (the insert waited for it): a new statement
             // sees its user.
-            Ok((self.existing(new.phone).await?, false))
+            Ok((self.existing(&new.index).await?, false))
         })
     }
 
@@ -166,22 +202,22 @@ impl Users for PgStore {
             // Most code logins are of existing accounts: one update records the login.
             // Tried before the insert, because an insert that finds the phone taken still
             // uses up a number of the id sequence: ids would grow with every login.
-            let (phone, at) = (new.phone, new.last_login_at);
+            let (phone, at) = (new.index, new.last_login_at);
             let login = async || -> Result<Option<User>> {
                 let Some(at) = at else {
-                    return self.user_by_phone(phone).await;
+                    return self.user_by_phone(&phone).await;
                 };
                 let row = self
                     .query_opt(
                         "log_in",
                         concat!(
-                            "UPDATE users SET last_login_at = $2 WHERE phone = $1 AND NOT disabled RETURNING ",
+                            "UPDATE users SET last_login_at = $2 WHERE phone_index = $1 AND NOT disabled RETURNING ",
                             user_columns!()
                         ),
-                        &[&phone, &at],
+                        &[&phone.as_str(), &at],
                     )
                     .await?;
-                Ok(row.as_ref().map(row_user))
+                self.maybe_user(row.as_ref())
             };
             if let Some(user) = login().await? {
                 return Ok((user, false));
@@ -235,7 +271,7 @@ impl Users for PgStore {
                     .await?
                 }
             };
-            Ok(row.as_ref().map(row_user))
+            self.maybe_user(row.as_ref())
         })
     }
 
@@ -253,11 +289,12 @@ impl Users for PgStore {
                 access_code: None,
             }];
             for row in rows {
-                found.push(LoginMethod {
+                let method = LoginMethod {
                     method: method_of(row.get(0))?,
                     identification: row.get(1),
                     access_code: row.get(2),
-                });
+                };
+                found.push(identified(method, u));
             }
             Ok(found)
         })
@@ -281,7 +318,7 @@ impl Users for PgStore {
                 &[
                     &(id as i64),
                     &method_number(method.method),
-                    &method.identification,
+                    &stored_identification(method),
                     &method.access_code,
                 ],
             )
@@ -313,12 +350,12 @@ impl Users for PgStore {
                     &[
                         &(id as i64),
                         &method_number(method.method),
-                        &method.identification,
+                        &stored_identification(method),
                         &method.access_code,
                     ],
                 )
                 .await?;
-            Ok(row.as_ref().map(row_user))
+            self.maybe_user(row.as_ref())
         })
     }
 
@@ -334,12 +371,11 @@ impl Users for PgStore {
     fn users(&self) -> BoxFuture<'_, Result<Vec<User>>> {
         Box::pin(async move {
             let sql = concat!("SELECT ", user_columns!(), " FROM users ORDER BY id");
-            Ok(self
-                .query("users", sql, &[])
+            self.query("users", sql, &[])
                 .await?
                 .iter()
-                .map(row_user)
-                .collect())
+                .map(|row| self.row_user(row))
+                .collect()
         })
     }
 
@@ -391,7 +427,7 @@ impl Users for PgStore {
                     &[&(id as i64)],
                 )
                 .await?;
-            Ok(row.as_ref().map(row_user))
+            self.maybe_user(row.as_ref())
         })
     }
 }
@@ -442,7 +478,7 @@ impl Sessions for PgStore {
                     &[&(id as i64), &jti, &sid],
                 )
                 .await?;
-            Ok(row.as_ref().map(row_user))
+            self.maybe_user(row.as_ref())
         })
     }
 
@@ -458,7 +494,7 @@ impl Sessions for PgStore {
             let rows = self
                 .query(
                     "session_account",
-                    "SELECT u.id, u.phone, u.nickname, u.created_at, u.last_login_at, u.disabled,
+                    "SELECT u.id, u.phone_sealed, u.nickname, u.created_at, u.last_login_at, u.disabled,
                             u.session_gen, u.avatar_url, m.method, m.identification, m.access_code
                      FROM users u LEFT JOIN login_methods m ON m.user_id = u.id
                      WHERE u.id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti IN ($2, $3))
@@ -469,7 +505,7 @@ impl Sessions for PgStore {
             let Some(first) = rows.first() else {
                 return Ok(None);
             };
-            let user = row_user(first);
+            let user = self.row_user(first)?;
             let mut methods = vec![LoginMethod {
                 method: Method::Sms,
                 identification: user.phone.clone(),
@@ -477,11 +513,12 @@ impl Sessions for PgStore {
             }];
             for row in &rows {
                 if let Some(method) = row.get::<_, Option<i16>>(8) {
-                    methods.push(LoginMethod {
+                    let method = LoginMethod {
                         method: method_of(method)?,
                         identification: row.get(9),
                         access_code: row.get(10),
-                    });
+                    };
+                    methods.push(identified(method, &user));
                 }
             }
             Ok(Some((user, methods)))

@@ -9,9 +9,10 @@
 
 use deadpool_postgres::Transaction;
 
-use super::users::{WECHAT, row_user, user_columns};
+use super::users::{NEXT_USER_ID, WECHAT, user_columns};
 use super::{PgStore, Result};
 use crate::model::{User, UserId};
+use crate::privacy::user_aad;
 use crate::store::{NewUser, WechatBind};
 
 /// Which account a bind is for.
@@ -38,7 +39,7 @@ impl PgStore {
                 &[&wechat_id],
             )
             .await?;
-        Ok(row.as_ref().map(row_user))
+        self.maybe_user(row.as_ref())
     }
 
     pub(super) async fn log_in_wechat_id(
@@ -61,7 +62,7 @@ impl PgStore {
             )
             .await?;
         match row {
-            Some(row) => Ok(Some(row_user(&row))),
+            Some(row) => Ok(Some(self.row_user(&row)?)),
             // Not bound, or bound to a disabled account, which the caller refuses.
             None => self.user_by_wechat_id(wechat_id).await,
         }
@@ -87,13 +88,13 @@ impl PgStore {
     async fn bind(&self, target: Target<'_>, wechat_id: &str) -> Result<WechatBind> {
         self.with_client("bind_wechat", async |c| {
             let tx = c.transaction().await?;
-            let outcome = bind_in(&tx, target, wechat_id).await?;
-            if matches!(outcome, WechatBind::Bound { .. }) {
+            let outcome = self.bind_in(&tx, target, wechat_id).await?;
+            if matches!(outcome, Ok(WechatBind::Bound { .. })) {
                 tx.commit().await?;
             } // else rolled back as `tx` is dropped
             Ok(outcome)
         })
-        .await
+        .await?
     }
 
     pub(super) async fn unlink(&self, id: UserId) -> Result<Option<User>> {
@@ -108,114 +109,131 @@ impl PgStore {
                 &[&(id as i64)],
             )
             .await?;
-        Ok(row.as_ref().map(row_user))
+        self.maybe_user(row.as_ref())
     }
-}
 
-async fn bind_in(
-    tx: &Transaction<'_>,
-    target: Target<'_>,
-    wechat_id: &str,
-) -> PgResult<WechatBind> {
-    let lock_by_phone = concat!(
-        "SELECT ",
-        user_columns!(),
-        " FROM users WHERE phone = $1 FOR UPDATE"
-    );
-    let (user, created, login_at, avatar_url) = match &target {
-        Target::User(id, avatar) => {
-            let sql = concat!(
-                "SELECT ",
-                user_columns!(),
-                " FROM users WHERE id = $1 FOR UPDATE"
-            );
-            let st = tx.prepare_cached(sql).await?;
-            match tx.query_opt(&st, &[&(*id as i64)]).await? {
-                Some(row) => (row_user(&row), false, None, *avatar),
-                None => return Ok(WechatBind::NoUser),
-            }
-        }
-        Target::Phone(new) => {
-            let st = tx.prepare_cached(lock_by_phone).await?;
-            let found = match tx.query_opt(&st, &[&new.phone]).await? {
-                Some(row) => Some((row_user(&row), false)),
-                None => {
-                    let insert = concat!(
-                        "INSERT INTO users (phone, nickname, created_at, last_login_at, avatar_url)
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (phone) DO NOTHING RETURNING ",
-                        user_columns!()
-                    );
-                    let ins = tx.prepare_cached(insert).await?;
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
-                        &new.phone,
-                        &new.nickname,
-                        &new.created_at,
-                        &new.last_login_at,
-                        &new.avatar_url,
-                    ];
-                    match tx.query_opt(&ins, &params).await? {
-                        Some(row) => Some((row_user(&row), true)),
-                        // A code login made it meanwhile (the insert waited for its
-                        // commit): this statement sees it, and locks it.
-                        None => tx
-                            .query_opt(&st, &[&new.phone])
-                            .await?
-                            .map(|r| (row_user(&r), false)),
-                    }
+    /// The bind, in `tx`. A row that does not open (the store's error) ends it, rolled
+    /// back, as the inner error.
+    async fn bind_in(
+        &self,
+        tx: &Transaction<'_>,
+        target: Target<'_>,
+        wechat_id: &str,
+    ) -> PgResult<Result<WechatBind>> {
+        macro_rules! user {
+            ($row:expr) => {
+                match self.row_user($row) {
+                    Ok(user) => user,
+                    Err(e) => return Ok(Err(e)),
                 }
             };
-            let Some((user, created)) = found else {
-                return Ok(WechatBind::NoUser); // made and deleted between two statements
-            };
-            (user, created, new.last_login_at, new.avatar_url.as_deref())
         }
-    };
-    if user.disabled {
-        return Ok(WechatBind::Disabled);
-    }
-    let st = tx
-        .prepare_cached(
-            "SELECT identification FROM login_methods WHERE user_id = $1 AND method = $2",
-        )
-        .await?;
-    let bound: Option<String> = tx
-        .query_opt(&st, &[&(user.id as i64), &WECHAT])
-        .await?
-        .map(|r| r.get(0));
-    match bound {
-        Some(other) if other != wechat_id => return Ok(WechatBind::AlreadyBound),
-        Some(_) => {}
-        None => {
-            let st = tx
+        let lock_by_phone = concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE phone_index = $1 FOR UPDATE"
+        );
+        let (user, created, login_at, avatar_url) = match &target {
+            Target::User(id, avatar) => {
+                let sql = concat!(
+                    "SELECT ",
+                    user_columns!(),
+                    " FROM users WHERE id = $1 FOR UPDATE"
+                );
+                let st = tx.prepare_cached(sql).await?;
+                match tx.query_opt(&st, &[&(*id as i64)]).await? {
+                    Some(row) => (user!(&row), false, None, *avatar),
+                    None => return Ok(Ok(WechatBind::NoUser)),
+                }
+            }
+            Target::Phone(new) => {
+                let st = tx.prepare_cached(lock_by_phone).await?;
+                let index = new.index.as_str();
+                let found = match tx.query_opt(&st, &[&index]).await? {
+                    Some(row) => Some((user!(&row), false)),
+                    None => {
+                        let next = tx.prepare_cached(NEXT_USER_ID).await?;
+                        let id: i64 = tx.query_one(&next, &[]).await?.get(0);
+                        let sealed = self.vault.seal(new.phone, &user_aad(id as UserId));
+                        let insert = concat!(
+                        "INSERT INTO users (id, phone_index, phone_sealed, nickname, created_at, last_login_at, avatar_url)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (phone_index) DO NOTHING RETURNING ",
+                        user_columns!()
+                    );
+                        let ins = tx.prepare_cached(insert).await?;
+                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+                            &id,
+                            &index,
+                            &sealed,
+                            &new.nickname,
+                            &new.created_at,
+                            &new.last_login_at,
+                            &new.avatar_url,
+                        ];
+                        match tx.query_opt(&ins, &params).await? {
+                            Some(row) => Some((user!(&row), true)),
+                            // A code login made it meanwhile (the insert waited for its
+                            // commit): this statement sees it, and locks it.
+                            None => match tx.query_opt(&st, &[&index]).await? {
+                                Some(row) => Some((user!(&row), false)),
+                                None => None,
+                            },
+                        }
+                    }
+                };
+                let Some((user, created)) = found else {
+                    return Ok(Ok(WechatBind::NoUser)); // made and deleted between two statements
+                };
+                (user, created, new.last_login_at, new.avatar_url.as_deref())
+            }
+        };
+        if user.disabled {
+            return Ok(Ok(WechatBind::Disabled));
+        }
+        let st = tx
+            .prepare_cached(
+                "SELECT identification FROM login_methods WHERE user_id = $1 AND method = $2",
+            )
+            .await?;
+        let bound: Option<String> = tx
+            .query_opt(&st, &[&(user.id as i64), &WECHAT])
+            .await?
+            .map(|r| r.get(0));
+        match bound {
+            Some(other) if other != wechat_id => return Ok(Ok(WechatBind::AlreadyBound)),
+            Some(_) => {}
+            None => {
+                let st = tx
                 .prepare_cached(
                     "INSERT INTO login_methods (user_id, method, identification) VALUES ($1, $2, $3)
                      ON CONFLICT DO NOTHING",
                 )
                 .await?;
-            if tx
-                .execute(&st, &[&(user.id as i64), &WECHAT, &wechat_id])
-                .await?
-                == 0
-            {
-                return Ok(WechatBind::Taken); // the unique index: another account has it
+                if tx
+                    .execute(&st, &[&(user.id as i64), &WECHAT, &wechat_id])
+                    .await?
+                    == 0
+                {
+                    return Ok(Ok(WechatBind::Taken)); // the unique index: another account has it
+                }
             }
         }
-    }
-    if created {
-        return Ok(WechatBind::Bound { user, created });
-    }
-    let st = tx
-        .prepare_cached(concat!(
-            "UPDATE users SET last_login_at = COALESCE($2, last_login_at), avatar_url = $3
+        if created {
+            return Ok(Ok(WechatBind::Bound { user, created }));
+        }
+        let st = tx
+            .prepare_cached(concat!(
+                "UPDATE users SET last_login_at = COALESCE($2, last_login_at), avatar_url = $3
              WHERE id = $1 RETURNING ",
-            user_columns!()
-        ))
-        .await?;
-    let row = tx
-        .query_one(&st, &[&(user.id as i64), &login_at, &avatar_url])
-        .await?;
-    Ok(WechatBind::Bound {
-        user: row_user(&row),
-        created: false,
-    })
+                user_columns!()
+            ))
+            .await?;
+        let row = tx
+            .query_one(&st, &[&(user.id as i64), &login_at, &avatar_url])
+            .await?;
+        Ok(Ok(WechatBind::Bound {
+            user: user!(&row),
+            created: false,
+        }))
+    }
 }

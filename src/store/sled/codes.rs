@@ -21,7 +21,7 @@ use crate::model::{PendingCode, Purpose};
 use crate::sharded::KeyLocks;
 use crate::store::codec::{decode, encode};
 use crate::store::layout::{code_key, parse_code_key};
-use crate::store::{BoxFuture, CodeCheck, PendingCodes, StoreError, ready};
+use crate::store::{BoxFuture, CodeCheck, PendingCodes, PhoneIndex, StoreError, ready};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -34,13 +34,13 @@ type Hasher = foldhash::fast::RandomState;
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct CodeKey {
-    phone: String,
+    phone: PhoneIndex,
     purpose: Purpose,
 }
 
-fn key(phone: &str, purpose: Purpose) -> CodeKey {
+fn key(phone: &PhoneIndex, purpose: Purpose) -> CodeKey {
     CodeKey {
-        phone: phone.to_owned(),
+        phone: *phone,
         purpose,
     }
 }
@@ -101,7 +101,7 @@ impl SledStore {
         &self,
         now: i64,
         since: i64,
-        recent: &mut dyn FnMut(&str, i64),
+        recent: &mut dyn FnMut(&PhoneIndex, i64),
     ) -> Result<()> {
         let live = self.sweep_now(now, &mut |phone, code| {
             if code.sent_at >= since {
@@ -114,7 +114,11 @@ impl SledStore {
 
     /// Deletes every code that expired before `now`; `each_live` sees the others. Returns
     /// how many are left.
-    fn sweep_now(&self, now: i64, each_live: &mut dyn FnMut(&str, &PendingCode)) -> Result<u64> {
+    fn sweep_now(
+        &self,
+        now: i64,
+        each_live: &mut dyn FnMut(&PhoneIndex, &PendingCode),
+    ) -> Result<u64> {
         let mut live = 0;
         let mut swept = false;
         for kv in self.codes.iter() {
@@ -127,7 +131,8 @@ impl SledStore {
                     .codes
                     .compare_and_swap(&k, Some(v), None as Option<&[u8]>)?
                     .is_ok();
-            } else if let Some((phone, _)) = parse_code_key(&k) {
+            } else if let Some(phone) = parse_code_key(&k).and_then(|(p, _)| PhoneIndex::parse(&p))
+            {
                 each_live(&phone, &code);
                 live += 1;
             }
@@ -138,7 +143,7 @@ impl SledStore {
         Ok(live)
     }
 
-    fn save_code(&self, phone: &str, purpose: Purpose, code: &PendingCode) -> Result<()> {
+    fn save_code(&self, phone: &PhoneIndex, purpose: Purpose, code: &PendingCode) -> Result<()> {
         let _gate = self.write_gate();
         let old = self.codes.insert(code_key(phone, purpose), encode(code))?;
         self.wrote();
@@ -148,7 +153,7 @@ impl SledStore {
         Ok(())
     }
 
-    fn delete_code(&self, phone: &str, purpose: Purpose) -> Result<()> {
+    fn delete_code(&self, phone: &PhoneIndex, purpose: Purpose) -> Result<()> {
         let _gate = self.write_gate();
         if self.codes.remove(code_key(phone, purpose))?.is_some() {
             self.wrote();
@@ -157,8 +162,8 @@ impl SledStore {
         Ok(())
     }
 
-    fn put_code_now(&self, phone: &str, purpose: Purpose, rec: PendingCode) -> Result<()> {
-        let _phone = self.pending.locks.lock(phone);
+    fn put_code_now(&self, phone: &PhoneIndex, purpose: Purpose, rec: PendingCode) -> Result<()> {
+        let _phone = self.pending.locks.lock(phone.as_str());
         self.save_code(phone, purpose, &rec)?;
         self.pending.pending.insert(key(phone, purpose), rec);
         Ok(())
@@ -166,14 +171,14 @@ impl SledStore {
 
     fn check_now(
         &self,
-        phone: &str,
+        phone: &PhoneIndex,
         purpose: Purpose,
         presented: [u8; 32],
         max_attempts: u32,
         now: i64,
     ) -> Result<CodeCheck> {
         let key = key(phone, purpose);
-        let _phone = self.pending.locks.lock(phone);
+        let _phone = self.pending.locks.lock(phone.as_str());
         let (rec, cached) = match self.pending.pending.get(&key) {
             Some(rec) => (rec, true),
             // Not in memory: pushed out for space, so the tree is authoritative.
@@ -225,8 +230,8 @@ impl SledStore {
         })
     }
 
-    fn discard_now(&self, phone: &str, purpose: Purpose) -> Result<()> {
-        let _phone = self.pending.locks.lock(phone);
+    fn discard_now(&self, phone: &PhoneIndex, purpose: Purpose) -> Result<()> {
+        let _phone = self.pending.locks.lock(phone.as_str());
         self.pending.pending.invalidate(&key(phone, purpose));
         self.delete_code(phone, purpose)
     }
@@ -235,7 +240,7 @@ impl SledStore {
 impl PendingCodes for SledStore {
     fn put_code<'a>(
         &'a self,
-        phone: &'a str,
+        phone: &'a PhoneIndex,
         purpose: Purpose,
         code: PendingCode,
     ) -> BoxFuture<'a, Result<()>> {
@@ -244,7 +249,7 @@ impl PendingCodes for SledStore {
 
     fn check_code<'a>(
         &'a self,
-        phone: &'a str,
+        phone: &'a PhoneIndex,
         purpose: Purpose,
         presented: [u8; 32],
         max_attempts: u32,
@@ -253,7 +258,11 @@ impl PendingCodes for SledStore {
         ready(self.check_now(phone, purpose, presented, max_attempts, now))
     }
 
-    fn discard_code<'a>(&'a self, phone: &'a str, purpose: Purpose) -> BoxFuture<'a, Result<()>> {
+    fn discard_code<'a>(
+        &'a self,
+        phone: &'a PhoneIndex,
+        purpose: Purpose,
+    ) -> BoxFuture<'a, Result<()>> {
         ready(self.discard_now(phone, purpose))
     }
 

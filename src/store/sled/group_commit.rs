@@ -139,7 +139,7 @@ mod tests {
                 let store = store.clone();
                 tokio::spawn(async move {
                     for i in 0..100 {
-                        let phone = format!("+86138{w:04}{i:04}");
+                        let phone = store.vault().index(&format!("+86138{w:04}{i:04}"));
                         store
                             .put_code(&phone, Purpose::Login, code(i))
                             .await
@@ -156,7 +156,11 @@ mod tests {
             w.await.unwrap();
         }
         store
-            .put_code("+8613800000000", Purpose::Login, code(1))
+            .put_code(
+                &store.vault().index("+8613800000000"),
+                Purpose::Login,
+                code(1),
+            )
             .await
             .unwrap();
         store.flush().await.unwrap();

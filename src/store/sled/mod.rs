@@ -42,6 +42,7 @@ mod codes;
 mod counters;
 mod grants;
 mod group_commit;
+mod privacy;
 mod sessions;
 #[cfg(test)]
 mod tests;
@@ -59,11 +60,14 @@ use self::codes::CodeCache;
 use self::counters::DailyBudget;
 use self::group_commit::GroupCommit;
 use self::user_cache::UserCache;
-use super::codec::{decode, decode_user, encode, encode_user, read_u64, u64_key};
+use super::codec::{
+    decode, decode_sealed_user, decode_user, encode, encode_sealed_user, read_u64, u64_key,
+};
 use super::layout::{self, STORED_METHODS, method_byte, method_key};
 use super::{BoxFuture, Engine, Keys, RecordSink, Snapshots, StoreError, UserChange, ready};
 use crate::config::MemoryConfig;
 use crate::model::{Method, User, UserId};
+use crate::privacy::PhoneVault;
 use crate::sharded::KeyLocks;
 
 /// 1: the first layout. 2: `sms` login methods are implied, no longer stored. 3: a
@@ -71,7 +75,9 @@ use crate::sharded::KeyLocks;
 /// does not know this would delete without listing, and a start after a crash would then
 /// count wrong, so a version 2 release must refuse the store (it refuses newer ones).
 /// 4: user records of format 2 (with `avatar_url`), WeChat login methods and their
-/// index, and grants; a version 3 release could not read those users.
+/// index, and grants; a version 3 release could not read those users. 5: no phone in
+/// the clear (user records of format 3, everything else keyed by the blind index); a
+/// version 4 release would find no user.
 use super::layout::{META_NEXT_ID, META_SCHEMA, META_USERS, SCHEMA_VERSION};
 const META_FIRST_ID_OF_RUN: &[u8] = b"first_id_of_run";
 const META_CLOSED_CLEANLY: &[u8] = b"closed_cleanly";
@@ -93,6 +99,8 @@ const DEFAULT_TREE: &str = "__sled__default";
 pub struct SledStore {
     /// The data dir: sled's files are in `db/`, the key files beside it.
     dir: PathBuf,
+    /// Seals the phone of every user record and indexes every phone ([`crate::privacy`]).
+    vault: Arc<PhoneVault>,
     db: sled::Db,
     meta: sled::Tree,
     users: sled::Tree,
@@ -146,17 +154,30 @@ impl From<sled::Error> for StoreError {
 }
 
 impl SledStore {
-    /// The store in `dir`, its caches at their default sizes.
+    /// The store in `dir`, its caches at their default sizes, its phone key in
+    /// `dir/phone.key`.
     pub fn open(dir: &Path, cache_capacity_mb: u64) -> Result<Self, StoreError> {
         Self::open_sized(dir, cache_capacity_mb, &MemoryConfig::default())
     }
 
-    /// The store in `dir`, its caches sized by `memory`.
+    /// The store in `dir`, its caches sized by `memory`, its phone key in `dir/phone.key`.
     pub fn open_sized(
         dir: &Path,
         cache_capacity_mb: u64,
         memory: &MemoryConfig,
     ) -> Result<Self, StoreError> {
+        Self::open_keyed(dir, cache_capacity_mb, memory, None)
+    }
+
+    /// The store in `dir`, its caches sized by `memory`, its phone key read from
+    /// `phone_key_file` (or `dir/phone.key`, made if the store has none yet).
+    pub fn open_keyed(
+        dir: &Path,
+        cache_capacity_mb: u64,
+        memory: &MemoryConfig,
+        phone_key_file: Option<&Path>,
+    ) -> Result<Self, StoreError> {
+        privacy::finish_compaction(dir)?;
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(cache_capacity_mb * 1024 * 1024)
@@ -174,11 +195,15 @@ impl SledStore {
         let log_path = dir.join("db").join("db");
         let log_file = std::fs::File::open(&log_path)
             .map_err(|e| StoreError::Engine(format!("cannot open {}: {e}", log_path.display())))?;
+        let meta = db.open_tree(layout::META)?;
+        let phones = db.open_tree(layout::PHONES)?;
+        let vault = privacy::open_vault(dir, &meta, phones.is_empty(), phone_key_file)?;
         let store = SledStore {
             dir: dir.to_owned(),
-            meta: db.open_tree(layout::META)?,
+            vault,
+            meta,
             users: db.open_tree(layout::USERS)?,
-            phones: db.open_tree(layout::PHONES)?,
+            phones,
             methods: db.open_tree(layout::METHODS)?,
             wechats: db.open_tree(layout::WECHATS)?,
             grants: db.open_tree(layout::GRANTS)?,
@@ -205,6 +230,17 @@ impl SledStore {
         store.migrate()?;
         store.recover()?;
         store.load_revocations()?;
+        if privacy::copy_due(&store.db)? {
+            // The numbers it held in the clear are sealed now, but their old bytes are
+            // still in sled's files: a copy without them replaces the database.
+            let db = store.db.clone();
+            drop(store);
+            privacy::compact(dir, db, drop)?;
+            return retry_while_locked(
+                || Self::open_keyed(dir, cache_capacity_mb, memory, phone_key_file),
+                |e| matches!(e, StoreError::Locked(_)),
+            );
+        }
         Ok(store)
     }
 
@@ -212,10 +248,31 @@ impl SledStore {
     /// file lock only when its last background task is done, a moment after the close,
     /// so a lock held meanwhile is waited for (up to two seconds) instead of refused.
     pub fn reopen(dir: &Path, cache_capacity_mb: u64) -> Result<Self, StoreError> {
+        Self::reopen_keyed(dir, cache_capacity_mb, None)
+    }
+
+    /// [`SledStore::reopen`] with the phone key from `phone_key_file`.
+    pub fn reopen_keyed(
+        dir: &Path,
+        cache_capacity_mb: u64,
+        phone_key_file: Option<&Path>,
+    ) -> Result<Self, StoreError> {
         retry_while_locked(
-            || Self::open(dir, cache_capacity_mb),
+            || {
+                Self::open_keyed(
+                    dir,
+                    cache_capacity_mb,
+                    &MemoryConfig::default(),
+                    phone_key_file,
+                )
+            },
             |e| matches!(e, StoreError::Locked(_)),
         )
+    }
+
+    /// The phone keys this store seals and indexes with.
+    pub fn vault(&self) -> Arc<PhoneVault> {
+        self.vault.clone()
     }
 
     fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
@@ -229,7 +286,7 @@ impl SledStore {
         if !closed_cleanly && let Some(first) = self.meta_u64(META_FIRST_ID_OF_RUN)? {
             for kv in self.users.range(u64_key(first)..) {
                 let (k, v) = kv?;
-                let user = decode_user(&v)?;
+                let user = decode_user(&v, &self.vault)?;
                 if !self.is_indexed(&user)? {
                     for method in STORED_METHODS {
                         self.methods.remove(method_key(user.id, method))?;
@@ -268,7 +325,7 @@ impl SledStore {
             // Listed before its commit point: the deletion happened unless the user is
             // still reachable through the index.
             let live = match self.users.get(u64_key(id))? {
-                Some(v) => self.is_indexed(&decode_user(&v)?)?,
+                Some(v) => self.is_indexed(&decode_user(&v, &self.vault)?)?,
                 None => false,
             };
             if !live {
@@ -276,7 +333,7 @@ impl SledStore {
             }
         }
         for kv in self.users.range(u64_key(cp.next_id)..) {
-            if self.is_indexed(&decode_user(&kv?.1)?)? {
+            if self.is_indexed(&decode_user(&kv?.1, &self.vault)?)? {
                 total += 1;
             }
         }
@@ -286,7 +343,8 @@ impl SledStore {
     /// Whether the phone index leads to this user: a user is reachable, and counted, only
     /// through it (the commit point of a create, and of a deletion).
     fn is_indexed(&self, user: &User) -> Result<bool, StoreError> {
-        Ok(self.phones.get(user.phone.as_bytes())?.as_deref() == Some(&u64_key(user.id)[..]))
+        let index = self.vault.index(&user.phone);
+        Ok(self.phones.get(index.as_str())?.as_deref() == Some(&u64_key(user.id)[..]))
     }
 
     /// Stores a checkpoint of the user count with an empty list of deletions. The
@@ -364,6 +422,9 @@ impl SledStore {
         }
         // 2 to 3 changes no record: the checkpoint is stored at every open (`recover`).
         // 3 to 4 neither: format-1 user records read as users without an avatar.
+        if found >= 1 {
+            self.seal_plain_records()?;
+        }
         self.meta
             .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
         self.flush_blocking()
@@ -395,10 +456,11 @@ impl SledStore {
         let mut failure = None;
         let updated = self.users.update_and_fetch(u64_key(id), |old| {
             let old = old?;
-            match decode_user(old) {
-                Ok(mut user) => {
+            // No change touches the phone: its sealed bytes are kept as they are.
+            match decode_sealed_user(old) {
+                Ok((mut user, sealed)) => {
                     change.apply(&mut user);
-                    Some(encode_user(&user))
+                    Some(encode_sealed_user(&user, sealed))
                 }
                 Err(e) => {
                     failure = Some(e);
@@ -411,7 +473,7 @@ impl SledStore {
             return Err(e);
         }
         self.wrote();
-        updated.map(|v| decode_user(&v)).transpose()
+        updated.map(|v| decode_user(&v, &self.vault)).transpose()
     }
 
     fn wrote(&self) {

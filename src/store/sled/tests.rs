@@ -1,16 +1,43 @@
 use super::*;
 use crate::model::{Counter, LoginMethod, PendingCode, Purpose};
+use crate::store::codec::encode_plain_user;
 use crate::store::layout::{META_SCHEMA, META_USERS, SCHEMA_VERSION, method_key, parse_code_key};
-use crate::store::{BoxFuture, CodeCheck, Counters, NewUser, PendingCodes, Sessions, Users};
+use crate::store::{
+    BoxFuture, CodeCheck, Counters, NewUser, PendingCodes, PhoneIndex, Sessions, Users,
+};
 
 /// The engine's calls are done when they return: their futures are ready.
 fn done<T>(f: BoxFuture<'_, T>) -> T {
     futures::executor::block_on(f)
 }
 
+/// Every store of these tests has this phone key, so [`ix`] gives its indexes.
+const TEST_PHONE_KEY: [u8; 32] = [9; 32];
+
+fn ix(phone: &str) -> PhoneIndex {
+    crate::privacy::PhoneKey::new(&TEST_PHONE_KEY).index(phone)
+}
+
+/// [`SledStore::open`] with the test phone key.
+fn try_open(dir: &std::path::Path) -> Result<SledStore, StoreError> {
+    let key = dir.join(crate::privacy::DEFAULT_KEY_FILE);
+    if !key.exists() {
+        crate::privacy::create_key_file(&key, &TEST_PHONE_KEY).unwrap();
+    }
+    SledStore::open(dir, 8)
+}
+
+fn open(dir: &std::path::Path) -> SledStore {
+    try_open(dir).unwrap()
+}
+
+fn reopen(dir: &std::path::Path) -> SledStore {
+    retry_while_locked(|| try_open(dir), |e| matches!(e, StoreError::Locked(_))).unwrap()
+}
+
 fn store() -> (tempfile::TempDir, SledStore) {
     let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path(), 8).unwrap();
+    let s = open(dir.path());
     (dir, s)
 }
 
@@ -41,6 +68,7 @@ fn sms_and_password(phone: &str) -> (LoginMethod, LoginMethod) {
 fn new_user(phone: &str) -> NewUser<'_> {
     NewUser {
         phone,
+        index: ix(phone),
         nickname: "n".into(),
         created_at: 1,
         last_login_at: None,
@@ -52,7 +80,7 @@ fn new_user(phone: &str) -> NewUser<'_> {
 fn ids_are_dense_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = SledStore::open(dir.path(), 8).unwrap();
+        let s = open(dir.path());
         assert_eq!(
             done(s.create_user_if_absent(new_user("+861"), &[]))
                 .unwrap()
@@ -62,7 +90,7 @@ fn ids_are_dense_across_reopen() {
         );
         s.db.flush().unwrap();
     }
-    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    let s = reopen(dir.path());
     assert_eq!(
         done(s.create_user_if_absent(new_user("+862"), &[]))
             .unwrap()
@@ -79,7 +107,7 @@ fn ids_are_dense_across_reopen() {
 fn an_open_after_a_crash_removes_orphans_and_recounts() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = SledStore::open(dir.path(), 8).unwrap();
+        let s = open(dir.path());
         done(s.create_user_if_absent(new_user("+861"), &[])).unwrap();
         let orphan = User {
             id: 2,
@@ -91,7 +119,12 @@ fn an_open_after_a_crash_removes_orphans_and_recounts() {
             session_gen: 0,
             avatar_url: None,
         };
-        s.users.insert(u64_key(2), encode_user(&orphan)).unwrap();
+        s.users
+            .insert(
+                u64_key(2),
+                crate::store::codec::encode_user(&orphan, &s.vault),
+            )
+            .unwrap();
     }
     {
         let raw = raw_reopen(dir.path());
@@ -100,7 +133,7 @@ fn an_open_after_a_crash_removes_orphans_and_recounts() {
         meta.insert(META_USERS, &u64_key(7)).unwrap();
         raw.flush().unwrap();
     }
-    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    let s = reopen(dir.path());
     assert_eq!(done(s.user(2)).unwrap(), None, "the orphan is gone");
     assert_eq!(done(s.user_count()).unwrap(), 1, "counted, not the stale 7");
     assert_eq!(done(s.users()).unwrap().len(), 1);
@@ -129,7 +162,7 @@ fn as_after_a_crash(dir: &std::path::Path) {
 fn a_start_after_a_crash_counts_from_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = SledStore::open(dir.path(), 8).unwrap();
+        let s = open(dir.path());
         for phone in ["+861", "+862", "+863"] {
             done(s.create_user_if_absent(new_user(phone), &[])).unwrap();
         }
@@ -144,7 +177,7 @@ fn a_start_after_a_crash_counts_from_the_checkpoint() {
         s.phones.insert(b"+869", &u64_key(99)).unwrap();
     }
     as_after_a_crash(dir.path());
-    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    let s = reopen(dir.path());
     assert_eq!(done(s.user_count()).unwrap(), 3, "+862, +863 and +865");
 }
 
@@ -154,7 +187,7 @@ fn a_start_after_a_crash_counts_from_the_checkpoint() {
 fn a_deletion_cut_short_by_a_crash_is_not_taken_off() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = SledStore::open(dir.path(), 8).unwrap();
+        let s = open(dir.path());
         done(s.create_user_if_absent(new_user("+861"), &[])).unwrap();
         done(s.create_user_if_absent(new_user("+862"), &[])).unwrap();
         s.checkpoint().unwrap();
@@ -162,12 +195,12 @@ fn a_deletion_cut_short_by_a_crash_is_not_taken_off() {
     }
     as_after_a_crash(dir.path());
     {
-        let s = SledStore::reopen(dir.path(), 8).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(done(s.user_count()).unwrap(), 2, "the user is still there");
         done(s.delete_user(2)).unwrap().unwrap();
     }
     as_after_a_crash(dir.path());
-    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    let s = reopen(dir.path());
     assert_eq!(done(s.user_count()).unwrap(), 1);
 }
 
@@ -183,7 +216,7 @@ fn schema_versions_move_forward_only() {
         meta.insert(META_SCHEMA, &2u32.to_be_bytes()).unwrap();
         raw.flush().unwrap();
     }
-    drop(SledStore::reopen(dir.path(), 8).unwrap());
+    drop(reopen(dir.path()));
     {
         let raw = raw_reopen(dir.path());
         let meta = raw.open_tree("meta").unwrap();
@@ -194,7 +227,7 @@ fn schema_versions_move_forward_only() {
         raw.flush().unwrap();
     }
     let refused = retry_while_locked(
-        || SledStore::open(dir.path(), 8),
+        || try_open(dir.path()),
         |e| matches!(e, StoreError::Locked(_)),
     );
     assert!(
@@ -227,7 +260,7 @@ fn schema_1_stores_lose_their_sms_method_records() {
             .insert(META_SCHEMA, &1u32.to_be_bytes())
             .unwrap();
         tree("userid_user")
-            .insert(u64_key(1), encode_user(&user))
+            .insert(u64_key(1), encode_plain_user(&user))
             .unwrap();
         tree("phone_userid").insert("+861", &u64_key(1)).unwrap();
         let methods = tree("useridmethod_login");
@@ -239,10 +272,114 @@ fn schema_1_stores_lose_their_sms_method_records() {
             .unwrap();
         raw.flush().unwrap();
     }
-    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    let s = reopen(dir.path());
     assert_eq!(s.methods.len(), 1, "only the password record is left");
     assert_eq!(done(s.login_methods(&user)).unwrap(), vec![sms, password]);
     assert_eq!(done(s.user_count()).unwrap(), 1);
+}
+
+/// A schema-4 store whose sealing a kill -9 cut short: user 1 sealed and indexed, its
+/// plain index entry not yet removed; user 2 untouched. The next open finishes it, and
+/// the copy that follows leaves no number in the clear in the files.
+#[test]
+fn a_sealing_cut_short_is_finished_by_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = |id: u64, phone: &str| User {
+        id,
+        phone: phone.into(),
+        nickname: "n".into(),
+        created_at: 1,
+        last_login_at: None,
+        disabled: false,
+        session_gen: 0,
+        avatar_url: None,
+    };
+    let vault = PhoneVault::new(crate::privacy::PhoneKeys::new(
+        crate::privacy::PhoneKey::new(&TEST_PHONE_KEY),
+    ));
+    crate::privacy::create_key_file(&dir.path().join("phone.key"), &TEST_PHONE_KEY).unwrap();
+    {
+        let raw = sled::open(dir.path().join("db")).unwrap();
+        let tree = |name: &str| raw.open_tree(name).unwrap();
+        tree("meta")
+            .insert(META_SCHEMA, &4u32.to_be_bytes())
+            .unwrap();
+        tree("meta")
+            .insert(super::privacy::META_PLAIN_BYTES_LEFT, &[1u8][..])
+            .unwrap();
+        let users = tree("userid_user");
+        users
+            .insert(
+                u64_key(1),
+                crate::store::codec::encode_user(&user(1, "+8613900000001"), &vault),
+            )
+            .unwrap();
+        users
+            .insert(u64_key(2), encode_plain_user(&user(2, "+8613900000002")))
+            .unwrap();
+        let phones = tree("phone_userid");
+        phones
+            .insert(ix("+8613900000001").as_str(), &u64_key(1))
+            .unwrap();
+        phones.insert("+8613900000001", &u64_key(1)).unwrap();
+        phones.insert("+8613900000002", &u64_key(2)).unwrap();
+        tree("meta").insert(META_USERS, &u64_key(2)).unwrap();
+        raw.flush().unwrap();
+    }
+    let s = reopen(dir.path());
+    for (id, phone) in [(1, "+8613900000001"), (2, "+8613900000002")] {
+        let found = done(s.user_by_phone(&ix(phone))).unwrap().unwrap();
+        assert_eq!((found.id, found.phone.as_str()), (id, phone));
+    }
+    assert_eq!(s.phones.len(), 2, "no plain index entry left");
+    assert_eq!(done(s.user_count()).unwrap(), 2);
+    assert!(
+        !s.meta
+            .contains_key(super::privacy::META_PLAIN_BYTES_LEFT)
+            .unwrap()
+    );
+    drop(s);
+    let bytes = std::fs::read(dir.path().join("db/db")).unwrap();
+    for plain in ["13900000001", "13900000002"] {
+        assert!(
+            !bytes.windows(plain.len()).any(|w| w == plain.as_bytes()),
+            "{plain} is still in the file"
+        );
+    }
+}
+
+/// A kill -9 between the two renames of the copy: the complete copy is put in place.
+#[test]
+fn a_copy_cut_short_between_its_renames_is_put_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path());
+        done(s.create_user_if_absent(new_user("+8613900000003"), &[])).unwrap();
+        s.flush_blocking().unwrap();
+    }
+    let _ = raw_reopen(dir.path()); // waits for the lock to go
+    copy_tree_dir(&dir.path().join("db"), &dir.path().join("db.compacting"));
+    std::fs::rename(dir.path().join("db"), dir.path().join("db.replaced")).unwrap();
+    let s = reopen(dir.path());
+    assert!(
+        done(s.user_by_phone(&ix("+8613900000003")))
+            .unwrap()
+            .is_some()
+    );
+    assert!(!dir.path().join("db.replaced").exists());
+    assert!(!dir.path().join("db.compacting").exists());
+}
+
+fn copy_tree_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_dir() {
+            copy_tree_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
 }
 
 #[test]
@@ -277,23 +414,23 @@ fn code_keys_round_trip_and_the_sweep_takes_only_expired_codes() {
         ..expired.clone()
     };
     let count = |s: &SledStore| done(s.pending_code_count()).unwrap();
-    done(s.put_code("+8613800000001", Purpose::Login, expired.clone())).unwrap();
-    done(s.put_code("+8613800000000", Purpose::ResetPassword, expired.clone())).unwrap();
+    let (one, zero) = (ix("+8613800000001"), ix("+8613800000000"));
+    done(s.put_code(&one, Purpose::Login, expired.clone())).unwrap();
+    done(s.put_code(&zero, Purpose::ResetPassword, expired.clone())).unwrap();
     assert_eq!(count(&s), 2);
-    done(s.put_code("+8613800000000", Purpose::ResetPassword, live.clone())).unwrap();
+    done(s.put_code(&zero, Purpose::ResetPassword, live.clone())).unwrap();
     assert_eq!(count(&s), 2, "replaced, not added");
     let mut seen = Vec::new();
     s.open_codes(50, 0, &mut |phone, at| seen.push((phone.to_owned(), at)))
         .unwrap();
-    assert_eq!(seen, vec![("+8613800000000".to_string(), 1)]);
+    assert_eq!(seen, vec![(zero, 1)]);
     assert_eq!(count(&s), 1, "the expired one is swept");
     assert_eq!(
         parse_code_key(&s.codes.iter().keys().next().unwrap().unwrap()),
-        Some(("+8613800000000".to_string(), Purpose::ResetPassword))
+        Some((zero.as_str().to_string(), Purpose::ResetPassword))
     );
-    let check = |code: [u8; 32]| {
-        done(s.check_code("+8613800000000", Purpose::ResetPassword, code, 3, 50)).unwrap()
-    };
+    let check =
+        |code: [u8; 32]| done(s.check_code(&zero, Purpose::ResetPassword, code, 3, 50)).unwrap();
     assert_eq!(check([2; 32]), CodeCheck::Wrong);
     assert_eq!(check([1; 32]), CodeCheck::Used);
     assert_eq!(check([1; 32]), CodeCheck::Invalid, "single use");
@@ -341,8 +478,8 @@ fn delete_user_removes_record_index_methods_and_counts_it_out() {
     assert_eq!(done(s.delete_user(a.id)).unwrap(), Some(a.clone()));
     assert_eq!(done(s.delete_user(a.id)).unwrap(), None);
     assert_eq!(done(s.user(a.id)).unwrap(), None);
-    assert_eq!(done(s.user_by_phone("+861")).unwrap(), None);
-    assert!(!done(s.has_user("+861")).unwrap() && done(s.has_user("+862")).unwrap());
+    assert_eq!(done(s.user_by_phone(&ix("+861"))).unwrap(), None);
+    assert!(!done(s.has_user(&ix("+861"))).unwrap() && done(s.has_user(&ix("+862"))).unwrap());
     assert_eq!(s.methods.scan_prefix(u64_key(a.id)).count(), 0);
     let sms_b = LoginMethod {
         identification: "+862".into(),
@@ -493,7 +630,7 @@ fn a_store_of_schema_3_with_format_1_users_opens_and_binds() {
         // The previous release's records: schema 3, a user record of format 1.
         #[derive(serde::Serialize)]
         struct UserV1<'a>(u64, &'a str, &'a str, i64, Option<i64>, bool, u32);
-        let s = SledStore::open(dir.path(), 8).unwrap();
+        let s = open(dir.path());
         s.meta.insert(META_SCHEMA, &3u32.to_be_bytes()).unwrap();
         s.users
             .insert(
@@ -505,10 +642,12 @@ fn a_store_of_schema_3_with_format_1_users_opens_and_binds() {
         s.meta.insert(META_USERS, &u64_key(1)).unwrap();
         s.flush_blocking().unwrap();
     }
-    let s = SledStore::reopen(dir.path(), 8).unwrap();
+    let s = reopen(dir.path());
     let version = s.meta.get(META_SCHEMA).unwrap().unwrap();
     assert_eq!(&version[..], &SCHEMA_VERSION.to_be_bytes());
-    let old = done(s.user_by_phone("+8613800000005")).unwrap().unwrap();
+    let old = done(s.user_by_phone(&ix("+8613800000005")))
+        .unwrap()
+        .unwrap();
     assert_eq!(
         (old.nickname.as_str(), old.avatar_url.as_deref()),
         ("old", None)

@@ -6,7 +6,10 @@ use super::SledStore;
 use crate::model::{LoginMethod, Method, User, UserId};
 use crate::store::codec::{decode, decode_user, encode, encode_user, read_u64, u64_key};
 use crate::store::layout::{STORED_METHODS, method_key};
-use crate::store::{BoxFuture, NewUser, StoreError, UserChange, Users, WechatBind, ready};
+use crate::store::{
+    BoxFuture, NewUser, PhoneIndex, StoreError, UserChange, Users, WechatBind, identified, ready,
+    stored_identification,
+};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -19,7 +22,7 @@ impl SledStore {
         let user: Option<User> = self
             .users
             .get(u64_key(id))?
-            .map(|v| decode_user(&v))
+            .map(|v| decode_user(&v, &self.vault))
             .transpose()?;
         if let Some(user) = &user {
             self.cached.fill(user, miss);
@@ -27,8 +30,8 @@ impl SledStore {
         Ok(user)
     }
 
-    fn user_by_phone_now(&self, phone: &str) -> Result<Option<User>> {
-        match self.phones.get(phone.as_bytes())? {
+    fn user_by_phone_now(&self, phone: &PhoneIndex) -> Result<Option<User>> {
+        match self.phones.get(phone.as_str())? {
             Some(id) => self.user_now(read_u64(&id)?),
             None => Ok(None),
         }
@@ -36,7 +39,7 @@ impl SledStore {
 
     fn create_now(&self, new: NewUser<'_>, methods: &[LoginMethod]) -> Result<(User, bool)> {
         // Most calls are logins of existing users: two plain reads, no lock.
-        if let Some(user) = self.user_by_phone_now(new.phone)? {
+        if let Some(user) = self.user_by_phone_now(&new.index)? {
             return Ok((user, false));
         }
         let _gate = self.write_gate();
@@ -49,8 +52,8 @@ impl SledStore {
         new: NewUser<'_>,
         methods: &[LoginMethod],
     ) -> Result<(User, bool)> {
-        let _phone = self.phone_locks.lock(new.phone);
-        if let Some(user) = self.user_by_phone_now(new.phone)? {
+        let _phone = self.phone_locks.lock(new.index.as_str());
+        if let Some(user) = self.user_by_phone_now(&new.index)? {
             return Ok((user, false));
         }
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
@@ -64,17 +67,19 @@ impl SledStore {
             session_gen: 0,
             avatar_url: new.avatar_url,
         };
-        self.users.insert(u64_key(id), encode_user(&user))?;
+        self.users
+            .insert(u64_key(id), encode_user(&user, &self.vault))?;
         for m in methods.iter().filter(|m| m.method != Method::Sms) {
             if m.method == Method::Wechat {
                 // Before its method record (see `wechat`), and both before the commit point.
                 self.wechats
                     .insert(m.identification.as_bytes(), &u64_key(id))?;
             }
-            self.methods.insert(method_key(id, m.method), encode(m))?;
+            self.methods
+                .insert(method_key(id, m.method), encode_method(m))?;
         }
         // The commit point (see the module doc).
-        self.phones.insert(new.phone.as_bytes(), &u64_key(id))?;
+        self.phones.insert(new.index.as_str(), &u64_key(id))?;
         self.users_total.fetch_add(1, Ordering::SeqCst);
         self.wrote();
         Ok((user, true))
@@ -90,7 +95,7 @@ impl SledStore {
         // a get, and GET /me reads this on every call.
         for method in STORED_METHODS {
             if let Some(v) = self.methods.get(method_key(user.id, method))? {
-                found.push(decode(&v)?);
+                found.push(identified(decode(&v)?, user));
             }
         }
         Ok(found)
@@ -102,7 +107,7 @@ impl SledStore {
         }
         let _gate = self.write_gate();
         self.methods
-            .insert(method_key(id, method.method), encode(method))?;
+            .insert(method_key(id, method.method), encode_method(method))?;
         self.wrote();
         Ok(())
     }
@@ -120,7 +125,7 @@ impl SledStore {
             return Ok(None);
         };
         self.methods
-            .insert(method_key(id, method.method), encode(method))?;
+            .insert(method_key(id, method.method), encode_method(method))?;
         self.wrote();
         Ok(Some(user))
     }
@@ -131,7 +136,8 @@ impl SledStore {
             return Ok(None);
         };
         let _binds = self.hold_wechat_binds();
-        let _phone = self.phone_locks.lock(&user.phone);
+        let index = self.vault.index(&user.phone);
+        let _phone = self.phone_locks.lock(index.as_str());
         // Unbound before the commit point: a WeChat login never finds an account whose
         // deletion a crash cut short.
         self.unbind_locked(id)?;
@@ -141,7 +147,7 @@ impl SledStore {
         self.list_deletion(id)?;
         // Removing the index entry is the commit point: from here the user is gone.
         let indexed = self.phones.compare_and_swap(
-            user.phone.as_bytes(),
+            index.as_str(),
             Some(&u64_key(id)[..]),
             None as Option<&[u8]>,
         )?;
@@ -163,16 +169,12 @@ impl Users for SledStore {
         ready(self.user_now(id))
     }
 
-    fn user_by_phone<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<Option<User>>> {
+    fn user_by_phone<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<Option<User>>> {
         ready(self.user_by_phone_now(phone))
     }
 
-    fn has_user<'a>(&'a self, phone: &'a str) -> BoxFuture<'a, Result<bool>> {
-        ready(
-            self.phones
-                .contains_key(phone.as_bytes())
-                .map_err(Into::into),
-        )
+    fn has_user<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<bool>> {
+        ready(self.phones.contains_key(phone.as_str()).map_err(Into::into))
     }
 
     fn create_user_if_absent<'a>(
@@ -235,7 +237,10 @@ impl Users for SledStore {
 
     fn users(&self) -> BoxFuture<'_, Result<Vec<User>>> {
         ready(super::blocking(|| {
-            self.users.iter().map(|kv| decode_user(&kv?.1)).collect()
+            self.users
+                .iter()
+                .map(|kv| decode_user(&kv?.1, &self.vault))
+                .collect()
         }))
     }
 
@@ -276,4 +281,14 @@ impl Users for SledStore {
     fn unlink_wechat(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
         ready(self.unlink_wechat_now(id))
     }
+}
+
+/// A login method record: a password's identification (the phone) is left out, since
+/// the user record holds it sealed.
+pub(super) fn encode_method(method: &LoginMethod) -> Vec<u8> {
+    encode(&LoginMethod {
+        method: method.method,
+        identification: stored_identification(method).to_owned(),
+        access_code: method.access_code.clone(),
+    })
 }

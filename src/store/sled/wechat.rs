@@ -16,7 +16,7 @@ use super::SledStore;
 use crate::model::{LoginMethod, Method, User, UserId};
 use crate::store::codec::{decode, encode, read_u64, u64_key};
 use crate::store::layout::method_key;
-use crate::store::{NewUser, StoreError, UserChange, WechatBind};
+use crate::store::{NewUser, PhoneIndex, StoreError, UserChange, WechatBind};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -106,7 +106,7 @@ impl SledStore {
         {
             return Ok(WechatBind::Taken);
         }
-        if let Some(user) = self.user_by_phone_locked(new.phone)? {
+        if let Some(user) = self.user_by_phone_locked(&new.index)? {
             let avatar = new.avatar_url.clone();
             return self.link_locked(user, wechat_id, new.last_login_at, avatar.as_deref());
         }
@@ -121,8 +121,8 @@ impl SledStore {
         self.link_locked(user, wechat_id, login_at, avatar.as_deref())
     }
 
-    fn user_by_phone_locked(&self, phone: &str) -> Result<Option<User>> {
-        match self.phones.get(phone.as_bytes())? {
+    fn user_by_phone_locked(&self, phone: &PhoneIndex) -> Result<Option<User>> {
+        match self.phones.get(phone.as_str())? {
             Some(id) => self.user_now(read_u64(&id)?),
             None => Ok(None),
         }

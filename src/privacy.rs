@@ -1,0 +1,443 @@
+//! Phone numbers at rest. A phone number is the account name and personal data, so the
+//! store never holds one in the clear:
+//!
+//! - where a number must be read back (the user record), it is sealed with AES-256-GCM
+//!   under a fresh random nonce, with the record's own key as associated data, so a
+//!   ciphertext copied into another record does not open;
+//! - where a number is only looked up (the phone index, pending codes, resend waits,
+//!   per-phone counters and the lockout), the store keys it by a blind index, an
+//!   HMAC-SHA256 of the E.164 number under a key of its own.
+//!
+//! Both keys are derived (HKDF-SHA256) from one 32-byte phone key, which lives in a file
+//! outside the store (`[privacy] phone_key_file`, or `data_dir/phone.key` with sled), so
+//! a copy of the data dir, a backup or a database dump alone reveals no number. The key
+//! also has an id, derived the same way, that the store records: a start with another key
+//! is refused instead of finding no user and registering every phone anew.
+
+use std::path::Path;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use hmac::Mac;
+use rand::RngExt;
+use sha2::Sha256;
+
+use crate::store::StoreError;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+pub const KEY_BYTES: usize = 32;
+/// The name of the key file a sled data dir gets when no `phone_key_file` is set.
+pub const DEFAULT_KEY_FILE: &str = "phone.key";
+
+/// The first byte of every sealed number: the layout below.
+const SEALED_V1: u8 = 1;
+const NONCE_BYTES: usize = 12;
+const TAG_BYTES: usize = 16;
+/// version, key id, nonce, then the ciphertext and its tag.
+const SEALED_OVERHEAD: usize = 1 + KEY_ID_BYTES + NONCE_BYTES + TAG_BYTES;
+const KEY_ID_BYTES: usize = 8;
+
+/// Which phone key a store or a sealed number was made with: 8 bytes derived from the key,
+/// which tell keys apart and reveal nothing of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyId(pub [u8; KEY_ID_BYTES]);
+
+impl KeyId {
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<KeyId> {
+        Some(KeyId(bytes.try_into().ok()?))
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+/// The blind index of one phone number: what the store keys the phone's records by.
+/// base64url of the HMAC, so it is a short ASCII string every engine takes as a key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PhoneIndex([u8; INDEX_CHARS]);
+
+/// base64url without padding of 32 bytes.
+const INDEX_CHARS: usize = 43;
+
+impl PhoneIndex {
+    pub fn as_str(&self) -> &str {
+        // base64url is ASCII.
+        std::str::from_utf8(&self.0).expect("base64url is ASCII")
+    }
+
+    /// An index as stored (a key read back from the store); None if it is not one.
+    pub fn parse(s: &str) -> Option<PhoneIndex> {
+        let bytes: [u8; INDEX_CHARS] = s.as_bytes().try_into().ok()?;
+        bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+            .then_some(PhoneIndex(bytes))
+    }
+}
+
+/// An index is not a secret, but it is not for logs either: it names one person.
+impl std::fmt::Debug for PhoneIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PhoneIndex(..)")
+    }
+}
+
+/// One phone key and what is derived from it.
+pub struct PhoneKey {
+    id: KeyId,
+    cipher: Aes256Gcm,
+    index: HmacSha256,
+}
+
+impl PhoneKey {
+    pub fn new(key: &[u8; KEY_BYTES]) -> PhoneKey {
+        let kdf = hkdf::Hkdf::<Sha256>::new(Some(b"smsauth phone key"), key);
+        let derive = |info: &[u8]| {
+            let mut out = [0u8; 32];
+            kdf.expand(info, &mut out)
+                .expect("32 bytes is a valid length");
+            out
+        };
+        let enc = derive(b"encryption v1");
+        let index = derive(b"blind index v1");
+        let id = derive(b"key id v1");
+        PhoneKey {
+            id: KeyId(id[..KEY_ID_BYTES].try_into().expect("8 bytes")),
+            cipher: Aes256Gcm::new_from_slice(&enc).expect("a 32-byte key"),
+            index: <HmacSha256 as hmac::KeyInit>::new_from_slice(&index)
+                .expect("HMAC takes any key"),
+        }
+    }
+
+    /// A fresh key from the OS CSPRNG.
+    pub fn generate() -> [u8; KEY_BYTES] {
+        let mut key = [0u8; KEY_BYTES];
+        rand::rng().fill(&mut key[..]);
+        key
+    }
+
+    pub fn id(&self) -> KeyId {
+        self.id
+    }
+
+    /// The blind index of `e164`.
+    pub fn index(&self, e164: &str) -> PhoneIndex {
+        let mut mac = self.index.clone();
+        mac.update(e164.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut out = [0u8; INDEX_CHARS];
+        let written = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode_slice(digest, &mut out)
+            .expect("43 characters hold 32 bytes");
+        debug_assert_eq!(written, INDEX_CHARS);
+        PhoneIndex(out)
+    }
+
+    /// `e164` sealed for the record `aad` names.
+    pub fn seal(&self, e164: &str, aad: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_BYTES];
+        rand::rng().fill(&mut nonce[..]);
+        let ciphertext = self
+            .cipher
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: e164.as_bytes(),
+                    aad,
+                },
+            )
+            .expect("a phone number is far below AES-GCM's limits");
+        let mut out = Vec::with_capacity(SEALED_OVERHEAD + e164.len());
+        out.push(SEALED_V1);
+        out.extend_from_slice(&self.id.0);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ciphertext);
+        out
+    }
+
+    fn open(&self, body: &[u8], aad: &[u8]) -> Result<String, StoreError> {
+        let (nonce, ciphertext) = body.split_at(NONCE_BYTES);
+        let nonce: [u8; NONCE_BYTES] = nonce.try_into().expect("split at 12");
+        let plain = self
+            .cipher
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad,
+                },
+            )
+            .map_err(|_| {
+                StoreError::Corrupt(
+                    "a sealed phone number does not open with its key: the record was \
+                     altered or moved"
+                        .into(),
+                )
+            })?;
+        String::from_utf8(plain)
+            .map_err(|_| StoreError::Corrupt("a sealed phone number is not text".into()))
+    }
+}
+
+/// The key id of a sealed number, if it is one.
+pub fn sealed_key_id(sealed: &[u8]) -> Option<KeyId> {
+    match sealed.split_first() {
+        Some((&SEALED_V1, rest)) if rest.len() >= KEY_ID_BYTES + NONCE_BYTES + TAG_BYTES => {
+            KeyId::from_bytes(&rest[..KEY_ID_BYTES])
+        }
+        _ => None,
+    }
+}
+
+/// The phone keys a running store uses: the current one, which seals and indexes every
+/// new record, and while a rotation runs the one it replaces, which still opens and finds
+/// the records not yet moved to the current one.
+pub struct PhoneKeys {
+    current: PhoneKey,
+    previous: Option<PhoneKey>,
+}
+
+impl PhoneKeys {
+    pub fn new(current: PhoneKey) -> PhoneKeys {
+        PhoneKeys {
+            current,
+            previous: None,
+        }
+    }
+
+    /// Keys for a test or a tool that needs any key: a fresh random one.
+    pub fn random() -> PhoneKeys {
+        PhoneKeys::new(PhoneKey::new(&PhoneKey::generate()))
+    }
+
+    pub fn with_previous(current: PhoneKey, previous: PhoneKey) -> PhoneKeys {
+        PhoneKeys {
+            current,
+            previous: Some(previous),
+        }
+    }
+
+    pub fn current(&self) -> &PhoneKey {
+        &self.current
+    }
+
+    pub fn previous(&self) -> Option<&PhoneKey> {
+        self.previous.as_ref()
+    }
+
+    /// The blind index of `e164` under the current key.
+    pub fn index(&self, e164: &str) -> PhoneIndex {
+        self.current.index(e164)
+    }
+
+    pub fn seal(&self, e164: &str, aad: &[u8]) -> Vec<u8> {
+        self.current.seal(e164, aad)
+    }
+
+    /// Opens a sealed number with whichever of the keys sealed it.
+    pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<String, StoreError> {
+        let id = sealed_key_id(sealed)
+            .ok_or_else(|| StoreError::Corrupt("not a sealed phone number".into()))?;
+        let key = [Some(&self.current), self.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|k| k.id == id)
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "a phone number is sealed with phone key {id}, which is not configured"
+                ))
+            })?;
+        key.open(&sealed[1 + KEY_ID_BYTES..], aad)
+    }
+}
+
+/// The phone keys of a running store, shared by its engine and the modules that look
+/// phones up, and replaced whole when a rotation starts or ends.
+pub struct PhoneVault {
+    keys: std::sync::RwLock<std::sync::Arc<PhoneKeys>>,
+}
+
+impl PhoneVault {
+    pub fn new(keys: PhoneKeys) -> std::sync::Arc<PhoneVault> {
+        std::sync::Arc::new(PhoneVault {
+            keys: std::sync::RwLock::new(std::sync::Arc::new(keys)),
+        })
+    }
+
+    /// The keys now. A lock poisoned by a panic elsewhere still holds a whole `Arc`.
+    pub fn keys(&self) -> std::sync::Arc<PhoneKeys> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn replace(&self, keys: PhoneKeys) {
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(keys);
+    }
+
+    /// The blind index of `e164` under the current key.
+    pub fn index(&self, e164: &str) -> PhoneIndex {
+        self.keys().index(e164)
+    }
+
+    pub fn seal(&self, e164: &str, aad: &[u8]) -> Vec<u8> {
+        self.keys().seal(e164, aad)
+    }
+
+    pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<String, StoreError> {
+        self.keys().open(sealed, aad)
+    }
+}
+
+/// The associated data of a user record's sealed phone: the record's key.
+pub fn user_aad(id: crate::model::UserId) -> [u8; 13] {
+    let mut aad = [0u8; 13];
+    aad[..5].copy_from_slice(b"user:");
+    aad[5..].copy_from_slice(&id.to_be_bytes());
+    aad
+}
+
+/// Reads a phone key file: 32 bytes raw, or their base64 (standard or url-safe, padded
+/// or not) or hex, surrounding white space ignored.
+pub fn read_key_file(path: &Path) -> anyhow::Result<[u8; KEY_BYTES]> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read phone key file {}", path.display()))?;
+    parse_key(&bytes).with_context(|| {
+        format!(
+            "phone key file {}: expected 32 random bytes, raw or as base64 \
+             (e.g. `head -c 32 /dev/urandom | base64 > {}`)",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
+pub fn parse_key(bytes: &[u8]) -> anyhow::Result<[u8; KEY_BYTES]> {
+    if let Ok(raw) = <[u8; KEY_BYTES]>::try_from(bytes) {
+        return Ok(raw);
+    }
+    let text = std::str::from_utf8(bytes).context("not text and not 32 bytes")?;
+    let text = text.trim();
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let decoded = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(text).ok())
+        .filter(|k| k.len() == KEY_BYTES)
+        .or_else(|| hex::decode(text).ok().filter(|k| k.len() == KEY_BYTES));
+    match decoded {
+        Some(key) => Ok(key.try_into().expect("32 bytes")),
+        None => bail!("it holds {} bytes that are not such a key", bytes.len()),
+    }
+}
+
+/// Writes a new key file (base64, 0600), failing if the file exists.
+pub fn create_key_file(path: &Path, key: &[u8; KEY_BYTES]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create phone key file {}", path.display()))?;
+    let mut text = base64::engine::general_purpose::STANDARD.encode(key);
+    text.push('\n');
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_number_opens_only_for_its_record_and_key() {
+        let keys = PhoneKeys::random();
+        let sealed = keys.seal("+8613812345678", &user_aad(7));
+        assert_eq!(keys.open(&sealed, &user_aad(7)).unwrap(), "+8613812345678");
+        assert!(!String::from_utf8_lossy(&sealed).contains("13812345678"));
+        // Moved to another record: refused.
+        assert!(keys.open(&sealed, &user_aad(8)).is_err());
+        // Altered: refused.
+        let mut altered = sealed.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        assert!(keys.open(&altered, &user_aad(7)).is_err());
+        // Another key: refused, naming the key id.
+        let other = PhoneKeys::random();
+        let err = other.open(&sealed, &user_aad(7)).unwrap_err().to_string();
+        assert!(err.contains(&keys.current().id().hex()), "{err}");
+        // Every seal has its own nonce.
+        assert_ne!(sealed, keys.seal("+8613812345678", &user_aad(7)));
+    }
+
+    #[test]
+    fn a_rotation_opens_with_either_key_and_indexes_with_the_new() {
+        let old = PhoneKey::generate();
+        let new = PhoneKey::generate();
+        let before = PhoneKeys::new(PhoneKey::new(&old));
+        let sealed = before.seal("+8613812345678", &user_aad(1));
+        let during = PhoneKeys::with_previous(PhoneKey::new(&new), PhoneKey::new(&old));
+        assert_eq!(
+            during.open(&sealed, &user_aad(1)).unwrap(),
+            "+8613812345678"
+        );
+        assert_ne!(
+            during.index("+8613812345678"),
+            before.index("+8613812345678")
+        );
+        assert_eq!(
+            during.previous().unwrap().index("+8613812345678"),
+            before.index("+8613812345678")
+        );
+    }
+
+    #[test]
+    fn the_index_is_stable_and_keyed() {
+        let k = PhoneKey::generate();
+        let a = PhoneKey::new(&k).index("+8613812345678");
+        assert_eq!(a, PhoneKey::new(&k).index("+8613812345678"));
+        assert_ne!(a, PhoneKey::new(&k).index("+8613812345679"));
+        assert_ne!(
+            a,
+            PhoneKey::new(&PhoneKey::generate()).index("+8613812345678")
+        );
+        assert_eq!(a.as_str().len(), 43);
+        assert_eq!(PhoneIndex::parse(a.as_str()), Some(a));
+        assert_eq!(PhoneIndex::parse("+8613812345678"), None);
+        assert_eq!(format!("{a:?}"), "PhoneIndex(..)");
+    }
+
+    #[test]
+    fn key_files_are_raw_base64_or_hex() {
+        let key = PhoneKey::generate();
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        for text in [
+            key.to_vec(),
+            format!("{}\n", STANDARD.encode(key)).into_bytes(),
+            URL_SAFE_NO_PAD.encode(key).into_bytes(),
+            hex::encode(key).into_bytes(),
+        ] {
+            assert_eq!(parse_key(&text).unwrap(), key);
+        }
+        assert!(parse_key(b"too short").is_err());
+        assert!(parse_key(STANDARD.encode([0u8; 16]).as_bytes()).is_err());
+    }
+}
