@@ -276,14 +276,14 @@ fn render_operation(doc: &Value, out: &mut String, method: &str, path: &str, op:
     out.push('\n');
     for (status, resp) in op["responses"].as_object().into_iter().flatten() {
         let resp = resolve(doc, resp);
-        if let Some((_, m)) = body_schema(resp) {
-            if let Some(example) = m.get("example") {
-                let _ = writeln!(
-                    out,
-                    "Example {status} answer:\n\n```json\n{}\n```\n",
-                    serde_json::to_string_pretty(example).unwrap()
-                );
-            }
+        if let Some((_, m)) = body_schema(resp)
+            && let Some(example) = m.get("example")
+        {
+            let _ = writeln!(
+                out,
+                "Example {status} answer:\n\n```json\n{}\n```\n",
+                serde_json::to_string_pretty(example).unwrap()
+            );
         }
     }
 }
