@@ -50,7 +50,7 @@ impl Captchas {
     }
 
     /// Makes and remembers a new challenge (None if rendering failed). CPU-bound but
-    /// short (see README, "Performance"), so it runs inline.
+    /// short (0.11 ms: docs/security.md, "The captcha"), so it runs inline.
     pub async fn create(&self) -> Result<Option<Challenge>, StoreError> {
         let Some((answer, png)) = render(self.cfg.length) else {
             return Ok(None);

@@ -512,7 +512,8 @@ async fn twenty_wrong_codes_lock_the_phone_across_kill9() {
 
 /// Guessing a 6-digit code with every limit at its default (the resend wait lifted, and
 /// a fresh address per request, both in the attacker's favour). The test measures each
-/// bound the server enforces, then composes them as the README does:
+/// bound the server enforces, then composes them as docs/security.md ("The guessing
+/// bound") does:
 ///   guesses per phone per day <= min(codes per day x tries per code, 24 x lockout per hour)
 ///   chance <= guesses / 10^6, which must be below 1 / 10,000.
 #[tokio::test]
@@ -568,7 +569,7 @@ async fn guessing_a_code_succeeds_with_less_than_one_in_ten_thousand_per_day() {
     assert_eq!(
         (codes_per_day, tries_per_code, lockout_per_hour),
         (10, 5, 20),
-        "the defaults changed: update the README"
+        "the defaults changed: update docs/security.md"
     );
     let guesses_per_day = (codes_per_day * tries_per_code).min(24 * lockout_per_hour);
     let chance = guesses_per_day as f64 / 1e6;
