@@ -61,6 +61,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub memory: MemoryConfig,
     pub wechat: WechatConfig,
+    pub privacy: PrivacyConfig,
     pub log: LogConfig,
     /// What start-up should warn about: keys read under a former name.
     #[serde(skip)]
@@ -334,6 +335,23 @@ impl Default for LimitsConfig {
     }
 }
 
+/// What is kept about each account's own use of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Days an entry of an account's login activity is kept; the housekeeping pass
+    /// deletes older ones.
+    pub activity_retention_days: u32,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            activity_retention_days: 90,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -504,6 +522,9 @@ impl Config {
         }
         if self.server.housekeeping_secs == 0 {
             return Err(key("server.housekeeping_secs", "must be at least 1"));
+        }
+        if self.privacy.activity_retention_days == 0 {
+            return Err(key("privacy.activity_retention_days", "must be at least 1"));
         }
         let cookie_safe = |v: &str| {
             v.bytes()
@@ -829,7 +850,20 @@ mod tests {
         )
         .unwrap();
         let t = &c.sms.aliyun.template_code;
-        assert_eq!(Purpose::ALL.map(|p| t.get(p)), ["SMS_1", "SMS_2", "SMS_3"]);
+        // Without its own template, a deletion code goes out with the login one.
+        assert_eq!(
+            Purpose::ALL.map(|p| t.get(p)),
+            ["SMS_1", "SMS_2", "SMS_3", "SMS_1"]
+        );
+        let c = load_str(
+            &format!("{ALIYUN}access_key_secret = \"s\"\n[sms.aliyun.template_code]\nlogin = \"SMS_1\"\nregister = \"SMS_2\"\nreset_password = \"SMS_3\"\ndelete_account = \"SMS_4\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.sms.aliyun.template_code.get(Purpose::DeleteAccount),
+            "SMS_4"
+        );
         // A purpose left out, or one that does not exist, is named.
         let e = load_str(
             &format!("{ALIYUN}access_key_secret = \"s\"\ntemplate_code = {{ login = \"SMS_1\", register = \"SMS_2\" }}\n"),

@@ -14,6 +14,7 @@
 //! - The schema is versioned (`smsauth_schema`) and migrated at start under an advisory
 //!   lock, so instances starting together migrate once.
 
+mod activity;
 mod backup;
 mod codes;
 mod grants;
@@ -36,11 +37,12 @@ use crate::config::{LimitsConfig, PostgresConfig};
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// The schema this release writes; numbered scripts take a database from one to the next.
-const SCHEMA_VERSION: i32 = 3;
-const MIGRATIONS: [&str; 3] = [
+const SCHEMA_VERSION: i32 = 4;
+const MIGRATIONS: [&str; 4] = [
     include_str!("schema_1.sql"),
     include_str!("schema_2.sql"),
     include_str!("schema_3.sql"),
+    include_str!("schema_4.sql"),
 ];
 /// Any fixed number: the advisory lock every instance takes while it migrates.
 const MIGRATION_LOCK: i64 = 0x0073_6d73_6175_7468; // "smsauth"
