@@ -10,7 +10,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 
 use rand::RngExt;
 
@@ -20,6 +20,9 @@ use crate::store::{Activity, ActivityEntry, StoreError};
 
 /// Entries per page of GET /me/activity.
 pub const PAGE: usize = 50;
+/// The retention is counted in days: a pass an hour is soon enough, and spares the sled
+/// engine a scan of every entry at each housekeeping pass.
+const PRUNE_EVERY_SECS: i64 = 3600;
 
 pub struct ActivityLog {
     store: Arc<dyn Activity>,
@@ -27,6 +30,8 @@ pub struct ActivityLog {
     /// Tells apart entries of one user in one second. Starts at a random value, so that
     /// instances (and restarts) sharing a store do not reuse one another's.
     seq: AtomicU32,
+    /// When this instance last pruned (unix seconds; 0: not yet).
+    pruned_at: AtomicI64,
 }
 
 /// Where a request came from, as an entry records it.
@@ -40,7 +45,10 @@ impl ActivityLog {
         ActivityLog {
             store,
             retention_secs: i64::from(cfg.activity_retention_days) * 86_400,
-            seq: AtomicU32::new(rand::rng().random()),
+            // The lower half, so that wrapping around (which would put a second's later
+            // entries before its earlier ones) takes two billion entries.
+            seq: AtomicU32::new(rand::rng().random::<u32>() >> 1),
+            pruned_at: AtomicI64::new(0),
         }
     }
 
@@ -91,9 +99,16 @@ impl ActivityLog {
         }
     }
 
-    /// Deletes the entries older than the retention (the housekeeping pass).
+    /// Deletes the entries older than the retention (the housekeeping pass): at the
+    /// first pass, then at most once an hour.
     pub async fn prune(&self, now: i64) -> Result<usize, StoreError> {
-        self.store.prune_activity(now - self.retention_secs).await
+        let last = self.pruned_at.load(Ordering::Relaxed);
+        if last != 0 && now - last < PRUNE_EVERY_SECS {
+            return Ok(0);
+        }
+        let pruned = self.store.prune_activity(now - self.retention_secs).await?;
+        self.pruned_at.store(now, Ordering::Relaxed);
+        Ok(pruned)
     }
 }
 
