@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::activity::ActivityLog;
 use crate::captcha::Captchas;
 use crate::codes::Codes;
 use crate::config::Config;
@@ -27,6 +28,8 @@ pub struct App {
     pub codes: Codes,
     pub tokens: Tokens,
     pub sessions: LoginSessions,
+    /// Each account's login activity.
+    pub activity: ActivityLog,
     pub passwords: Passwords,
     pub captchas: Captchas,
     pub limits: Limits,
@@ -64,6 +67,7 @@ impl App {
             .remembering(cfg.memory.token_cache_entries);
         let refresh_key = store.keys.key_or_insert("refresh", keys::fresh()).await?;
         let sessions = LoginSessions::new(store.sessions.clone(), refresh_key, &cfg.token);
+        let activity = ActivityLog::new(store.activity.clone(), &cfg.privacy);
         let phones = PhoneParser::new(&cfg.phone)?;
         let sms = Sms::from_config(&cfg.sms)?;
         let passwords = Passwords::new(&cfg.password)?;
@@ -77,6 +81,7 @@ impl App {
             codes,
             tokens,
             sessions,
+            activity,
             passwords,
             captchas,
             limits,
@@ -88,7 +93,8 @@ impl App {
     }
 
     /// Periodic clean-up: revocations of expired tokens, expired codes, captchas and WeChat
-    /// grants, idle limiter entries, counters of past windows, retired signing keys whose
+    /// grants, idle limiter entries, counters of past windows, login activity past its
+    /// retention, retired signing keys whose
     /// tokens have all expired (and a fresh read of the signing keys, which another
     /// instance may have rotated), and the engine's own upkeep.
     pub async fn housekeeping(&self) {
@@ -113,6 +119,13 @@ impl App {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "ended and expired sessions pruned"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning sessions failed"),
+        }
+        match self.activity.prune(crate::clock::now()).await {
+            Ok(n) if n > 0 => {
+                tracing::debug!(pruned = n, "login activity past its retention pruned")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning login activity failed"),
         }
         if let Some(wechat) = &self.wechat
             && let Err(e) = wechat.prune(crate::clock::now()).await

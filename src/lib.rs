@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod admin;
 pub mod app;
 pub mod captcha;

@@ -58,16 +58,58 @@ pub enum Purpose {
     Login,
     Register,
     ResetPassword,
+    /// Proves the phone before its account is erased (POST /me/delete).
+    DeleteAccount,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 3] = [Purpose::Login, Purpose::Register, Purpose::ResetPassword];
+    pub const ALL: [Purpose; 4] = [
+        Purpose::Login,
+        Purpose::Register,
+        Purpose::ResetPassword,
+        Purpose::DeleteAccount,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Purpose::Login => "login",
             Purpose::Register => "register",
             Purpose::ResetPassword => "reset_password",
+            Purpose::DeleteAccount => "delete_account",
+        }
+    }
+}
+
+/// What an entry of an account's login activity records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ActivityEvent {
+    /// A login by any method (registrations included).
+    Login,
+    /// A wrong password for the account's phone.
+    LoginFailed,
+    Logout,
+    /// A new password (reset by code): every session ended with it.
+    PasswordChange,
+    /// A WeChat id bound to the account (at a WeChat login, or linked from a session).
+    WechatBind,
+}
+
+impl ActivityEvent {
+    pub const ALL: [ActivityEvent; 5] = [
+        ActivityEvent::Login,
+        ActivityEvent::LoginFailed,
+        ActivityEvent::Logout,
+        ActivityEvent::PasswordChange,
+        ActivityEvent::WechatBind,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActivityEvent::Login => "login",
+            ActivityEvent::LoginFailed => "login_failed",
+            ActivityEvent::Logout => "logout",
+            ActivityEvent::PasswordChange => "password_change",
+            ActivityEvent::WechatBind => "wechat_bind",
         }
     }
 }

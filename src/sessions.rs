@@ -97,7 +97,7 @@ impl LoginSessions {
             last_used_at: now,
             expires_at: now + self.refresh_ttl,
             ip: mask_ip(ip),
-            user_agent: user_agent.chars().take(USER_AGENT_MAX_CHARS).collect(),
+            user_agent: cut_user_agent(user_agent),
             ended: false,
         };
         self.store.create_session(&session, digest(&token)).await?;
@@ -196,6 +196,11 @@ pub fn parse_id(text: &str) -> Option<SessionId> {
     let mut id = [0u8; 16];
     hex::decode_to_slice(text, &mut id).ok()?;
     Some(id)
+}
+
+/// A User-Agent as sessions and the login activity keep it: its first 200 characters.
+pub fn cut_user_agent(user_agent: &str) -> String {
+    user_agent.chars().take(USER_AGENT_MAX_CHARS).collect()
 }
 
 /// A client address as logs and session lists show it: its /24 (IPv4) or /48 (IPv6).

@@ -299,7 +299,7 @@ async fn a_postgres_database_of_the_previous_release_is_sealed_at_its_first_star
     assert!(s.terminate().success());
     let dump = pg.dump(&url);
     assert_eq!(found_in(&dump, &FIXTURE_PHONES), Vec::<String>::new());
-    assert_eq!(pg.psql_url(&url, "SELECT version FROM smsauth_schema"), "4");
+    assert_eq!(pg.psql_url(&url, "SELECT version FROM smsauth_schema"), "5");
     // Another key on the same database: refused, exit 2, before serving.
     let other = dir.path().join("other.key");
     smsauth::privacy::create_key_file(&other, &smsauth::privacy::PhoneKey::generate()).unwrap();

@@ -836,3 +836,84 @@ async fn the_refresh_cookie_outlives_the_tab_in_a_real_browser() {
     b.wait_displayed("#login-form", true).await;
     b.quit().await;
 }
+
+/// The account view's own data: the activity list (in both languages), "Download my
+/// data", and "Delete my account" with its code step and its confirmation, after which
+/// the account is gone and the page is back at the login form.
+#[tokio::test]
+async fn activity_export_and_delete_in_a_real_browser() {
+    if !browser_available("activity_export_and_delete_in_a_real_browser") {
+        return;
+    }
+    let s = TestServer::start("[code]\nresend_interval_secs = 0\n").await;
+    let b = Browser::start(1200, 1400).await;
+    let shots = target_dir().join("screenshots");
+    let phone = "13812347201";
+    let earlier = s.sms_login(phone).await;
+    let (status, _) = s
+        .post_auth(
+            "/api/v1/auth/logout",
+            earlier["access_token"].as_str().unwrap(),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let token = page_login(&b, &s, phone).await;
+    b.wait_text("#activity", "three entries", |t| {
+        t.matches("Logged in with SMS code").count() == 2 && t.contains("Logged out")
+    })
+    .await;
+    assert!(b.text("#activity").await.contains("127.0.0.0/24"));
+    assert!(!b.displayed("#activity-more").await, "one page only");
+
+    b.click("#export").await;
+    b.wait_text("#message", "exported", |t| {
+        t == "Your data is downloaded (smsauth-export.json)."
+    })
+    .await;
+
+    b.click("#lang-switch").await;
+    b.wait_text("#activity", "Chinese activity", |t| {
+        t.contains("通过短信验证码登录") && t.contains("退出登录")
+    })
+    .await;
+    assert_eq!(b.text("#delete-start").await, "注销账户");
+    assert_eq!(b.text("#export").await, "下载我的数据");
+    b.click("#lang-switch").await;
+
+    // The code step, then the confirmation: without the box ticked nothing is deleted.
+    assert!(!b.displayed("#delete-panel").await);
+    b.click("#delete-start").await;
+    b.wait_displayed("#delete-panel", true).await;
+    assert!(b.text("#delete-lead").await.contains("+8613812347201"));
+    b.click("#delete-send").await;
+    b.wait_text("#message", "code sent", |t| t.starts_with("Code sent."))
+        .await;
+    let code = s.take_code(&common::e164(phone));
+    b.type_into("#delete-code", &code).await;
+    b.click("#delete-account").await;
+    b.wait_text("#message", "asks for the box", |t| {
+        t == "Tick the box to confirm that you want your account deleted."
+    })
+    .await;
+    assert_eq!(
+        s.get("/api/v1/me", Some(&token)).await.0,
+        200,
+        "not deleted yet"
+    );
+    b.screenshot(&shots.join("delete-account.png")).await;
+    b.click("#delete-confirm").await;
+    b.click("#delete-account").await;
+    b.wait_text("#message", "deleted", |t| t == "Your account is deleted.")
+        .await;
+    b.wait_displayed("#login-form", true).await;
+    assert_eq!(s.get("/api/v1/me", Some(&token)).await.0, 401);
+    assert_eq!(
+        tab_value(&b, "smsauth.token").await,
+        "",
+        "the tab forgot its token"
+    );
+    let again = s.sms_login(phone).await;
+    assert_eq!(again["created"], true, "the phone is new again");
+    b.quit().await;
+}

@@ -602,6 +602,45 @@ async fn real_answers_have_the_documented_shape() {
     let body = check_answer(&doc, "POST", "/api/v1/auth/login", resp).await;
     assert_eq!(body["user"]["login_methods"], json!(["sms", "password"]));
 
+    // The account holder's own data: the activity, the export, a refused erase.
+    let resp = s
+        .client
+        .get(s.url("/api/v1/me/activity"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let page = check_answer(&doc, "GET", "/api/v1/me/activity", resp).await;
+    assert_eq!(page["activity"][0]["event"], "login");
+    let resp = s
+        .client
+        .get(s.url("/api/v1/me/activity?before=x"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let body = check_answer(&doc, "GET", "/api/v1/me/activity", resp).await;
+    assert_eq!(body["error"], "invalid_request");
+    let resp = s
+        .client
+        .get(s.url("/api/v1/me/export"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let export = check_answer(&doc, "GET", "/api/v1/me/export", resp).await;
+    assert_eq!(export["profile"]["phone"], common::e164(phone));
+    let resp = s
+        .client
+        .post(s.url("/api/v1/me/delete"))
+        .bearer_auth(&token)
+        .json(&json!({ "code": "000000" }))
+        .send()
+        .await
+        .unwrap();
+    let body = check_answer(&doc, "POST", "/api/v1/me/delete", resp).await;
+    assert_eq!(body["error"], "invalid_code");
+
     let resp = s
         .client
         .post(s.url("/api/v1/auth/logout"))

@@ -518,6 +518,9 @@ impl Config {
         if self.server.housekeeping_secs == 0 {
             return Err(key("server.housekeeping_secs", "must be at least 1"));
         }
+        if self.privacy.activity_retention_days == 0 {
+            return Err(key("privacy.activity_retention_days", "must be at least 1"));
+        }
         let cookie_safe = |v: &str| {
             v.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
@@ -842,7 +845,20 @@ mod tests {
         )
         .unwrap();
         let t = &c.sms.aliyun.template_code;
-        assert_eq!(Purpose::ALL.map(|p| t.get(p)), ["SMS_1", "SMS_2", "SMS_3"]);
+        // Without its own template, a deletion code goes out with the login one.
+        assert_eq!(
+            Purpose::ALL.map(|p| t.get(p)),
+            ["SMS_1", "SMS_2", "SMS_3", "SMS_1"]
+        );
+        let c = load_str(
+            &format!("{ALIYUN}access_key_secret = \"s\"\n[sms.aliyun.template_code]\nlogin = \"SMS_1\"\nregister = \"SMS_2\"\nreset_password = \"SMS_3\"\ndelete_account = \"SMS_4\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.sms.aliyun.template_code.get(Purpose::DeleteAccount),
+            "SMS_4"
+        );
         // A purpose left out, or one that does not exist, is named.
         let e = load_str(
             &format!("{ALIYUN}access_key_secret = \"s\"\ntemplate_code = {{ login = \"SMS_1\", register = \"SMS_2\" }}\n"),

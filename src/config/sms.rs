@@ -252,6 +252,8 @@ pub struct PurposeTemplates {
     pub login: String,
     pub register: String,
     pub reset_password: String,
+    /// Optional: without it, account deletion codes go out with the `login` template.
+    pub delete_account: String,
 }
 
 impl Default for Templates {
@@ -268,6 +270,8 @@ impl Templates {
                 Purpose::Login => &p.login,
                 Purpose::Register => &p.register,
                 Purpose::ResetPassword => &p.reset_password,
+                Purpose::DeleteAccount if p.delete_account.trim().is_empty() => &p.login,
+                Purpose::DeleteAccount => &p.delete_account,
             },
         }
     }

@@ -7,7 +7,9 @@ use http::request::Parts;
 use hyper::body::Incoming;
 
 use super::body::Resp;
-use super::handlers::{account, captcha, codes, jwks, ops, page, password, session, wechat};
+use super::handlers::{
+    account, activity, captcha, codes, jwks, ops, page, password, session, wechat,
+};
 use crate::app::App;
 use crate::error::ApiError;
 
@@ -65,6 +67,9 @@ pub enum Endpoint {
     PatchMe,
     ListSessions,
     EndSession,
+    Activity,
+    Export,
+    DeleteAccount,
     WechatStart,
     WechatCallback,
     WechatExchange,
@@ -100,6 +105,9 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("PATCH", "/api/v1/me", Endpoint::PatchMe),
     ("GET", "/api/v1/me/sessions", Endpoint::ListSessions),
     ("DELETE", "/api/v1/me/sessions/{id}", Endpoint::EndSession),
+    ("GET", "/api/v1/me/activity", Endpoint::Activity),
+    ("GET", "/api/v1/me/export", Endpoint::Export),
+    ("POST", "/api/v1/me/delete", Endpoint::DeleteAccount),
     ("GET", "/api/v1/auth/wechat/start", Endpoint::WechatStart),
     (
         "GET",
@@ -185,6 +193,9 @@ pub async fn dispatch(app: &App, endpoint: Endpoint, req: Req) -> Result<Resp, A
         Endpoint::PatchMe => account::patch_me(app, req).await,
         Endpoint::ListSessions => session::list(app, req).await,
         Endpoint::EndSession => session::end(app, req).await,
+        Endpoint::Activity => activity::list(app, req).await,
+        Endpoint::Export => activity::export(app, req).await,
+        Endpoint::DeleteAccount => activity::delete(app, req).await,
         Endpoint::WechatStart => wechat::start(app, req).await,
         Endpoint::WechatCallback => wechat::callback(app, req).await,
         Endpoint::WechatExchange => wechat::exchange(app, req).await,
@@ -229,6 +240,7 @@ impl Endpoint {
             | Endpoint::Register
             | Endpoint::PasswordLogin
             | Endpoint::PasswordReset
+            | Endpoint::DeleteAccount
             | Endpoint::WechatCallback
             | Endpoint::WechatExchange
             | Endpoint::WechatBind => app.limits.address_check(ip).await?,
@@ -244,6 +256,8 @@ impl Endpoint {
             | Endpoint::PatchMe
             | Endpoint::ListSessions
             | Endpoint::EndSession
+            | Endpoint::Activity
+            | Endpoint::Export
             | Endpoint::UnlinkWechat => {}
         }
         Ok(())

@@ -15,13 +15,14 @@
 //! | `useridsession_session` | user id u64 BE, session id (16 bytes) | codec([`super::SessionRecord`]) |
 //! | `hash_refresh` | SHA-256 of a refresh token | codec(user id, session id, expires_at, used_at) |
 //! | `counter_count` | counter byte, window i64 BE, subject bytes (a phone's blind index, or empty) | count u64 BE |
+//! | `useridtimeseq_activity` | user id u64 BE, unix secs i64 BE, seq u32 BE | codec([`super::ActivityValue`]) |
 //!
 //! No phone number is kept in the clear (schema 5): `meta/phone_key_id` names the phone
 //! key the store is sealed with; the key itself is never in the store.
 
 use super::codec::u64_key;
 use super::{GrantKind, PhoneIndex};
-use crate::model::{Counter, Method, Purpose, UserId};
+use crate::model::{ActivityEvent, Counter, Method, Purpose, UserId};
 
 /// The version of this layout (`meta/schema_version`): the sled engine's schema.
 pub const SCHEMA_VERSION: u32 = 5;
@@ -37,6 +38,7 @@ pub const REVOKED: &str = "jti_exp";
 pub const COUNTERS: &str = "counter_count";
 pub const SESSIONS: &str = "useridsession_session";
 pub const REFRESH: &str = "hash_refresh";
+pub const ACTIVITY: &str = "useridtimeseq_activity";
 pub const META_SCHEMA: &[u8] = b"schema_version";
 pub const META_NEXT_ID: &[u8] = b"next_user_id";
 pub const META_USERS: &[u8] = b"users_total";
@@ -81,6 +83,7 @@ pub fn purpose_byte(p: Purpose) -> u8 {
         Purpose::Login => 1,
         Purpose::Register => 2,
         Purpose::ResetPassword => 3,
+        Purpose::DeleteAccount => 4,
     }
 }
 
@@ -134,6 +137,42 @@ pub fn session_key(user: UserId, id: &super::SessionId) -> [u8; 24] {
     k
 }
 
+/// The key of an activity entry: by user, then time, so a user's entries are one
+/// range in time order.
+pub fn activity_key(user: UserId, at: i64, seq: u32) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    k[..8].copy_from_slice(&u64_key(user));
+    k[8..16].copy_from_slice(&at.to_be_bytes());
+    k[16..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// (user id, time, seq) of a `useridtimeseq_activity` key.
+pub fn parse_activity_key(k: &[u8]) -> Option<(UserId, i64, u32)> {
+    if k.len() != 20 {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(k[..8].try_into().ok()?),
+        i64::from_be_bytes(k[8..16].try_into().ok()?),
+        u32::from_be_bytes(k[16..].try_into().ok()?),
+    ))
+}
+
+pub fn event_byte(e: ActivityEvent) -> u8 {
+    match e {
+        ActivityEvent::Login => 1,
+        ActivityEvent::LoginFailed => 2,
+        ActivityEvent::Logout => 3,
+        ActivityEvent::PasswordChange => 4,
+        ActivityEvent::WechatBind => 5,
+    }
+}
+
+pub fn event_of(b: u8) -> Option<ActivityEvent> {
+    ActivityEvent::ALL.into_iter().find(|e| event_byte(*e) == b)
+}
+
 /// The user id of a `useridmethod_login` key.
 pub fn method_key_user(k: &[u8]) -> Option<UserId> {
     Some(u64::from_be_bytes(k.get(..8)?.try_into().ok()?))
@@ -157,5 +196,12 @@ mod tests {
             Some((index.as_str().to_string(), Purpose::ResetPassword))
         );
         assert_eq!(method_key_user(&method_key(7, Method::Password)), Some(7));
+        assert_eq!(
+            parse_activity_key(&activity_key(7, 1_700_000_000, 9)),
+            Some((7, 1_700_000_000, 9))
+        );
+        for e in ActivityEvent::ALL {
+            assert_eq!(event_of(event_byte(e)), Some(e));
+        }
     }
 }

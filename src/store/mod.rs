@@ -9,6 +9,8 @@
 //! - [`CaptchaAnswers`]: the answers of pending captchas;
 //! - [`Sessions`]: login sessions and their refresh tokens, revoked tokens, and the user
 //!   a session belongs to;
+//! - [`Activity`]: each account's login activity (logins, failed password logins,
+//!   logouts, password changes, WeChat bindings), kept for `privacy.activity_retention_days`;
 //! - [`Grants`]: short-lived single-use grants (WeChat's OAuth states and tickets);
 //! - [`Keys`]: the server's own secrets (code HMAC key, token signing keys);
 //! - [`Snapshots`]: the whole store as records, for backups, and their import;
@@ -34,7 +36,9 @@ pub use self::layout::{META as META_TREE, META_PHONE_KEY};
 pub use self::sled::SledStore;
 
 use crate::config::{Config, StorageEngine};
-use crate::model::{Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId};
+use crate::model::{
+    ActivityEvent, Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId,
+};
 pub use crate::privacy::{PhoneIndex, PhoneVault};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -187,9 +191,11 @@ pub trait Users: Send + Sync {
     fn user_count(&self) -> BoxFuture<'_, Result<u64>>;
     /// Every user, in id order (admin listing).
     fn users(&self) -> BoxFuture<'_, Result<Vec<User>>>;
-    /// Removes the user, its phone index entry and its login methods (gone for every
-    /// reader at once, crashes included). Ids are never given out again, so an old token
-    /// cannot pass for a later user. None if there was no such user.
+    /// Removes the user, its phone index entry, its login methods, its login sessions
+    /// with their refresh tokens, and its activity (the account gone for every reader at
+    /// once, crashes included; its tokens refused from then on). Ids are never given out
+    /// again, so an old token cannot pass for a later user. Counters kept per phone stay.
+    /// None if there was no such user.
     fn delete_user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>>;
 
     /// The account a WeChat id is bound to.
@@ -492,6 +498,52 @@ pub trait Sessions: Send + Sync {
     fn prune_revocations(&self, now: i64) -> BoxFuture<'_, Result<usize>>;
 }
 
+/// One entry of an account's login activity. `(at, seq)` orders a user's entries and
+/// names one of them (the API's `id`, and its `?before=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivityEntry {
+    pub user_id: UserId,
+    /// Unix seconds.
+    pub at: i64,
+    /// Tells apart entries of one user in one second; any value, unique per entry.
+    pub seq: u32,
+    pub event: ActivityEvent,
+    /// How the user logged in (or tried to); None for events without one.
+    pub method: Option<Method>,
+    /// The client address, masked (/24, /48) as sessions keep it.
+    pub ip: String,
+    /// The client's User-Agent, cut to 200 characters.
+    pub user_agent: String,
+}
+
+/// An activity entry's value in the embedded layout (its user, time and seq are its key).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ActivityValue {
+    pub event: ActivityEvent,
+    pub method: Option<Method>,
+    pub ip: String,
+    pub user_agent: String,
+}
+
+/// Each account's login activity. A deleted account's goes with it
+/// ([`Users::delete_user`]).
+pub trait Activity: Send + Sync {
+    /// Stores an entry; durable after the next flush. An entry of an account that is gone
+    /// (deleted meanwhile) may be dropped.
+    fn record_activity<'a>(&'a self, entry: &'a ActivityEntry) -> BoxFuture<'a, Result<()>>;
+    /// The user's entries before `before` (`(at, seq)`; None: the newest), newest first,
+    /// at most `limit`.
+    fn activity_page(
+        &self,
+        user: UserId,
+        before: Option<(i64, u32)>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<ActivityEntry>>>;
+    /// Deletes every entry older than `oldest_kept` (unix seconds). A full pass: for the
+    /// clean-up.
+    fn prune_activity(&self, oldest_kept: i64) -> BoxFuture<'_, Result<usize>>;
+}
+
 /// What a grant is for; a grant is only found under its own kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GrantKind {
@@ -598,6 +650,7 @@ pub struct Store {
     pub addresses: Arc<dyn AddressLimits>,
     pub captchas: Arc<dyn CaptchaAnswers>,
     pub sessions: Arc<dyn Sessions>,
+    pub activity: Arc<dyn Activity>,
     pub grants: Arc<dyn Grants>,
     pub keys: Arc<dyn Keys>,
     pub snapshots: Arc<dyn Snapshots>,
@@ -642,6 +695,7 @@ impl Store {
                     addresses: pg.clone(),
                     captchas: pg.clone(),
                     sessions: pg.clone(),
+                    activity: pg.clone(),
                     grants: pg.clone(),
                     keys: pg.clone(),
                     snapshots: pg.clone(),
@@ -671,6 +725,7 @@ impl Store {
                 cfg.memory.captcha_entries,
             )),
             sessions: sled.clone(),
+            activity: sled.clone(),
             grants: sled.clone(),
             keys: sled.clone(),
             snapshots: sled.clone(),

@@ -48,6 +48,24 @@
       method_wechat: "WeChat",
       never: "—",
       logout: "Log out",
+      activity_title: "Activity",
+      activity_more: "Show older activity",
+      activity_used: "{ip} · {when}",
+      event_login: "Logged in with {method}",
+      event_login_failed: "Wrong password",
+      event_logout: "Logged out",
+      event_password_change: "Password changed",
+      event_wechat_bind: "WeChat linked",
+      export: "Download my data",
+      export_done: "Your data is downloaded (smsauth-export.json).",
+      delete_start: "Delete my account",
+      delete_lead: "Deleting your account removes it and everything tied to it: its login methods, sessions and activity. It cannot be undone. To confirm, we send a code to {phone}.",
+      delete_send: "Send code",
+      delete_confirm_check: "I understand: my account and its data are deleted for good.",
+      delete_confirm: "Delete my account for good",
+      delete_cancel: "Cancel",
+      need_confirm: "Tick the box to confirm that you want your account deleted.",
+      account_deleted: "Your account is deleted.",
       sessions_title: "Where you are logged in",
       session_current: "This device",
       session_end: "Log out this device",
@@ -149,6 +167,24 @@
       method_wechat: "微信",
       never: "—",
       logout: "退出登录",
+      activity_title: "账户活动",
+      activity_more: "查看更早的记录",
+      activity_used: "{ip} · {when}",
+      event_login: "通过{method}登录",
+      event_login_failed: "密码错误",
+      event_logout: "退出登录",
+      event_password_change: "修改密码",
+      event_wechat_bind: "绑定微信",
+      export: "下载我的数据",
+      export_done: "您的数据已下载（smsauth-export.json）。",
+      delete_start: "注销账户",
+      delete_lead: "注销后，账户及其登录方式、登录设备和活动记录将全部删除，且无法恢复。为确认，我们将向 {phone} 发送验证码。",
+      delete_send: "获取验证码",
+      delete_confirm_check: "我已了解：我的账户及其数据将被永久删除。",
+      delete_confirm: "永久注销账户",
+      delete_cancel: "取消",
+      need_confirm: "请勾选确认您要注销账户。",
+      account_deleted: "您的账户已注销。",
       sessions_title: "登录设备",
       session_current: "本设备",
       session_end: "退出此设备",
@@ -244,6 +280,7 @@
     countdownTimer: null,
     refreshTimer: null,
     bind: null, // {token, nickname, avatar}: the WeChat user who is binding a phone
+    activityBefore: null, // the `before` of the next older page of the activity
   };
 
   function storageGet(store, key) {
@@ -378,6 +415,10 @@
     if (state.user) {
       renderAccount();
       loadSessions();
+      loadActivity(null);
+      if (!$("delete-panel").hidden) {
+        $("delete-lead").textContent = t("delete_lead", { phone: String(state.user.phone) });
+      }
     }
   }
 
@@ -678,6 +719,7 @@
   }
 
   function showLogin() {
+    if (state.user) showDelete(false);
     state.user = null;
     state.created = false;
     $("account-view").hidden = true;
@@ -701,6 +743,7 @@
       $("account-view").hidden = false;
       $("logout").focus();
       loadSessions();
+      loadActivity(null);
       return true;
     }
     const hadToken = storageGet("sessionStorage", TOKEN_KEY) !== null;
@@ -792,6 +835,114 @@
     }
     await loadSessions();
     say("info", "others_ended");
+  }
+
+  // ---- the account holder's own data ----
+
+  // GET /me/activity: the newest 50 entries, then 50 older ones per "show older".
+  async function loadActivity(before) {
+    const path = "/api/v1/me/activity" + (before ? "?before=" + encodeURIComponent(before) : "");
+    const res = await api("GET", path);
+    const list = $("activity");
+    if (!before) list.textContent = "";
+    const more = $("activity-more");
+    if (!res.ok || !res.data || !Array.isArray(res.data.activity)) {
+      more.hidden = true;
+      return;
+    }
+    for (const e of res.data.activity) {
+      const li = document.createElement("li");
+      li.className = "session";
+      li.dataset.event = String(e.event);
+      const what = document.createElement("span");
+      what.className = "agent";
+      const method = e.method && TEXT.en["method_" + e.method] ? t("method_" + e.method) : String(e.method || "");
+      what.textContent = TEXT.en["event_" + e.event] ? t("event_" + e.event, { method: method }) : String(e.event);
+      const used = document.createElement("span");
+      used.className = "used";
+      used.textContent = t("activity_used", { ip: String(e.ip), when: when(e.at) });
+      const agent = document.createElement("span");
+      agent.className = "used";
+      agent.textContent = String(e.user_agent || "");
+      li.append(what, used, agent);
+      list.append(li);
+    }
+    state.activityBefore = res.data.next_before || null;
+    more.hidden = !state.activityBefore;
+  }
+
+  // GET /me/export, saved as the file the server names.
+  async function exportData() {
+    const btn = $("export");
+    btn.disabled = true;
+    const res = await api("GET", "/api/v1/me/export");
+    btn.disabled = false;
+    if (!res.ok || !res.data) {
+      sayApiError(res);
+      return;
+    }
+    const blob = new Blob([JSON.stringify(res.data, null, 2) + "\n"], { type: "application/json" });
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = "smsauth-export.json";
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+    say("info", "export_done");
+  }
+
+  function showDelete(open) {
+    $("delete-panel").hidden = !open;
+    $("delete-start").hidden = open;
+    $("delete-code").value = "";
+    $("delete-confirm").checked = false;
+    if (open) {
+      $("delete-lead").textContent = t("delete_lead", { phone: String(state.user.phone) });
+      $("delete-send").focus();
+    }
+  }
+
+  // POST /sms/code with purpose delete_account, to the account's own phone.
+  async function sendDeleteCode() {
+    const btn = $("delete-send");
+    btn.disabled = true;
+    const res = await api("POST", "/api/v1/sms/code", { phone: String(state.user.phone), purpose: "delete_account" });
+    btn.disabled = false;
+    if (!res.ok) {
+      sayApiError(res);
+      return;
+    }
+    say("info", "code_sent", res.data && res.data.expires_in);
+    $("delete-code").focus();
+  }
+
+  // POST /me/delete {code}: the account is gone, and this tab logged out.
+  async function deleteAccount() {
+    const code = $("delete-code").value.trim();
+    if (!code) {
+      say("error", "need_code");
+      $("delete-code").focus();
+      return;
+    }
+    if (!$("delete-confirm").checked) {
+      say("error", "need_confirm");
+      $("delete-confirm").focus();
+      return;
+    }
+    const btn = $("delete-account");
+    btn.disabled = true;
+    const res = await api("POST", "/api/v1/me/delete", { code: code });
+    btn.disabled = false;
+    if (!res.ok) {
+      sayApiError(res);
+      return;
+    }
+    showDelete(false);
+    forgetTokens();
+    showLogin();
+    say("info", "account_deleted");
+    $("phone").focus();
   }
 
   // ---- WeChat ----
@@ -936,6 +1087,12 @@
     endBind();
     $("phone").focus();
   });
+  $("activity-more").addEventListener("click", () => loadActivity(state.activityBefore));
+  $("export").addEventListener("click", exportData);
+  $("delete-start").addEventListener("click", () => showDelete(true));
+  $("delete-cancel").addEventListener("click", () => showDelete(false));
+  $("delete-send").addEventListener("click", sendDeleteCode);
+  $("delete-account").addEventListener("click", deleteAccount);
   $("wechat-link").addEventListener("click", linkWechat);
   $("wechat-unlink").addEventListener("click", unlinkWechat);
   for (const img of [$("bind-avatar"), $("acct-avatar")]) {

@@ -56,9 +56,10 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
             return Err(limited.into());
         }
     };
-    if purpose == Purpose::ResetPassword && !has_account {
+    if matches!(purpose, Purpose::ResetPassword | Purpose::DeleteAccount) && !has_account {
         // Answer exactly as if a code went out (wait, quota and time taken included),
-        // so this endpoint does not tell who has an account; there is nothing to reset.
+        // so this endpoint does not tell who has an account; there is nothing to reset
+        // or delete.
         app.store.engine.flush().await?;
         app.sms.imitate().await;
         return Ok(code_sent(app));

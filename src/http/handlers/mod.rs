@@ -2,6 +2,7 @@
 //! act, flush what must be durable, answer.
 
 pub mod account;
+pub mod activity;
 pub mod captcha;
 pub mod codes;
 pub mod jwks;
@@ -41,6 +42,14 @@ impl Client {
         Client {
             ip: req.ip,
             user_agent,
+        }
+    }
+
+    /// Where the request came from, as the login activity records it.
+    pub fn origin(&self) -> crate::activity::Origin<'_> {
+        crate::activity::Origin {
+            ip: self.ip,
+            user_agent: &self.user_agent,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::clock::now;
 use crate::error::ApiError;
 use crate::http::body::{Resp, no_content};
 use crate::http::router::Req;
-use crate::model::{LoginMethod, Method, Purpose};
+use crate::model::{ActivityEvent, LoginMethod, Method, Purpose};
 use crate::password::check_rules;
 use crate::phone::Phone;
 use crate::store::{NewUser, UserChange};
@@ -110,7 +110,16 @@ pub async fn login(app: &App, req: Req) -> Result<Resp, ApiError> {
         .await?;
     let user = match user {
         Some(user) if checked.matches => user,
-        _ => return Err(ApiError::InvalidCredentials),
+        Some(user) => {
+            // Made durable by the next flush of anything: a refusal promises nothing.
+            let failed = ActivityEvent::LoginFailed;
+            let method = Some(Method::Password);
+            app.activity
+                .record(user.id, failed, method, client.origin(), now())
+                .await?;
+            return Err(ApiError::InvalidCredentials);
+        }
+        None => return Err(ApiError::InvalidCredentials),
     };
     if user.disabled {
         return Err(ApiError::Unauthorized("this account is disabled"));
@@ -156,6 +165,7 @@ struct ResetRequest {
 /// and ends every session the user had (restarts included: the session generation is
 /// stored with the new password, in one transaction).
 pub async fn reset(app: &App, req: Req) -> Result<Resp, ApiError> {
+    let client = Client::of(&req);
     let body: ResetRequest = req.json(app).await?;
     let phone = parse_phone(app, &body.phone)?;
     check_rules(&body.new_password).map_err(ApiError::WeakPassword)?;
@@ -181,6 +191,10 @@ pub async fn reset(app: &App, req: Req) -> Result<Resp, ApiError> {
         .put_login_method_ending_sessions(user.id, &password_method(&phone, phc))
         .await?
         .ok_or(ApiError::InvalidCode)?;
+    let changed = ActivityEvent::PasswordChange;
+    app.activity
+        .record(user.id, changed, None, client.origin(), now())
+        .await?;
     app.store.engine.flush().await?;
     tracing::info!(user_id = user.id, phone = %phone.masked(), "password reset; sessions ended");
     Ok(no_content())

@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::http::body::{Resp, json_response, no_content};
 use crate::http::cookie;
 use crate::http::router::{Req, last_segment};
-use crate::model::{LoginMethod, Method, Purpose, User};
+use crate::model::{ActivityEvent, LoginMethod, Method, Purpose, User};
 use crate::phone::{Phone, mask};
 use crate::sessions::{RefreshIssued, Refreshed, id_text, live, parse_id};
 use crate::store::{NewUser, SessionId, UserChange};
@@ -40,10 +40,22 @@ pub async fn token_response(
     created: bool,
     status: StatusCode,
 ) -> Result<Resp, ApiError> {
-    let (sid, refresh) = app
-        .sessions
-        .start(user, method, client.ip, &client.user_agent, now())
-        .await?;
+    let now = now();
+    // The login's entry of the activity rides the same flush; on PostgreSQL its statement
+    // goes out beside the session's.
+    let (started, recorded) = tokio::join!(
+        app.sessions
+            .start(user, method, client.ip, &client.user_agent, now),
+        app.activity.record(
+            user.id,
+            ActivityEvent::Login,
+            Some(method),
+            client.origin(),
+            now
+        ),
+    );
+    let (sid, refresh) = started?;
+    recorded?;
     app.store.engine.flush().await?;
     Ok(session_answer(
         app, user, &sid, refresh, view, created, status,
@@ -246,6 +258,7 @@ struct LogoutRequest {
 /// (`others`) or all of them (`global`); what is ended is refused from then on, on every
 /// instance, restarts included.
 pub async fn logout(app: &App, req: Req) -> Result<Resp, ApiError> {
+    let client = Client::of(&req);
     let (user, session) = authenticate(app, &req.parts).await?;
     let body: LogoutRequest = req.optional_json(app).await?;
     let now = now();
@@ -267,6 +280,9 @@ pub async fn logout(app: &App, req: Req) -> Result<Resp, ApiError> {
                 .await?;
         }
     }
+    app.activity
+        .record(user.id, ActivityEvent::Logout, None, client.origin(), now)
+        .await?;
     app.store.engine.flush().await?;
     tracing::info!(user_id = user.id, scope = body.scope.as_str(), "logout");
     let mut resp = no_content();

@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::http::body::{Resp, json_response, no_content, redirect};
 use crate::http::cookie;
 use crate::http::router::Req;
-use crate::model::{Method, Purpose};
+use crate::model::{ActivityEvent, Method, Purpose};
 use crate::store::{GrantKind, NewUser, WechatBind};
 use crate::wechat::{
     BIND_TTL_SECS, LinkingSession, OauthState, STATE_TTL_SECS, TICKET_TTL_SECS, Wechat,
@@ -92,6 +92,7 @@ pub async fn unlink(app: &App, req: Req) -> Result<Resp, ApiError> {
 /// (which never reaches a server log): `wechat_ticket`, `wechat_linked` or `wechat_error`.
 pub async fn callback(app: &App, req: Req) -> Result<Resp, ApiError> {
     let wechat = enabled(app)?;
+    let client = Client::of(&req);
     let state = query_value(&req.parts, "state").unwrap_or_default();
     let cookie = cookie::read(&req.parts.headers, cookie::WECHAT_STATE).unwrap_or_default();
     // The state must be the one this browser was given: a callback forged into another
@@ -118,7 +119,7 @@ pub async fn callback(app: &App, req: Req) -> Result<Resp, ApiError> {
         }
     };
     if let Some(session) = &oauth.link {
-        let outcome = link_profile(app, session, &profile).await;
+        let outcome = link_profile(app, &client, session, &profile).await;
         return Ok(match outcome {
             Ok(()) => back(app, next, "wechat_linked", "1"),
             Err(e) => back(app, next, "wechat_error", e.code()),
@@ -134,6 +135,7 @@ pub async fn callback(app: &App, req: Req) -> Result<Resp, ApiError> {
 /// Links the WeChat user to the account that asked, if its session is still current.
 async fn link_profile(
     app: &App,
+    client: &Client,
     session: &LinkingSession,
     profile: &WechatProfile,
 ) -> Result<(), ApiError> {
@@ -151,6 +153,12 @@ async fn link_profile(
         .users
         .link_wechat(user_id, &profile.id, profile.avatar_url.as_deref())
         .await?;
+    if let WechatBind::Bound { .. } = outcome {
+        let bound = ActivityEvent::WechatBind;
+        app.activity
+            .record(user_id, bound, Some(Method::Wechat), client.origin(), now())
+            .await?;
+    }
     app.store.engine.flush().await?;
     match outcome {
         WechatBind::Bound { .. } => {
@@ -267,6 +275,16 @@ pub async fn bind(app: &App, req: Req) -> Result<Resp, ApiError> {
     let WechatBind::Bound { user, created } = outcome else {
         return Err(refusal(outcome));
     };
+    // Durable with the login's entry, in token_response's flush.
+    app.activity
+        .record(
+            user.id,
+            ActivityEvent::WechatBind,
+            Some(Method::Wechat),
+            client.origin(),
+            now,
+        )
+        .await?;
     tracing::info!(user_id = user.id, phone = %phone.masked(), wechat = %mask_id(&profile.id), created, "wechat bound");
     app.metrics.login("wechat");
     if created {
@@ -358,7 +376,7 @@ pub fn safe_next(next: Option<&str>) -> String {
 }
 
 /// One value of the query string, percent-decoded (`+` is a space), if present.
-fn query_value(parts: &http::request::Parts, name: &str) -> Option<String> {
+pub(super) fn query_value(parts: &http::request::Parts, name: &str) -> Option<String> {
     let query = parts.uri.query()?;
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

@@ -19,7 +19,10 @@ use crate::store::codec::{
 use crate::store::layout::{
     self, code_key, counter_key, method_key, parse_code_key, parse_counter_key,
 };
-use crate::store::{PhoneIndex, RecordSink, Snapshots, StoreError, stored_identification};
+use crate::store::{
+    ActivityEntry, ActivityValue, PhoneIndex, RecordSink, Snapshots, StoreError,
+    stored_identification,
+};
 
 type Trees = BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -164,6 +167,27 @@ impl PgStore {
                 layout::COUNTERS,
                 key,
                 u64_key(row.get::<_, i64>(3).max(0) as u64).to_vec(),
+            );
+        }
+        for row in tx
+            .query(
+                "SELECT user_id, at, seq, event, method, ip, user_agent FROM login_activity",
+                &[],
+            )
+            .await
+            .map_err(classify)?
+        {
+            let e = super::activity::row_activity(&row)?;
+            let value = ActivityValue {
+                event: e.event,
+                method: e.method,
+                ip: e.ip,
+                user_agent: e.user_agent,
+            };
+            put(
+                layout::ACTIVITY,
+                layout::activity_key(e.user_id, e.at, e.seq).to_vec(),
+                encode(&value),
             );
         }
         // The identity's next value: ids of deleted users are never given out again.
@@ -311,6 +335,21 @@ impl PgStore {
                 )
                 .await?;
                 Ok(())
+            }
+            layout::ACTIVITY => {
+                let (user_id, at, seq) = layout::parse_activity_key(key)
+                    .ok_or_else(|| StoreError::Corrupt("activity key".into()))?;
+                let v: ActivityValue = decode(value)?;
+                let entry = ActivityEntry {
+                    user_id,
+                    at,
+                    seq,
+                    event: v.event,
+                    method: v.method,
+                    ip: v.ip,
+                    user_agent: v.user_agent,
+                };
+                self.insert_activity(op, &entry).await
             }
             layout::META if key == layout::META_SCHEMA => {
                 let found = u32::from_be_bytes(

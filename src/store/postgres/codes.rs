@@ -11,6 +11,7 @@ pub(super) fn purpose_number(p: Purpose) -> i16 {
         Purpose::Login => 1,
         Purpose::Register => 2,
         Purpose::ResetPassword => 3,
+        Purpose::DeleteAccount => 4,
     }
 }
 

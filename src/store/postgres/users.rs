@@ -415,8 +415,9 @@ impl Users for PgStore {
 
     fn delete_user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>> {
         Box::pin(async move {
-            // The login methods go with it (ON DELETE CASCADE), in the same commit; the
-            // identity column never gives the id out again.
+            // Its login methods, sessions (with their refresh tokens) and activity go
+            // with it (ON DELETE CASCADE), in the same commit; the identity column never
+            // gives the id out again. Counters are kept by phone and stay.
             let row = self
                 .query_opt(
                     "delete_user",

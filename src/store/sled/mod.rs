@@ -38,6 +38,7 @@
 //! writes take microseconds; only the scans of the clean-up and of a snapshot take long,
 //! and those run where the runtime allows blocking ([`blocking`]).
 
+mod activity;
 mod codes;
 mod counters;
 mod grants;
@@ -76,8 +77,9 @@ use crate::sharded::KeyLocks;
 /// count wrong, so a version 2 release must refuse the store (it refuses newer ones).
 /// 4: user records of format 2 (with `avatar_url`), WeChat login methods and their
 /// index, and grants; a version 3 release could not read those users. 5: no phone in
-/// the clear (user records of format 3, everything else keyed by the blind index); a
-/// version 4 release would find no user.
+/// the clear (user records of format 3, everything else keyed by the blind index), login
+/// activity (`useridtimeseq_activity`) and `delete_account` codes; a version 4 release
+/// would find no user.
 use super::layout::{META_NEXT_ID, META_SCHEMA, META_USERS, SCHEMA_VERSION};
 const META_FIRST_ID_OF_RUN: &[u8] = b"first_id_of_run";
 const META_CLOSED_CLEANLY: &[u8] = b"closed_cleanly";
@@ -116,6 +118,8 @@ pub struct SledStore {
     /// Login sessions by (user id, session id), and refresh tokens by digest.
     sessions: sled::Tree,
     refresh: sled::Tree,
+    /// Login activity by (user id, time, seq).
+    activity: sled::Tree,
     /// Serializes every use of a refresh token: a read of its record and the writes
     /// that use it up are one step (see [`sessions`]).
     refresh_lock: std::sync::Mutex<()>,
@@ -212,6 +216,7 @@ impl SledStore {
             counters: db.open_tree(layout::COUNTERS)?,
             sessions: db.open_tree(layout::SESSIONS)?,
             refresh: db.open_tree(layout::REFRESH)?,
+            activity: db.open_tree(layout::ACTIVITY)?,
             refresh_lock: std::sync::Mutex::new(()),
             commit: GroupCommit::new(db.clone(), log_file),
             db,
@@ -422,6 +427,7 @@ impl SledStore {
         }
         // 2 to 3 changes no record: the checkpoint is stored at every open (`recover`).
         // 3 to 4 neither: format-1 user records read as users without an avatar.
+        // 4 to 5: the phone numbers are sealed (the activity tree starts empty).
         if found >= 1 {
             self.seal_plain_records()?;
         }

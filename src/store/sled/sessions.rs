@@ -277,6 +277,36 @@ impl SledStore {
         Ok(true)
     }
 
+    /// Held while a user is deleted: see [`SledStore::delete_now`].
+    pub(super) fn hold_refreshes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.refresh_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Removes every session of `user`, ended or not: its refresh tokens are refused from
+    /// then on. The caller holds the write gate and [`Self::hold_refreshes`].
+    pub(super) fn erase_sessions(&self, user: UserId) -> Result<()> {
+        for k in self.sessions.scan_prefix(u64_key(user)).keys() {
+            self.sessions.remove(k?)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the refresh tokens of `user` (a scan of every token: for a deletion).
+    pub(super) fn erase_refresh_tokens(&self, user: UserId) -> Result<()> {
+        let _gate = self.write_gate();
+        for kv in self.refresh.iter() {
+            let (k, v) = kv?;
+            let token: RefreshRecord = decode(&v)?;
+            if token.user_id == user {
+                self.refresh.remove(k)?;
+            }
+        }
+        self.wrote();
+        Ok(())
+    }
+
     fn prune_sessions_now(&self, now: i64) -> Result<usize> {
         let _gate = self.write_gate();
         let mut pruned = 0;

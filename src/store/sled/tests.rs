@@ -686,3 +686,82 @@ fn a_grant_is_taken_once_and_pruned_when_expired() {
         None
     );
 }
+
+fn entry(user: UserId, at: i64, seq: u32) -> crate::store::ActivityEntry {
+    crate::store::ActivityEntry {
+        user_id: user,
+        at,
+        seq,
+        event: crate::model::ActivityEvent::Login,
+        method: Some(Method::Sms),
+        ip: "203.0.113.0/24".into(),
+        user_agent: "ua".into(),
+    }
+}
+
+#[test]
+fn activity_pages_newest_first_prunes_by_age_and_goes_with_its_user() {
+    use crate::store::{Activity, SessionRecord};
+    let (_dir, s) = store();
+    let (a, _) = done(s.create_user_if_absent(new_user("+861"), &[])).unwrap();
+    let (b, _) = done(s.create_user_if_absent(new_user("+862"), &[])).unwrap();
+    for (at, seq) in [(100, 7), (100, 8), (200, 1), (300, 0)] {
+        done(s.record_activity(&entry(a.id, at, seq))).unwrap();
+    }
+    done(s.record_activity(&entry(b.id, 250, 0))).unwrap();
+    let times = |page: Vec<crate::store::ActivityEntry>| -> Vec<(i64, u32)> {
+        page.into_iter().map(|e| (e.at, e.seq)).collect()
+    };
+    assert_eq!(
+        times(done(s.activity_page(a.id, None, 3)).unwrap()),
+        [(300, 0), (200, 1), (100, 8)]
+    );
+    assert_eq!(
+        times(done(s.activity_page(a.id, Some((100, 8)), 3)).unwrap()),
+        [(100, 7)]
+    );
+    assert_eq!(
+        done(s.activity_page(a.id, None, 9)).unwrap()[0],
+        entry(a.id, 300, 0)
+    );
+
+    assert_eq!(done(s.prune_activity(200)).unwrap(), 2, "the two at 100");
+    assert_eq!(
+        times(done(s.activity_page(a.id, None, 9)).unwrap()),
+        [(300, 0), (200, 1)]
+    );
+
+    let session = SessionRecord {
+        id: [1; 16],
+        user_id: a.id,
+        session_gen: 0,
+        method: Method::Sms,
+        created_at: 1,
+        last_used_at: 1,
+        expires_at: i64::MAX,
+        ip: String::new(),
+        user_agent: String::new(),
+        ended: false,
+    };
+    done(s.create_session(&session, [9; 32])).unwrap();
+    done(s.create_session(
+        &SessionRecord {
+            id: [2; 16],
+            user_id: b.id,
+            ..session.clone()
+        },
+        [8; 32],
+    ))
+    .unwrap();
+    done(s.delete_user(a.id)).unwrap().unwrap();
+    assert!(done(s.activity_page(a.id, None, 9)).unwrap().is_empty());
+    assert!(done(s.user_sessions(a.id)).unwrap().is_empty());
+    assert_eq!(
+        s.refresh.len(),
+        1,
+        "the deleted user's refresh token is gone"
+    );
+    // The other user keeps everything.
+    assert_eq!(done(s.activity_page(b.id, None, 9)).unwrap().len(), 1);
+    assert_eq!(done(s.user_sessions(b.id)).unwrap().len(), 1);
+}

@@ -131,6 +131,18 @@ impl SledStore {
     }
 
     fn delete_now(&self, id: UserId) -> Result<Option<User>> {
+        let deleted = self.delete_locked(id)?;
+        if deleted.is_some() {
+            // Dead already (their sessions are gone); this removes their records.
+            super::blocking(|| self.erase_refresh_tokens(id))?;
+        }
+        Ok(deleted)
+    }
+
+    fn delete_locked(&self, id: UserId) -> Result<Option<User>> {
+        // No refresh moves a session on (writing it back) while its user is deleted;
+        // taken before the gate, as a refresh takes them.
+        let _refreshes = self.hold_refreshes();
         let _gate = self.write_gate();
         let Some(user) = self.user_now(id)? else {
             return Ok(None);
@@ -141,6 +153,10 @@ impl SledStore {
         // Unbound before the commit point: a WeChat login never finds an account whose
         // deletion a crash cut short.
         self.unbind_locked(id)?;
+        // Its sessions and activity too: a crash before the commit point leaves the
+        // account logged out, never a deleted account's records behind.
+        self.erase_sessions(id)?;
+        self.erase_activity(id)?;
         // Recorded first, so the id is never given out again even if it was the highest.
         let next = self.next_id.load(Ordering::SeqCst);
         self.meta.insert(super::META_NEXT_ID, &u64_key(next))?;
