@@ -426,7 +426,17 @@ async fn reset_codes_for_unknown_phones_answer_alike_and_send_nothing() {
         )
         .await;
     assert_eq!(known_again.0, 429);
-    assert_eq!(known_again, unknown_again);
+    // Alike but for the clock: the two answers may fall on either side of a second, so
+    // their `retry_after` (and the message that says it) may differ by one.
+    let wait = |answer: &(u16, serde_json::Value)| answer.1["retry_after"].as_u64().unwrap();
+    assert_eq!(
+        (known_again.0, &known_again.1["error"]),
+        (unknown_again.0, &unknown_again.1["error"])
+    );
+    assert!(
+        wait(&known_again).abs_diff(wait(&unknown_again)) <= 1,
+        "{known_again:?} {unknown_again:?}"
+    );
     // A code went to the known phone; none to the unknown one.
     s.take_code(&e164("13812346017"));
     let masked = common::mask(&e164("13812346018"));

@@ -10,7 +10,7 @@ use tokio_postgres::IsolationLevel;
 
 use super::users::{method_number, user_columns};
 use super::{PgStore, Result, classify, pool_error};
-use crate::model::{LoginMethod, Method, PendingCode, Purpose, User, UserId};
+use crate::model::{LoginMethod, Method, PendingCode, Purpose, User};
 use crate::privacy::user_aad;
 use crate::store::codec::{
     decode, decode_plain_user, decode_sealed_user, encode, encode_sealed_user, read_i64, read_u64,
@@ -65,23 +65,17 @@ impl PgStore {
             .await
             .map_err(classify)?;
         for row in &users {
-            let id = row.get::<_, i64>(0) as UserId;
-            let bare = User {
-                id,
-                phone: String::new(),
-                nickname: row.get(2),
-                created_at: row.get(3),
-                last_login_at: row.get(4),
-                disabled: row.get(5),
-                session_gen: row.get::<_, i64>(6) as u32,
-                avatar_url: row.get(7),
-            };
+            let (bare, sealed) = super::users::sealed_row_user(row);
             let index: String = row.get(8);
-            put(layout::PHONES, index.into_bytes(), u64_key(id).to_vec());
+            put(
+                layout::PHONES,
+                index.into_bytes(),
+                u64_key(bare.id).to_vec(),
+            );
             put(
                 layout::USERS,
-                u64_key(id).to_vec(),
-                encode_sealed_user(&bare, row.get(1)),
+                u64_key(bare.id).to_vec(),
+                encode_sealed_user(&bare, sealed),
             );
         }
         for row in tx

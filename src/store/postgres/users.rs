@@ -20,21 +20,28 @@ macro_rules! user_columns {
 }
 pub(super) use user_columns;
 
+/// A user as [`user_columns`] read it, its phone left sealed: the user without it, and
+/// the sealed bytes.
+pub(super) fn sealed_row_user(row: &Row) -> (User, &[u8]) {
+    let user = User {
+        id: row.get::<_, i64>(0) as UserId,
+        phone: String::new(),
+        nickname: row.get(2),
+        created_at: row.get(3),
+        last_login_at: row.get(4),
+        disabled: row.get(5),
+        session_gen: row.get::<_, i64>(6) as u32,
+        avatar_url: row.get(7),
+    };
+    (user, row.get(1))
+}
+
 impl PgStore {
     /// A user as [`user_columns`] read it, its phone opened.
     pub(super) fn row_user(&self, row: &Row) -> Result<User> {
-        let id = row.get::<_, i64>(0) as UserId;
-        let sealed: &[u8] = row.get(1);
-        Ok(User {
-            id,
-            phone: self.vault.open(sealed, &user_aad(id))?,
-            nickname: row.get(2),
-            created_at: row.get(3),
-            last_login_at: row.get(4),
-            disabled: row.get(5),
-            session_gen: row.get::<_, i64>(6) as u32,
-            avatar_url: row.get(7),
-        })
+        let (user, sealed) = sealed_row_user(row);
+        let phone = self.vault.open(sealed, &user_aad(user.id))?;
+        Ok(User { phone, ..user })
     }
 
     /// [`Self::row_user`] of a row that may be missing.
