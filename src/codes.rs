@@ -212,7 +212,7 @@ mod tests {
 
     fn phone() -> IndexedPhone {
         let key = crate::privacy::PhoneKey::new(&[3; 32]);
-        let vault = crate::privacy::PhoneVault::new(crate::privacy::PhoneKeys::new(key));
+        let vault = crate::privacy::PhoneVault::new(key);
         IndexedPhone::new(Phone::from_e164("+8613812345678"), &vault)
     }
 

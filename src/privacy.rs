@@ -199,107 +199,46 @@ pub fn sealed_key_id(sealed: &[u8]) -> Option<KeyId> {
     }
 }
 
-/// The phone keys a running store uses: the current one, which seals and indexes every
-/// new record, and while a rotation runs the one it replaces, which still opens and finds
-/// the records not yet moved to the current one.
-pub struct PhoneKeys {
-    current: PhoneKey,
-    previous: Option<PhoneKey>,
-}
-
-impl PhoneKeys {
-    pub fn new(current: PhoneKey) -> PhoneKeys {
-        PhoneKeys {
-            current,
-            previous: None,
-        }
-    }
-
-    /// Keys for a test or a tool that needs any key: a fresh random one.
-    pub fn random() -> PhoneKeys {
-        PhoneKeys::new(PhoneKey::new(&PhoneKey::generate()))
-    }
-
-    pub fn with_previous(current: PhoneKey, previous: PhoneKey) -> PhoneKeys {
-        PhoneKeys {
-            current,
-            previous: Some(previous),
-        }
-    }
-
-    pub fn current(&self) -> &PhoneKey {
-        &self.current
-    }
-
-    pub fn previous(&self) -> Option<&PhoneKey> {
-        self.previous.as_ref()
-    }
-
-    /// The blind index of `e164` under the current key.
-    pub fn index(&self, e164: &str) -> PhoneIndex {
-        self.current.index(e164)
-    }
-
-    pub fn seal(&self, e164: &str, aad: &[u8]) -> Vec<u8> {
-        self.current.seal(e164, aad)
-    }
-
-    /// Opens a sealed number with whichever of the keys sealed it.
-    pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<String, StoreError> {
-        let id = sealed_key_id(sealed)
-            .ok_or_else(|| StoreError::Corrupt("not a sealed phone number".into()))?;
-        let key = [Some(&self.current), self.previous.as_ref()]
-            .into_iter()
-            .flatten()
-            .find(|k| k.id == id)
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "a phone number is sealed with phone key {id}, which is not configured"
-                ))
-            })?;
-        key.open(&sealed[1 + KEY_ID_BYTES..], aad)
-    }
-}
-
-/// The phone keys of a running store, shared by its engine and the modules that look
-/// phones up, and replaced whole when a rotation starts or ends.
+/// The phone key of a running store, shared by its engine and the modules that look
+/// phones up. Every sealed number names the key that sealed it, so a later release can
+/// hold a second key while it re-seals (a rotation) without a new record format.
 pub struct PhoneVault {
-    keys: std::sync::RwLock<std::sync::Arc<PhoneKeys>>,
+    key: PhoneKey,
 }
 
 impl PhoneVault {
-    pub fn new(keys: PhoneKeys) -> std::sync::Arc<PhoneVault> {
-        std::sync::Arc::new(PhoneVault {
-            keys: std::sync::RwLock::new(std::sync::Arc::new(keys)),
-        })
+    pub fn new(key: PhoneKey) -> std::sync::Arc<PhoneVault> {
+        std::sync::Arc::new(PhoneVault { key })
     }
 
-    /// The keys now. A lock poisoned by a panic elsewhere still holds a whole `Arc`.
-    pub fn keys(&self) -> std::sync::Arc<PhoneKeys> {
-        self.keys
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    /// A vault for a test or a tool that needs any key: a fresh random one.
+    pub fn random() -> std::sync::Arc<PhoneVault> {
+        Self::new(PhoneKey::new(&PhoneKey::generate()))
     }
 
-    pub fn replace(&self, keys: PhoneKeys) {
-        *self
-            .keys
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(keys);
+    pub fn key(&self) -> &PhoneKey {
+        &self.key
     }
 
-    /// The blind index of `e164` under the current key.
+    /// The blind index of `e164`.
     pub fn index(&self, e164: &str) -> PhoneIndex {
-        self.keys().index(e164)
+        self.key.index(e164)
     }
 
     pub fn seal(&self, e164: &str, aad: &[u8]) -> Vec<u8> {
-        self.keys().seal(e164, aad)
+        self.key.seal(e164, aad)
     }
 
+    /// Opens a sealed number; one sealed with another key is refused, naming that key.
     pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<String, StoreError> {
-        self.keys().open(sealed, aad)
+        let id = sealed_key_id(sealed)
+            .ok_or_else(|| StoreError::Corrupt("not a sealed phone number".into()))?;
+        if id != self.key.id {
+            return Err(StoreError::Corrupt(format!(
+                "a phone number is sealed with phone key {id}, which is not configured"
+            )));
+        }
+        self.key.open(&sealed[1 + KEY_ID_BYTES..], aad)
     }
 }
 
@@ -370,43 +309,22 @@ mod tests {
 
     #[test]
     fn a_sealed_number_opens_only_for_its_record_and_key() {
-        let keys = PhoneKeys::random();
-        let sealed = keys.seal("+8613812345678", &user_aad(7));
-        assert_eq!(keys.open(&sealed, &user_aad(7)).unwrap(), "+8613812345678");
+        let vault = PhoneVault::random();
+        let sealed = vault.seal("+8613812345678", &user_aad(7));
+        assert_eq!(vault.open(&sealed, &user_aad(7)).unwrap(), "+8613812345678");
         assert!(!String::from_utf8_lossy(&sealed).contains("13812345678"));
         // Moved to another record: refused.
-        assert!(keys.open(&sealed, &user_aad(8)).is_err());
+        assert!(vault.open(&sealed, &user_aad(8)).is_err());
         // Altered: refused.
         let mut altered = sealed.clone();
         *altered.last_mut().unwrap() ^= 1;
-        assert!(keys.open(&altered, &user_aad(7)).is_err());
+        assert!(vault.open(&altered, &user_aad(7)).is_err());
         // Another key: refused, naming the key id.
-        let other = PhoneKeys::random();
+        let other = PhoneVault::random();
         let err = other.open(&sealed, &user_aad(7)).unwrap_err().to_string();
-        assert!(err.contains(&keys.current().id().hex()), "{err}");
+        assert!(err.contains(&vault.key().id().hex()), "{err}");
         // Every seal has its own nonce.
-        assert_ne!(sealed, keys.seal("+8613812345678", &user_aad(7)));
-    }
-
-    #[test]
-    fn a_rotation_opens_with_either_key_and_indexes_with_the_new() {
-        let old = PhoneKey::generate();
-        let new = PhoneKey::generate();
-        let before = PhoneKeys::new(PhoneKey::new(&old));
-        let sealed = before.seal("+8613812345678", &user_aad(1));
-        let during = PhoneKeys::with_previous(PhoneKey::new(&new), PhoneKey::new(&old));
-        assert_eq!(
-            during.open(&sealed, &user_aad(1)).unwrap(),
-            "+8613812345678"
-        );
-        assert_ne!(
-            during.index("+8613812345678"),
-            before.index("+8613812345678")
-        );
-        assert_eq!(
-            during.previous().unwrap().index("+8613812345678"),
-            before.index("+8613812345678")
-        );
+        assert_ne!(sealed, vault.seal("+8613812345678", &user_aad(7)));
     }
 
     #[test]

@@ -298,7 +298,7 @@ async fn restore_shared(cfg: &Config, file: &Path) -> Result<String, CommandErro
         "privacy.phone_key_file ({})",
         cfg.privacy.phone_key_file.display()
     );
-    backup::check_phone_key(&parsed, store.phones.keys().current().id(), &source)?;
+    backup::check_phone_key(&parsed, store.phones.key().id(), &source)?;
     let users = store
         .users
         .user_count()

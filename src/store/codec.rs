@@ -195,7 +195,7 @@ mod tests {
             session_gen: 3,
             avatar_url: Some("https://thirdwx.qlogo.cn/a/132".into()),
         };
-        let vault = PhoneVault::new(crate::privacy::PhoneKeys::random());
+        let vault = PhoneVault::random();
         let bytes = encode_user(&u, &vault);
         assert_eq!(bytes[0], FORMAT_V3);
         assert_eq!(decode_user(&bytes, &vault).unwrap(), u);
@@ -212,7 +212,7 @@ mod tests {
         assert!(decode_user(&other, &vault).is_err());
         assert!(decode_user(&[], &vault).is_err());
         // Another key does not open it.
-        let stranger = PhoneVault::new(crate::privacy::PhoneKeys::random());
+        let stranger = PhoneVault::random();
         assert!(decode_user(&bytes, &stranger).is_err());
     }
 

@@ -189,7 +189,7 @@ mod tests {
             parse_counter_key(&k),
             Some((Counter::PhoneFailuresPerHour, -3, "+861".to_string()))
         );
-        let index = crate::privacy::PhoneKeys::random().index("+861");
+        let index = crate::privacy::PhoneVault::random().index("+861");
         let k = code_key(&index, Purpose::ResetPassword);
         assert_eq!(
             parse_code_key(&k),

@@ -266,7 +266,7 @@ mod tests {
     #[tokio::test]
     async fn resend_interval_is_reserved_atomically() {
         let waits = Waits::new(1_000);
-        let phone = &crate::privacy::PhoneKeys::random().index("+8613812345678");
+        let phone = &crate::privacy::PhoneVault::random().index("+8613812345678");
         assert_eq!(waits.reserve_send(phone, 1000, 60).await.unwrap(), Ok(()));
         assert_eq!(waits.reserve_send(phone, 1001, 60).await.unwrap(), Err(59));
         waits.release_send(phone).await.unwrap();

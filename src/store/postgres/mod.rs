@@ -173,7 +173,7 @@ impl PgStore {
             target,
             metrics: metrics::PgMetrics::new(),
             runtime: tokio::runtime::Handle::current(),
-            vault: crate::privacy::PhoneVault::new(crate::privacy::PhoneKeys::new(phone_key)),
+            vault: crate::privacy::PhoneVault::new(phone_key),
         };
         store
             .wait_until_up(Duration::from_secs(cfg.connect_timeout_secs))

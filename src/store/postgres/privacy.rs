@@ -22,7 +22,6 @@ impl PgStore {
     /// Seals every `users.phone` and re-keys pending codes, resend waits and per-phone
     /// counters by the blind index.
     pub(super) async fn seal_plain_rows(&self, tx: &Transaction<'_>) -> Result<()> {
-        let keys = self.vault.keys();
         let started = Instant::now();
         let mut last_report = started;
         let total: i64 = tx
@@ -49,8 +48,8 @@ impl PgStore {
                 let id: i64 = row.get(0);
                 let phone: &str = row.get(1);
                 ids.push(id);
-                indexes.push(keys.index(phone).as_str().to_owned());
-                sealed.push(keys.seal(phone, &user_aad(id as UserId)));
+                indexes.push(self.vault.index(phone).as_str().to_owned());
+                sealed.push(self.vault.seal(phone, &user_aad(id as UserId)));
             }
             tx.execute(
                 "UPDATE users u SET phone_index = x.idx, phone_sealed = x.sealed, phone = NULL
@@ -76,7 +75,7 @@ impl PgStore {
             let update = format!("UPDATE {table} SET {column} = $2 WHERE {column} = $1");
             for row in tx.query(&select, &[]).await.map_err(classify)? {
                 let phone: &str = row.get(0);
-                let index = keys.index(phone);
+                let index = self.vault.index(phone);
                 tx.execute(&update, &[&phone, &index.as_str()])
                     .await
                     .map_err(classify)?;
@@ -93,7 +92,7 @@ impl PgStore {
     /// Records the phone key's id in a database that has none, and refuses a key that
     /// is not the one the database is sealed with.
     pub(super) async fn check_phone_key(&self, tx: &Transaction<'_>) -> Result<()> {
-        let ours = self.vault.keys().current().id();
+        let ours = self.vault.key().id();
         let row = tx
             .query_one("SELECT phone_key_id FROM smsauth_schema", &[])
             .await

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use super::SledStore;
 use crate::model::Method;
 use crate::privacy::{
-    DEFAULT_KEY_FILE, KeyId, PhoneKey, PhoneKeys, PhoneVault, create_key_file, read_key_file,
+    DEFAULT_KEY_FILE, KeyId, PhoneKey, PhoneVault, create_key_file, read_key_file,
 };
 use crate::store::StoreError;
 use crate::store::codec::{decode, decode_plain_user, encode, encode_user};
@@ -94,7 +94,7 @@ pub(super) fn open_vault(
             meta.insert(META_PHONE_KEY, &key.id().0[..])?;
         }
     }
-    Ok(PhoneVault::new(PhoneKeys::new(key)))
+    Ok(PhoneVault::new(key))
 }
 
 /// Says every [`PROGRESS_EVERY`] how far a pass over one tree is.
@@ -137,7 +137,6 @@ impl SledStore {
     pub(super) fn seal_plain_records(&self) -> Result<()> {
         // Before the first record changes: from here a copy is due.
         self.meta.insert(META_PLAIN_BYTES_LEFT, &[1u8][..])?;
-        let keys = self.vault.keys();
         let started = Instant::now();
         let mut users = Progress::new("user records", self.users.len());
         for kv in self.users.iter() {
@@ -153,7 +152,7 @@ impl SledStore {
             if let Some(phone) = plain_phone(&k) {
                 // Written before the plain entry goes: a crash between leaves both, and
                 // the next run removes the plain one.
-                self.phones.insert(keys.index(phone).as_str(), id)?;
+                self.phones.insert(self.vault.index(phone).as_str(), id)?;
                 self.phones.remove(&k)?;
             }
             phones.step();
@@ -172,7 +171,7 @@ impl SledStore {
                 continue;
             };
             if let Some(phone) = plain_phone(phone.as_bytes()) {
-                let new = code_key(&keys.index(phone), purpose);
+                let new = code_key(&self.vault.index(phone), purpose);
                 let _ = self
                     .codes
                     .compare_and_swap(new, None as Option<&[u8]>, Some(v))?;
@@ -185,7 +184,7 @@ impl SledStore {
                 continue;
             };
             if let Some(phone) = plain_phone(subject.as_bytes()) {
-                let new = counter_key(counter, window, keys.index(phone).as_str());
+                let new = counter_key(counter, window, self.vault.index(phone).as_str());
                 let _ = self
                     .counters
                     .compare_and_swap(new, None as Option<&[u8]>, Some(v))?;

@@ -294,9 +294,7 @@ fn a_sealing_cut_short_is_finished_by_the_next_open() {
         session_gen: 0,
         avatar_url: None,
     };
-    let vault = PhoneVault::new(crate::privacy::PhoneKeys::new(
-        crate::privacy::PhoneKey::new(&TEST_PHONE_KEY),
-    ));
+    let vault = PhoneVault::new(crate::privacy::PhoneKey::new(&TEST_PHONE_KEY));
     crate::privacy::create_key_file(&dir.path().join("phone.key"), &TEST_PHONE_KEY).unwrap();
     {
         let raw = sled::open(dir.path().join("db")).unwrap();
