@@ -62,12 +62,20 @@ impl std::fmt::Display for KeyId {
 }
 
 /// The blind index of one phone number: what the store keys the phone's records by.
-/// base64url of the HMAC, so it is a short ASCII string every engine takes as a key.
+/// base64url of the HMAC's first 16 bytes, so it is a short ASCII string every engine
+/// takes as a key. 128 bits tell a billion phones apart with a chance of a collision
+/// below 10^-20; a longer index only costs: it is a key of the biggest trees, and with
+/// the full 32 bytes (43 characters, schema 5) those outgrew sled's page cache and
+/// slowed every write by a fifth.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PhoneIndex([u8; INDEX_CHARS]);
 
-/// base64url without padding of 32 bytes.
-const INDEX_CHARS: usize = 43;
+const INDEX_BYTES: usize = 16;
+/// base64url without padding of 16 bytes.
+const INDEX_CHARS: usize = 22;
+/// The index of a schema-5 store: base64url of all 32 bytes of the HMAC. Its first 16
+/// bytes are today's index, so it is shortened without the key.
+const LONG_INDEX_CHARS: usize = 43;
 
 impl PhoneIndex {
     pub fn as_str(&self) -> &str {
@@ -75,13 +83,35 @@ impl PhoneIndex {
         std::str::from_utf8(&self.0).expect("base64url is ASCII")
     }
 
-    /// An index as stored (a key read back from the store); None if it is not one.
+    /// An index as stored (a key read back from the store, or of a backup), the long form
+    /// of schema 5 included; None if it is not one.
     pub fn parse(s: &str) -> Option<PhoneIndex> {
+        if s.len() == LONG_INDEX_CHARS {
+            let digest = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s)
+                .ok()?;
+            return Some(PhoneIndex::of_digest(&digest));
+        }
         let bytes: [u8; INDEX_CHARS] = s.as_bytes().try_into().ok()?;
         bytes
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
             .then_some(PhoneIndex(bytes))
+    }
+
+    /// Whether `s` is an index in the long form of schema 5, which [`PhoneIndex::parse`]
+    /// shortens.
+    pub fn is_long(s: &str) -> bool {
+        s.len() == LONG_INDEX_CHARS && PhoneIndex::parse(s).is_some()
+    }
+
+    fn of_digest(digest: &[u8]) -> PhoneIndex {
+        let mut out = [0u8; INDEX_CHARS];
+        let written = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode_slice(&digest[..INDEX_BYTES], &mut out)
+            .expect("22 characters hold 16 bytes");
+        debug_assert_eq!(written, INDEX_CHARS);
+        PhoneIndex(out)
     }
 }
 
@@ -134,13 +164,7 @@ impl PhoneKey {
     pub fn index(&self, e164: &str) -> PhoneIndex {
         let mut mac = self.index.clone();
         mac.update(e164.as_bytes());
-        let digest = mac.finalize().into_bytes();
-        let mut out = [0u8; INDEX_CHARS];
-        let written = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode_slice(digest, &mut out)
-            .expect("43 characters hold 32 bytes");
-        debug_assert_eq!(written, INDEX_CHARS);
-        PhoneIndex(out)
+        PhoneIndex::of_digest(&mac.finalize().into_bytes())
     }
 
     /// `e164` sealed for the record `aad` names.
@@ -337,8 +361,21 @@ mod tests {
             a,
             PhoneKey::new(&PhoneKey::generate()).index("+8613812345678")
         );
-        assert_eq!(a.as_str().len(), 43);
+        assert_eq!(a.as_str().len(), 22);
         assert_eq!(PhoneIndex::parse(a.as_str()), Some(a));
+        // The long form of schema 5 (all 32 bytes) shortens to the same index.
+        let mut mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(&{
+            let kdf = hkdf::Hkdf::<Sha256>::new(Some(b"smsauth phone key"), &k);
+            let mut out = [0u8; 32];
+            kdf.expand(b"blind index v1", &mut out).unwrap();
+            out
+        })
+        .unwrap();
+        mac.update(b"+8613812345678");
+        let long = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        assert!(PhoneIndex::is_long(&long));
+        assert_eq!(PhoneIndex::parse(&long), Some(a));
+        assert!(!PhoneIndex::is_long(a.as_str()));
         assert_eq!(PhoneIndex::parse("+8613812345678"), None);
         assert_eq!(format!("{a:?}"), "PhoneIndex(..)");
     }

@@ -404,7 +404,7 @@ fn refused_credentials_a_missing_database_and_a_newer_schema_stop_the_start() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         c.pg.psql("smsauth", "SELECT version FROM smsauth_schema"),
-        "5"
+        "6"
     );
     c.pg.psql("smsauth", "UPDATE smsauth_schema SET version = 99");
     let out = migrate(dir.path());

@@ -299,7 +299,7 @@ async fn a_postgres_database_of_the_previous_release_is_sealed_at_its_first_star
     assert!(s.terminate().success());
     let dump = pg.dump(&url);
     assert_eq!(found_in(&dump, &FIXTURE_PHONES), Vec::<String>::new());
-    assert_eq!(pg.psql_url(&url, "SELECT version FROM smsauth_schema"), "5");
+    assert_eq!(pg.psql_url(&url, "SELECT version FROM smsauth_schema"), "6");
     // Another key on the same database: refused, exit 2, before serving.
     let other = dir.path().join("other.key");
     smsauth::privacy::create_key_file(&other, &smsauth::privacy::PhoneKey::generate()).unwrap();
@@ -313,6 +313,73 @@ async fn a_postgres_database_of_the_previous_release_is_sealed_at_its_first_star
         "{}",
         out.1
     );
+}
+
+/// The stores of the release before shorter blind indexes (schema 5 on both engines, made
+/// from the fixtures above by that release's binary, 7b0567d, with `smsauth migrate`):
+/// the same accounts and code, keyed by 43-character indexes.
+#[tokio::test]
+async fn a_sled_store_with_long_phone_indexes_is_rekeyed_at_its_first_start() {
+    if common::engine() == "postgres" {
+        eprintln!("skipped under TEST_STORAGE_ENGINE=postgres: it upgrades a sled data dir");
+        return;
+    }
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schema5-sled");
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    copy_dir(&fixture, &dir.path().join("data"));
+    let s = TestServer::start_in(dir.clone(), CODE_CONFIG).await;
+    assert!(
+        s.log_lines()
+            .iter()
+            .any(|l| l["message"] == "store migrated to schema 6: shorter phone indexes"
+                && l["records"].as_u64() >= Some(4)),
+        "{:?}",
+        s.log_lines()
+    );
+    check_upgraded(&s).await;
+    let s = s.restart().await;
+    let again = s.sms_login("13800000004").await;
+    assert_eq!(again["user"]["id"], 3, "the wrong guess's user, found again");
+}
+
+#[tokio::test]
+async fn a_postgres_database_with_long_phone_indexes_is_rekeyed_at_its_first_start() {
+    if common::engine() == "postgres" {
+        eprintln!(
+            "skipped under TEST_STORAGE_ENGINE=postgres: it starts a PostgreSQL of its own, also under sled"
+        );
+        return;
+    }
+    let Some(pg) = common::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.new_database();
+    pg.psql_url(&url, include_str!("fixtures/schema5-postgres.sql"));
+    let long = "SELECT DISTINCT length(phone_index) FROM users";
+    assert_eq!(pg.psql_url(&url, long), "43");
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::write(dir.path().join("postgres.url"), &url).unwrap();
+    let key = dir.path().join("phone.key");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schema5-postgres.key"),
+        &key,
+    )
+    .unwrap();
+    let config = format!(
+        "{CODE_CONFIG}[privacy]\nphone_key_file = \"{}\"\n[storage]\nengine = \"postgres\"\n[storage.postgres]\nurl = \"{url}\"\n",
+        key.display()
+    );
+    let s = TestServer::start_in(dir.clone(), &config).await;
+    check_upgraded(&s).await;
+    assert_eq!(pg.psql_url(&url, long), "22");
+    assert_eq!(
+        pg.psql_url(
+            &url,
+            "SELECT count(*) FROM pending_codes WHERE length(phone_index) <> 22"
+        ),
+        "0"
+    );
+    assert_eq!(pg.psql_url(&url, "SELECT version FROM smsauth_schema"), "6");
 }
 
 /// Starts `smsauth serve` on `config` (written into `dir`) where the start must fail:

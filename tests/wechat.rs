@@ -690,7 +690,7 @@ async fn a_database_of_schema_1_is_migrated_and_its_accounts_bind_wechat() {
     let a = c.instance().await;
     assert_eq!(
         c.pg.psql("smsauth", "SELECT version FROM smsauth_schema"),
-        "5",
+        "6",
         "migrated through every script to this release's schema"
     );
     let user = WechatUser::new("upgrade");

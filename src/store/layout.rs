@@ -18,14 +18,16 @@
 //! | `useridtimeseq_activity` | user id u64 BE, unix secs i64 BE, seq u32 BE | codec([`super::ActivityValue`]) |
 //!
 //! No phone number is kept in the clear (schema 5): `meta/phone_key_id` names the phone
-//! key the store is sealed with; the key itself is never in the store.
+//! key the store is sealed with; the key itself is never in the store. Schema 6 keys by
+//! the short blind index (16 bytes, 22 characters; schema 5's were 43), and may hold
+//! `meta/phone_key_rotation` (a rotation's state, [`crate::rotation`]).
 
 use super::codec::u64_key;
 use super::{GrantKind, PhoneIndex};
 use crate::model::{ActivityEvent, Counter, Method, Purpose, UserId};
 
 /// The version of this layout (`meta/schema_version`): the sled engine's schema.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 pub const META: &str = "meta";
 pub const USERS: &str = "userid_user";

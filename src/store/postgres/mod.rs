@@ -38,13 +38,14 @@ use crate::config::{LimitsConfig, PostgresConfig};
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// The schema this release writes; numbered scripts take a database from one to the next.
-const SCHEMA_VERSION: i32 = 5;
-const MIGRATIONS: [&str; 5] = [
+const SCHEMA_VERSION: i32 = 6;
+const MIGRATIONS: [&str; 6] = [
     include_str!("schema_1.sql"),
     include_str!("schema_2.sql"),
     include_str!("schema_3.sql"),
     include_str!("schema_4.sql"),
     include_str!("schema_5.sql"),
+    include_str!("schema_6.sql"),
 ];
 /// Where a script stops for the phone numbers to be sealed ([`privacy`]), in the same
 /// transaction, before the rest of it runs.

@@ -79,7 +79,8 @@ use crate::sharded::KeyLocks;
 /// index, and grants; a version 3 release could not read those users. 5: no phone in
 /// the clear (user records of format 3, everything else keyed by the blind index), login
 /// activity (`useridtimeseq_activity`) and `delete_account` codes; a version 4 release
-/// would find no user.
+/// would find no user. 6: blind indexes of 16 bytes (22 characters, from 43), and a
+/// phone key rotation's state; a version 5 release would find no user.
 use super::layout::{META_NEXT_ID, META_SCHEMA, META_USERS, SCHEMA_VERSION};
 const META_FIRST_ID_OF_RUN: &[u8] = b"first_id_of_run";
 const META_CLOSED_CLEANLY: &[u8] = b"closed_cleanly";
@@ -428,8 +429,12 @@ impl SledStore {
         // 2 to 3 changes no record: the checkpoint is stored at every open (`recover`).
         // 3 to 4 neither: format-1 user records read as users without an avatar.
         // 4 to 5: the phone numbers are sealed (the activity tree starts empty).
-        if found >= 1 {
+        if (1..5).contains(&found) {
             self.seal_plain_records()?;
+        }
+        // 5 to 6: shorter blind indexes (a store sealed just now has them already).
+        if found == 5 {
+            self.shorten_indexes()?;
         }
         self.meta
             .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;

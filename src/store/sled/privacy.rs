@@ -200,6 +200,57 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// Schema 5 to 6: the blind indexes shortened to their first 16 bytes
+    /// ([`PhoneIndex`]), which needs no key. Each record is written under its new key
+    /// before the old one goes, and only long keys are touched, so a run cut short is
+    /// finished by the next.
+    pub(super) fn shorten_indexes(&self) -> Result<()> {
+        let started = Instant::now();
+        let mut moved = 0u64;
+        let short = |k: &[u8]| {
+            std::str::from_utf8(k)
+                .ok()
+                .filter(|k| PhoneIndex::is_long(k))
+                .and_then(PhoneIndex::parse)
+        };
+        let mut put_if_absent = |tree: &sled::Tree, old: &[u8], new: Vec<u8>, v: &[u8]| {
+            let _ = tree.compare_and_swap(new, None as Option<&[u8]>, Some(v))?;
+            tree.remove(old)?;
+            moved += 1;
+            Ok::<_, StoreError>(())
+        };
+        for kv in self.phones.iter() {
+            let (k, id) = kv?;
+            if let Some(index) = short(&k) {
+                put_if_absent(&self.phones, &k, index.as_str().as_bytes().to_vec(), &id)?;
+            }
+        }
+        for kv in self.codes.iter() {
+            let (k, v) = kv?;
+            if let Some((phone, purpose)) = parse_code_key(&k)
+                && let Some(index) = short(phone.as_bytes())
+            {
+                put_if_absent(&self.codes, &k, code_key(&index, purpose), &v)?;
+            }
+        }
+        for kv in self.counters.iter() {
+            let (k, v) = kv?;
+            if let Some((counter, window, subject)) = parse_counter_key(&k)
+                && let Some(index) = short(subject.as_bytes())
+            {
+                put_if_absent(&self.counters, &k, counter_key(counter, window, index.as_str()), &v)?;
+            }
+        }
+        tracing::info!(
+            records = moved,
+            took_ms = started.elapsed().as_millis() as u64,
+            "store migrated to schema 6: shorter phone indexes"
+        );
+        Ok(())
+    }
+}
+
 /// A phone in the clear, as an earlier release keyed records by: E.164 starts with `+`,
 /// which a blind index (base64url) never holds.
 fn plain_phone(key: &[u8]) -> Option<&str> {
