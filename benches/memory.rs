@@ -135,6 +135,7 @@ fn create_users(store: &Store, n: usize) -> Vec<u64> {
             }];
             let new = NewUser {
                 phone: &p,
+                other: None,
                 index: store.phones.index(&p),
                 nickname: "bench".into(),
                 created_at: 1,

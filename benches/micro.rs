@@ -133,6 +133,7 @@ fn tokens_and_users(c: &mut Criterion) {
         block_on(store.create_user_if_absent(
             NewUser {
                 phone: p.as_str(),
+                other: None,
                 index: store.vault().index(p.as_str()),
                 nickname: "bench".into(),
                 created_at: 1,

@@ -17,6 +17,7 @@ use crate::phone::PhoneParser;
 use crate::sessions::LoginSessions;
 use crate::signing::SigningKeys;
 use crate::sms::Sms;
+use crate::rotation::Rotation;
 use crate::store::Store;
 use crate::token::Tokens;
 use crate::wechat::Wechat;
@@ -37,6 +38,8 @@ pub struct App {
     /// None when `wechat.enabled` is off.
     pub wechat: Option<Wechat>,
     pub metrics: Metrics,
+    /// This instance's part in rotations of the phone key.
+    pub rotation: Arc<Rotation>,
 }
 
 impl App {
@@ -75,7 +78,18 @@ impl App {
         let limits = Limits::new(&cfg.limits, store.counters.clone(), store.addresses.clone());
         let wechat = Wechat::from_config(&cfg.wechat, store.grants.clone())?;
         let metrics = Metrics::new(Some(&*store.engine));
+        let (key_file, own_key_file) = crate::store::phone_key_path(&cfg);
+        let rotation = Arc::new(Rotation::new(
+            store.rotations.clone(),
+            store.phones.clone(),
+            cfg.code.ttl_secs,
+            key_file,
+            own_key_file,
+        ));
+        // Said before serving, so a rotation running elsewhere waits for this instance.
+        let _ = rotation.tick().await;
         Ok(Arc::new(App {
+            rotation,
             store,
             phones,
             codes,

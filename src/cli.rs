@@ -96,6 +96,15 @@ pub enum KeysCommand {
     /// A new token signing key signs from now on; the old one goes on verifying until the
     /// last token it signed has expired (it stays in the JWKS until then).
     RotateTokenKey,
+    /// Re-seal and re-index every stored phone number under the phone key in FILE, while
+    /// the server runs (on every instance of a cluster, which must all read FILE at the
+    /// same path). Follows the rotation until it is done; the old key may be destroyed
+    /// only then. Resumable: run it again to follow it after an interruption.
+    RotatePhoneKey {
+        /// The new phone key: 32 random bytes, raw or base64, as privacy.phone_key_file.
+        #[arg(long, value_name = "FILE")]
+        new_key_file: std::path::PathBuf,
+    },
 }
 
 /// `smsauth user ...`. PHONE takes any form the API accepts (`13812345678`, `+86 138...`).

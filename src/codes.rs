@@ -84,7 +84,15 @@ impl Codes {
         if interval == 0 {
             return Ok(Ok(()));
         }
-        self.waits.reserve_send(&phone.index, now(), interval).await
+        let now = now();
+        if let Some(other) = &phone.other {
+            // A wait started under the rotation's other key still holds.
+            if let Err(wait) = self.waits.reserve_send(other, now, interval).await? {
+                return Ok(Err(wait));
+            }
+            self.waits.release_send(other).await?;
+        }
+        self.waits.reserve_send(&phone.index, now, interval).await
     }
 
     /// Gives back a reservation whose send failed: a failed send costs the user no wait.
@@ -125,10 +133,18 @@ impl Codes {
     ) -> Result<(), CodeError> {
         let presented = self.hash(phone, purpose, code);
         let now = now();
-        let checked = self
+        let mut checked = self
             .store
             .check_code(&phone.index, purpose, presented, self.cfg.max_attempts, now)
             .await?;
+        if let (CodeCheck::Invalid, Some(other)) = (&checked, &phone.other) {
+            // Sent under the rotation's other key (before the switch, or by an instance on
+            // the other side of it): codes are not moved, they expire.
+            checked = self
+                .store
+                .check_code(other, purpose, presented, self.cfg.max_attempts, now)
+                .await?;
+        }
         match checked {
             CodeCheck::Used => Ok(()),
             CodeCheck::Invalid => Err(CodeError::Invalid),

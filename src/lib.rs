@@ -31,6 +31,7 @@ pub mod model;
 pub mod password;
 pub mod phone;
 pub mod privacy;
+pub mod rotation;
 pub mod server;
 pub mod sessions;
 pub mod sharded;

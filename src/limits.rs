@@ -103,9 +103,22 @@ impl Limits {
         let day = window(Counter::SendsPerDay, now);
         let retry_after = secs_left(Counter::SendsPerDay, now);
         let p = phone.index.as_str();
+        let mut limit = self.cfg.phone_per_day;
+        if let (Some(other), true) = (&phone.other, limit > 0) {
+            // While the phone key rotates, today's sends counted under the other key
+            // count too.
+            let before = self
+                .counters
+                .count(Counter::PhoneSendsPerDay, day, other.as_str())
+                .await?;
+            if before >= limit {
+                return Err(Limited::PhoneDaily { retry_after });
+            }
+            limit -= before;
+        }
         if self
             .counters
-            .count_up(Counter::PhoneSendsPerDay, day, p, self.cfg.phone_per_day)
+            .count_up(Counter::PhoneSendsPerDay, day, p, limit)
             .await?
             .is_err()
         {
@@ -148,12 +161,14 @@ impl Limits {
         }
         let now = now();
         let hour = window(Counter::PhoneFailuresPerHour, now);
-        if self
-            .counters
-            .count(Counter::PhoneFailuresPerHour, hour, phone.index.as_str())
-            .await?
-            >= limit
-        {
+        let mut failures = 0;
+        for index in std::iter::once(&phone.index).chain(&phone.other) {
+            failures += self
+                .counters
+                .count(Counter::PhoneFailuresPerHour, hour, index.as_str())
+                .await?;
+        }
+        if failures >= limit {
             return Err(Limited::LockedOut {
                 retry_after: secs_left(Counter::PhoneFailuresPerHour, now),
             });

@@ -43,6 +43,9 @@ fn main() -> ExitCode {
         Command::Keys {
             action: KeysCommand::RotateTokenKey,
         } => runtime.block_on(command::rotate_token_key(&cfg)),
+        Command::Keys {
+            action: KeysCommand::RotatePhoneKey { new_key_file },
+        } => runtime.block_on(command::rotate_phone_key(&cfg, &new_key_file)),
         Command::Backup { file, include_keys } => {
             runtime.block_on(command::backup(&cfg, &file, include_keys))
         }

@@ -27,17 +27,27 @@ impl Phone {
 }
 
 /// A phone number with its blind index ([`crate::privacy`]): what every record of the
-/// phone is found by. Made once per request, so the index costs one HMAC.
+/// phone is found by. Made once per request, so the index costs one HMAC (two while the
+/// phone key rotates).
 #[derive(Debug, Clone)]
 pub struct IndexedPhone {
     pub phone: Phone,
+    /// Under the current key: what new records are keyed by.
     pub index: PhoneIndex,
+    /// Under a rotation's other key, while one runs ([`crate::rotation`]): records not
+    /// moved yet, those of short life (codes, waits, counters) that are never moved, and
+    /// those another instance made with the new key, are found by it too.
+    pub other: Option<PhoneIndex>,
 }
 
 impl IndexedPhone {
     pub fn new(phone: Phone, vault: &PhoneVault) -> IndexedPhone {
-        let index = vault.index(phone.as_str());
-        IndexedPhone { phone, index }
+        let (index, other) = vault.indexes(phone.as_str());
+        IndexedPhone {
+            phone,
+            index,
+            other,
+        }
     }
 }
 

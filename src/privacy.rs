@@ -223,16 +223,29 @@ pub fn sealed_key_id(sealed: &[u8]) -> Option<KeyId> {
     }
 }
 
-/// The phone key of a running store, shared by its engine and the modules that look
-/// phones up. Every sealed number names the key that sealed it, so a later release can
-/// hold a second key while it re-seals (a rotation) without a new record format.
+/// The phone keys of a running store, shared by its engine and the modules that look
+/// phones up: one key, or two while a rotation ([`crate::rotation`]) runs. Every sealed
+/// number names the key that sealed it, so either opens, and a phone is found under
+/// either index; seals and new index entries use the current key only.
 pub struct PhoneVault {
-    key: PhoneKey,
+    // Read on every index, seal and open; written twice per rotation. An uncontended read
+    // of a std RwLock is one atomic operation.
+    keys: std::sync::RwLock<Keys>,
+}
+
+struct Keys {
+    current: std::sync::Arc<PhoneKey>,
+    other: Option<std::sync::Arc<PhoneKey>>,
 }
 
 impl PhoneVault {
     pub fn new(key: PhoneKey) -> std::sync::Arc<PhoneVault> {
-        std::sync::Arc::new(PhoneVault { key })
+        std::sync::Arc::new(PhoneVault {
+            keys: std::sync::RwLock::new(Keys {
+                current: std::sync::Arc::new(key),
+                other: None,
+            }),
+        })
     }
 
     /// A vault for a test or a tool that needs any key: a fresh random one.
@@ -240,29 +253,90 @@ impl PhoneVault {
         Self::new(PhoneKey::new(&PhoneKey::generate()))
     }
 
-    pub fn key(&self) -> &PhoneKey {
-        &self.key
+    fn keys(&self) -> std::sync::RwLockReadGuard<'_, Keys> {
+        self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The blind index of `e164`.
+    /// The id of the key that seals and indexes from now on.
+    pub fn key_id(&self) -> KeyId {
+        self.keys().current.id
+    }
+
+    /// The id of a rotation's other key, while one runs.
+    pub fn other_key_id(&self) -> Option<KeyId> {
+        self.keys().other.as_ref().map(|k| k.id)
+    }
+
+    /// The blind index of `e164` under the current key.
     pub fn index(&self, e164: &str) -> PhoneIndex {
-        self.key.index(e164)
+        self.keys().current.index(e164)
+    }
+
+    /// The blind index of `e164` under the current key, and under the other one while a
+    /// rotation runs: a record not moved yet is found by the second.
+    pub fn indexes(&self, e164: &str) -> (PhoneIndex, Option<PhoneIndex>) {
+        let keys = self.keys();
+        (
+            keys.current.index(e164),
+            keys.other.as_ref().map(|k| k.index(e164)),
+        )
     }
 
     pub fn seal(&self, e164: &str, aad: &[u8]) -> Vec<u8> {
-        self.key.seal(e164, aad)
+        self.keys().current.seal(e164, aad)
     }
 
-    /// Opens a sealed number; one sealed with another key is refused, naming that key.
+    /// Opens a sealed number; one sealed with a key the vault does not hold is refused,
+    /// naming that key.
     pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<String, StoreError> {
         let id = sealed_key_id(sealed)
             .ok_or_else(|| StoreError::Corrupt("not a sealed phone number".into()))?;
-        if id != self.key.id {
-            return Err(StoreError::Corrupt(format!(
-                "a phone number is sealed with phone key {id}, which is not configured"
-            )));
-        }
-        self.key.open(&sealed[1 + KEY_ID_BYTES..], aad)
+        let key = {
+            let keys = self.keys();
+            if keys.current.id == id {
+                keys.current.clone()
+            } else if let Some(other) = keys.other.as_ref().filter(|k| k.id == id) {
+                other.clone()
+            } else {
+                return Err(StoreError::Corrupt(format!(
+                    "a phone number is sealed with phone key {id}, which is not configured"
+                )));
+            }
+        };
+        key.open(&sealed[1 + KEY_ID_BYTES..], aad)
+    }
+
+    /// The key that seals and indexes now.
+    pub fn current(&self) -> std::sync::Arc<PhoneKey> {
+        self.keys().current.clone()
+    }
+
+    /// The key of id `id`, if the vault holds it.
+    pub fn key(&self, id: KeyId) -> Option<std::sync::Arc<PhoneKey>> {
+        let keys = self.keys();
+        std::iter::once(&keys.current)
+            .chain(&keys.other)
+            .find(|k| k.id == id)
+            .cloned()
+    }
+
+    /// From now on `current` seals and indexes, and `other` (a rotation's other key) only
+    /// opens and finds.
+    pub fn set_arcs(
+        &self,
+        current: std::sync::Arc<PhoneKey>,
+        other: Option<std::sync::Arc<PhoneKey>>,
+    ) {
+        let mut keys = self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        keys.current = current;
+        keys.other = other;
+    }
+
+    pub fn set_keys(&self, current: PhoneKey, other: Option<PhoneKey>) {
+        self.set_arcs(
+            std::sync::Arc::new(current),
+            other.map(std::sync::Arc::new),
+        );
     }
 }
 
@@ -346,9 +420,36 @@ mod tests {
         // Another key: refused, naming the key id.
         let other = PhoneVault::random();
         let err = other.open(&sealed, &user_aad(7)).unwrap_err().to_string();
-        assert!(err.contains(&vault.key().id().hex()), "{err}");
+        assert!(err.contains(&vault.key_id().hex()), "{err}");
         // Every seal has its own nonce.
         assert_ne!(sealed, vault.seal("+8613812345678", &user_aad(7)));
+    }
+
+    #[test]
+    fn during_a_rotation_both_keys_open_and_the_new_one_seals() {
+        let vault = PhoneVault::random();
+        let old_id = vault.key_id();
+        let (old_index, none) = vault.indexes("+8613812345678");
+        assert!(none.is_none());
+        let sealed_old = vault.seal("+8613812345678", &user_aad(7));
+        let old = vault.current();
+        vault.set_arcs(
+            std::sync::Arc::new(PhoneKey::new(&PhoneKey::generate())),
+            Some(old),
+        );
+        assert_eq!(vault.other_key_id(), Some(old_id));
+        let (new_index, other) = vault.indexes("+8613812345678");
+        assert_eq!(other, Some(old_index));
+        assert_ne!(new_index, old_index);
+        let sealed_new = vault.seal("+8613812345678", &user_aad(7));
+        assert_eq!(sealed_key_id(&sealed_new), Some(vault.key_id()));
+        for sealed in [&sealed_old, &sealed_new] {
+            assert_eq!(vault.open(sealed, &user_aad(7)).unwrap(), "+8613812345678");
+        }
+        vault.set_arcs(vault.current(), None);
+        assert!(vault.open(&sealed_old, &user_aad(7)).is_err());
+        assert_eq!(vault.open(&sealed_new, &user_aad(7)).unwrap(), "+8613812345678");
+        assert_eq!(vault.indexes("+8613812345678"), (new_index, None));
     }
 
     #[test]

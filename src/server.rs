@@ -85,6 +85,7 @@ impl Server {
             })
         };
         let (stop_admin, stopping) = tokio::sync::watch::channel(false);
+        let rotation = tokio::spawn(app.rotation.clone().run(stopping.clone()));
         let admin = admin.map(|a| tokio::spawn(admin_socket::serve(app.clone(), a, stopping)));
         let shutdown = async {
             shutdown.await;
@@ -94,6 +95,7 @@ impl Server {
         if let Some(admin) = admin {
             let _ = admin.await; // it removes the socket file
         }
+        let _ = rotation.await; // it takes this instance off the list
         keeper.abort();
         app.limits
             .close()

@@ -241,6 +241,7 @@ fn commands_honour_config_and_refuse_a_missing_data_dir() {
         futures::executor::block_on(store.create_user_if_absent(
             NewUser {
                 phone: "+8613812347001",
+                other: None,
                 index: store.vault().index("+8613812347001"),
                 nickname: "x".into(),
                 created_at: 0,

@@ -44,6 +44,7 @@ fn fill(data: &Path) {
         let (user, created) = block_on(store.create_user_if_absent(
             NewUser {
                 phone: &p,
+                other: None,
                 index: store.vault().index(&p),
                 nickname: format!("user {i}"),
                 created_at: 1_700_000_000 + i as i64,

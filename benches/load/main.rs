@@ -758,6 +758,7 @@ fn bench_user(series: u32, i: u64, password_phc: Option<&str>) -> (String, Vec<L
 fn new_user<'a>(phone: &'a str, vault: &PhoneVault) -> NewUser<'a> {
     NewUser {
         phone,
+        other: None,
         index: vault.index(phone),
         nickname: "bench".into(),
         created_at: smsauth::clock::now(),

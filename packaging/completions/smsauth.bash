@@ -91,6 +91,9 @@ _smsauth() {
             smsauth__subcmd__help__subcmd__config,check)
                 cmd="smsauth__subcmd__help__subcmd__config__subcmd__check"
                 ;;
+            smsauth__subcmd__help__subcmd__keys,rotate-phone-key)
+                cmd="smsauth__subcmd__help__subcmd__keys__subcmd__rotate__subcmd__phone__subcmd__key"
+                ;;
             smsauth__subcmd__help__subcmd__keys,rotate-token-key)
                 cmd="smsauth__subcmd__help__subcmd__keys__subcmd__rotate__subcmd__token__subcmd__key"
                 ;;
@@ -115,11 +118,17 @@ _smsauth() {
             smsauth__subcmd__keys,help)
                 cmd="smsauth__subcmd__keys__subcmd__help"
                 ;;
+            smsauth__subcmd__keys,rotate-phone-key)
+                cmd="smsauth__subcmd__keys__subcmd__rotate__subcmd__phone__subcmd__key"
+                ;;
             smsauth__subcmd__keys,rotate-token-key)
                 cmd="smsauth__subcmd__keys__subcmd__rotate__subcmd__token__subcmd__key"
                 ;;
             smsauth__subcmd__keys__subcmd__help,help)
                 cmd="smsauth__subcmd__keys__subcmd__help__subcmd__help"
+                ;;
+            smsauth__subcmd__keys__subcmd__help,rotate-phone-key)
+                cmd="smsauth__subcmd__keys__subcmd__help__subcmd__rotate__subcmd__phone__subcmd__key"
                 ;;
             smsauth__subcmd__keys__subcmd__help,rotate-token-key)
                 cmd="smsauth__subcmd__keys__subcmd__help__subcmd__rotate__subcmd__token__subcmd__key"
@@ -389,8 +398,22 @@ _smsauth() {
             return 0
             ;;
         smsauth__subcmd__help__subcmd__keys)
-            opts="rotate-token-key"
+            opts="rotate-token-key rotate-phone-key"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        smsauth__subcmd__help__subcmd__keys__subcmd__rotate__subcmd__phone__subcmd__key)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -571,7 +594,7 @@ _smsauth() {
             return 0
             ;;
         smsauth__subcmd__keys)
-            opts="-h --config --help rotate-token-key help"
+            opts="-h --config --help rotate-token-key rotate-phone-key help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -589,7 +612,7 @@ _smsauth() {
             return 0
             ;;
         smsauth__subcmd__keys__subcmd__help)
-            opts="rotate-token-key help"
+            opts="rotate-token-key rotate-phone-key help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -616,6 +639,20 @@ _smsauth() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        smsauth__subcmd__keys__subcmd__help__subcmd__rotate__subcmd__phone__subcmd__key)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         smsauth__subcmd__keys__subcmd__help__subcmd__rotate__subcmd__token__subcmd__key)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
@@ -623,6 +660,28 @@ _smsauth() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        smsauth__subcmd__keys__subcmd__rotate__subcmd__phone__subcmd__key)
+            opts="-h --new-key-file --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --new-key-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

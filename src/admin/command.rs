@@ -11,6 +11,7 @@ use super::{AdminError, Op, backup};
 use crate::clock::rfc3339;
 use crate::config::{Config, StorageEngine};
 use crate::phone::PhoneParser;
+use crate::rotation::{Phase, Rotation, RotationState};
 use crate::store::{SledStore, Store, StoreError};
 
 /// Why a command failed; the message is for the operator, the exit status for scripts.
@@ -155,10 +156,120 @@ pub async fn rotate_token_key(cfg: &Config) -> Result<String, CommandError> {
     ))
 }
 
+/// `smsauth keys rotate-phone-key --new-key-file FILE`: starts a rotation to the key in
+/// FILE (or finds the one to it running) and follows it until it is done, a line per
+/// step. Cut short (Ctrl-C), the rotation goes on in the running server or instances, and
+/// a second run follows it again; with no server running, this process does the work.
+pub async fn rotate_phone_key(cfg: &Config, file: &Path) -> Result<String, CommandError> {
+    let (key_file, own_key_file) = crate::store::phone_key_path(cfg);
+    let mut said = None;
+    let mut say = |state: &RotationState, behind: &[String]| {
+        let mut line = progress(state);
+        if !behind.is_empty() {
+            line.push_str(&format!(" (waiting for {})", behind.join(", ")));
+        }
+        if said.as_ref() != Some(&line) {
+            println!("{line}");
+            said = Some(line);
+        }
+    };
+    let done = match open(cfg).await? {
+        Target::Direct(store) => {
+            let rotation = Rotation::new(
+                store.rotations.clone(),
+                store.phones.clone(),
+                cfg.code.ttl_secs,
+                key_file,
+                own_key_file,
+            );
+            let begun = rotation
+                .begin(file)
+                .await
+                .map_err(|e| fail(format!("cannot rotate the phone key: {e}")))?;
+            say(&begun, &[]);
+            let done = loop {
+                match rotation.tick().await {
+                    Ok(Some(state)) if !state.running() => break state,
+                    Ok(Some(state)) => say(&state, &rotation.waiting_for(&state).await),
+                    Ok(None) => return Err(fail("the rotation's record is gone from the store")),
+                    Err(e) => println!("waiting: {e}"),
+                }
+                tokio::time::sleep(crate::rotation::POLL).await;
+            };
+            rotation.leave().await;
+            store
+                .engine
+                .flush()
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            drop(store);
+            keep_owner(&cfg.storage.data_dir);
+            done
+        }
+        Target::Server(sock) => {
+            let begun = socket::request_rotate_phone_key(&sock, file)
+                .await
+                .map_err(|e| remote(cfg, e))?;
+            say(&begun, &[]);
+            loop {
+                match socket::request_phone_key_rotation(&sock)
+                    .await
+                    .map_err(|e| remote(cfg, e))?
+                {
+                    Some(state) if !state.running() => break state,
+                    Some(state) => say(&state, &[]),
+                    None => return Err(fail("the rotation's record is gone from the store")),
+                }
+                tokio::time::sleep(crate::rotation::POLL).await;
+            }
+        }
+    };
+    let after = if own_key_file {
+        format!(
+            "{} now holds the new key; the old key is gone.",
+            cfg.storage.data_dir.join(crate::privacy::DEFAULT_KEY_FILE).display()
+        )
+    } else {
+        format!(
+            "privacy.phone_key_file still names the old key: point it at {} on every \
+             instance (until then they read the new key from there), then destroy the old key.",
+            done.to_key_file
+        )
+    };
+    Ok(format!(
+        "phone key rotation done: {} users moved, every record is sealed with phone key {}.\n{after}\n",
+        done.moved, done.to
+    ))
+}
+
+fn progress(state: &RotationState) -> String {
+    match state.phase {
+        Phase::Loading => format!(
+            "rotating the phone key {} -> {}: waiting for every instance to load the new key",
+            state.from, state.to
+        ),
+        Phase::Moving => format!(
+            "rotating the phone key {} -> {}: {} users moved (up to id {})",
+            state.from, state.to, state.moved, state.cursor
+        ),
+        Phase::Done => format!("phone key {} is the store's key", state.to),
+    }
+}
+
+/// Why a backup is refused while the phone key rotates.
+pub const ROTATING: &str = "a phone key rotation is running: the store is sealed with two keys \
+     until it is done, and a backup names one; back up when `smsauth keys rotate-phone-key` \
+     reports it done";
+
 /// `smsauth backup FILE [--include-keys]`.
 pub async fn backup(cfg: &Config, file: &Path, include_keys: bool) -> Result<String, CommandError> {
     let (snapshot, keys, via) = match open(cfg).await? {
         Target::Direct(store) => {
+            if let Some(state) = store.rotations.rotation().await.map_err(|e| fail(e.to_string()))?
+                && state.running()
+            {
+                return Err(fail(ROTATING));
+            }
             let keys = store
                 .keys
                 .export_keys()
@@ -298,7 +409,7 @@ async fn restore_shared(cfg: &Config, file: &Path) -> Result<String, CommandErro
         "privacy.phone_key_file ({})",
         cfg.privacy.phone_key_file.display()
     );
-    backup::check_phone_key(&parsed, store.phones.key().id(), &source)?;
+    backup::check_phone_key(&parsed, store.phones.key_id(), &source)?;
     let users = store
         .users
         .user_count()

@@ -153,10 +153,10 @@ pub async fn execute(store: &Store, phones: &PhoneParser, op: &Op) -> Result<Ans
     let phone = phones
         .parse(input)
         .ok_or_else(|| AdminError::InvalidPhone(input.to_owned()))?;
-    let index = store.phones.index(phone.as_str());
+    let phone = crate::phone::IndexedPhone::new(phone, &store.phones);
     let user = store
         .users
-        .user_by_phone(&index)
+        .find_by_phone(&phone)
         .await?
         .ok_or_else(|| AdminError::NoSuchUser(phone.to_string()))?;
     let set_disabled = async |to: bool| -> Result<Answer, AdminError> {

@@ -11,6 +11,8 @@
 //! | `POST /v1/op` | an [`Op`] as JSON | 200 [`Answer`] JSON; 400/404/500 `{"error","message"}` |
 //! | `GET /v1/snapshot` | | 200 the store's records in the backup record format |
 //! | `POST /v1/keys/rotate-token-key` | | 200 [`Rotated`] JSON; 500 `{"error","message"}` |
+//! | `POST /v1/keys/rotate-phone-key` | `{"new_key_file": path}` | 200 the rotation's state; 409/400 `{"error","message"}` |
+//! | `GET /v1/keys/phone-key-rotation` | | 200 the rotation's state, or `null` |
 //!
 //! Access is the file's: only the server's user (and root) may connect. Answers never
 //! carry a secret: no key, no password hash in `show`; a snapshot carries the store's
@@ -141,6 +143,11 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<AdminResp, Infa
         (&Method::POST, "/v1/op") => op(&app, body).await,
         (&Method::GET, "/v1/snapshot") => snapshot(&app).await,
         (&Method::POST, "/v1/keys/rotate-token-key") => rotate_token_key(&app).await,
+        (&Method::POST, "/v1/keys/rotate-phone-key") => rotate_phone_key(&app, body).await,
+        (&Method::GET, "/v1/keys/phone-key-rotation") => match app.store.rotations.rotation().await {
+            Ok(state) => json(StatusCode::OK, &state),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string()),
+        },
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin request"),
     };
     Ok(resp)
@@ -211,7 +218,48 @@ async fn rotate_token_key(app: &App) -> AdminResp {
     }
 }
 
+/// The body of `POST /v1/keys/rotate-phone-key`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct RotatePhoneKey {
+    pub new_key_file: PathBuf,
+}
+
+async fn rotate_phone_key(app: &App, body: Incoming) -> AdminResp {
+    let asked: RotatePhoneKey = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
+        Ok(b) => match serde_json::from_slice(&b.to_bytes()) {
+            Ok(asked) => asked,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+        },
+        Err(_) => return error(StatusCode::BAD_REQUEST, "invalid_request", "unreadable body"),
+    };
+    use crate::rotation::BeginError;
+    match app.rotation.begin(&asked.new_key_file).await {
+        Ok(state) => {
+            tracing::info!(to = %state.to, "admin action: phone key rotation");
+            // Moved on now rather than at the next poll.
+            match app.rotation.tick().await {
+                Ok(Some(now)) => json(StatusCode::OK, &now),
+                _ => json(StatusCode::OK, &state),
+            }
+        }
+        Err(e @ (BeginError::Key(_) | BeginError::Same)) => {
+            error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string())
+        }
+        Err(e @ BeginError::Busy(_)) => error(StatusCode::CONFLICT, "conflict", &e.to_string()),
+        Err(BeginError::Store(e)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string())
+        }
+    }
+}
+
 async fn snapshot(app: &Arc<App>) -> AdminResp {
+    match app.store.rotations.rotation().await {
+        Ok(Some(state)) if state.running() => {
+            return error(StatusCode::CONFLICT, "conflict", super::command::ROTATING);
+        }
+        Ok(_) => {}
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string()),
+    }
     let store = app.store.clone();
     let taken =
         tokio::task::spawn_blocking(move || super::backup::snapshot_records(&*store.snapshots))
@@ -294,6 +342,28 @@ pub async fn request_rotate_token_key(socket: &Path) -> Result<Rotated, ClientEr
         Vec::new(),
     )
     .await?;
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// Has the server behind `socket` start a rotation of the phone key to `new_key_file`.
+pub async fn request_rotate_phone_key(
+    socket: &Path,
+    new_key_file: &Path,
+) -> Result<crate::rotation::RotationState, ClientError> {
+    let absolute = std::path::absolute(new_key_file).unwrap_or_else(|_| new_key_file.to_owned());
+    let body = serde_json::to_vec(&RotatePhoneKey {
+        new_key_file: absolute,
+    })
+    .expect("serializes");
+    let bytes = request(socket, Method::POST, "/v1/keys/rotate-phone-key", body).await?;
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// The phone key rotation of the server behind `socket`, as it stands.
+pub async fn request_phone_key_rotation(
+    socket: &Path,
+) -> Result<Option<crate::rotation::RotationState>, ClientError> {
+    let bytes = request(socket, Method::GET, "/v1/keys/phone-key-rotation", Vec::new()).await?;
     serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
 }
 

@@ -40,6 +40,7 @@ use crate::model::{
     ActivityEvent, Counter, LoginMethod, Method, PendingCode, Purpose, User, UserId,
 };
 pub use crate::privacy::{PhoneIndex, PhoneVault};
+pub use crate::rotation::{Phase, RotationState};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -102,6 +103,9 @@ pub struct NewUser<'a> {
     /// E.164: the store keeps it sealed, and finds it by `index`.
     pub phone: &'a str,
     pub index: PhoneIndex,
+    /// While the phone key rotates: the index under the rotation's other key. The
+    /// account it finds, if any, is the phone's (the create logs in to it instead).
+    pub other: Option<PhoneIndex>,
     pub nickname: String,
     pub created_at: i64,
     pub last_login_at: Option<i64>,
@@ -151,10 +155,41 @@ impl UserChange {
 /// Accounts and their login methods.
 pub trait Users: Send + Sync {
     fn user(&self, id: UserId) -> BoxFuture<'_, Result<Option<User>>>;
-    /// The account of the phone whose blind index is `phone`.
+    /// The account whose phone index entry is `phone`. A request looks a phone up with
+    /// [`Users::find_by_phone`], which also finds an account a key rotation has not moved.
     fn user_by_phone<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<Option<User>>>;
-    /// Whether the phone has an account: one read of the phone index, not of the user.
+    /// Whether the phone index has an entry: one read, not of the user.
     fn has_user<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<bool>>;
+    /// The phone's account, under either index while the phone key rotates. The other
+    /// index is read first: a rotation writes an account's new entry before it removes
+    /// the old one, so a miss there means the new one is in place.
+    fn find_by_phone<'a>(
+        &'a self,
+        phone: &'a crate::phone::IndexedPhone,
+    ) -> BoxFuture<'a, Result<Option<User>>> {
+        Box::pin(async move {
+            if let Some(other) = &phone.other
+                && let Some(user) = self.user_by_phone(other).await?
+            {
+                return Ok(Some(user));
+            }
+            self.user_by_phone(&phone.index).await
+        })
+    }
+    /// Whether the phone has an account, as [`Users::find_by_phone`] finds it.
+    fn phone_has_user<'a>(
+        &'a self,
+        phone: &'a crate::phone::IndexedPhone,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            if let Some(other) = &phone.other
+                && self.has_user(other).await?
+            {
+                return Ok(true);
+            }
+            self.has_user(&phone.index).await
+        })
+    }
     /// Creates the user unless the phone already has one, atomically: of racing calls
     /// for one phone (on any instance) exactly one creates. Returns the user and whether
     /// it was created.
@@ -611,6 +646,40 @@ pub trait Keys: Send + Sync {
     fn export_keys(&self) -> BoxFuture<'_, Result<Vec<NamedKey>>>;
 }
 
+/// What a rotation of the phone key keeps in the store ([`crate::rotation`]).
+pub trait PhoneRotations: Send + Sync {
+    /// The rotation recorded, running or done; None if there never was one.
+    fn rotation(&self) -> BoxFuture<'_, Result<Option<RotationState>>>;
+    /// Stores `new` if the recorded state is still `expected`; false if another
+    /// participant changed it first. A state that is done also records the store as
+    /// sealed with its key, in the same write.
+    fn swap_rotation<'a>(
+        &'a self,
+        expected: Option<&'a RotationState>,
+        new: &'a RotationState,
+    ) -> BoxFuture<'a, Result<bool>>;
+    /// Moves up to `limit` users, from id `from` on, to the vault's current key: the
+    /// phone re-sealed and the index entry re-keyed, each as one atomic change that a
+    /// second run leaves as it is. Returns the id to go on from (None past the last user)
+    /// and how many were moved.
+    fn move_users(&self, from: UserId, limit: usize) -> BoxFuture<'_, Result<(Option<UserId>, u64)>>;
+    /// The lowest id of a user not sealed with the vault's current key, if any.
+    fn first_unmoved(&self) -> BoxFuture<'_, Result<Option<UserId>>>;
+    /// Records which rotation phase `instance` holds the keys for (None: no rotation),
+    /// and that it is alive now.
+    fn report_phase<'a>(
+        &'a self,
+        instance: &'a str,
+        phase: Option<(&'a str, Phase)>,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// The live instances (heard from within [`crate::rotation::LIVE_SECS`]) that do not
+    /// report `phase` or a later one of the rotation to key `to`.
+    fn instances_behind<'a>(&'a self, to: &'a str, phase: Phase)
+    -> BoxFuture<'a, Result<Vec<String>>>;
+    /// Takes `instance` off the list (a clean stop).
+    fn leave<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<()>>;
+}
+
 /// The whole store as records, for `smsauth backup` and `restore`. Blocking: call from a
 /// blocking thread.
 pub trait Snapshots: Send + Sync {
@@ -654,6 +723,7 @@ pub struct Store {
     pub grants: Arc<dyn Grants>,
     pub keys: Arc<dyn Keys>,
     pub snapshots: Arc<dyn Snapshots>,
+    pub rotations: Arc<dyn PhoneRotations>,
     pub engine: Arc<dyn Engine>,
     /// The phone keys: what the store's phone-keyed records are found by
     /// ([`PhoneVault::index`]).
@@ -699,6 +769,7 @@ impl Store {
                     grants: pg.clone(),
                     keys: pg.clone(),
                     snapshots: pg.clone(),
+                    rotations: pg.clone(),
                     phones: pg.vault(),
                     engine: pg,
                 })
@@ -729,6 +800,7 @@ impl Store {
             grants: sled.clone(),
             keys: sled.clone(),
             snapshots: sled.clone(),
+            rotations: sled.clone(),
             phones: sled.vault(),
             engine: sled,
         })
@@ -738,6 +810,18 @@ impl Store {
 /// `privacy.phone_key_file`, if set.
 pub fn phone_key_file(cfg: &Config) -> Option<&std::path::Path> {
     Some(cfg.privacy.phone_key_file.as_path()).filter(|p| !p.as_os_str().is_empty())
+}
+
+/// The file the phone key is read from, and whether it is the sled data dir's own
+/// (`data_dir/phone.key`, made on first start) rather than a configured one.
+pub fn phone_key_path(cfg: &Config) -> (std::path::PathBuf, bool) {
+    match phone_key_file(cfg) {
+        Some(file) => (file.to_owned(), false),
+        None => (
+            cfg.storage.data_dir.join(crate::privacy::DEFAULT_KEY_FILE),
+            true,
+        ),
+    }
 }
 
 #[cfg(test)]

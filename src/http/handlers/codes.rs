@@ -41,7 +41,7 @@ pub async fn send_code(app: &App, req: Req) -> Result<Resp, ApiError> {
             return Err(ApiError::CaptchaInvalid);
         }
     }
-    let has_account = app.store.users.has_user(&phone.index).await?;
+    let has_account = app.store.users.phone_has_user(&phone).await?;
     if purpose == Purpose::Register && has_account {
         return Err(ApiError::PhoneTaken);
     }

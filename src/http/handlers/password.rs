@@ -62,6 +62,7 @@ pub async fn register(app: &App, req: Req) -> Result<Resp, ApiError> {
     let new = NewUser {
         phone: phone.as_str(),
         index: phone.index,
+        other: phone.other,
         nickname,
         created_at: now,
         last_login_at: Some(now),
@@ -92,7 +93,7 @@ pub async fn login(app: &App, req: Req) -> Result<Resp, ApiError> {
     let client = Client::of(&req);
     let body: LoginRequest = req.json(app).await?;
     let phone = parse_phone(app, &body.phone)?;
-    let user = app.store.users.user_by_phone(&phone.index).await?;
+    let user = app.store.users.find_by_phone(&phone).await?;
     let stored = match &user {
         Some(u) => app
             .store
@@ -182,7 +183,7 @@ pub async fn reset(app: &App, req: Req) -> Result<Resp, ApiError> {
     let user = app
         .store
         .users
-        .user_by_phone(&phone.index)
+        .find_by_phone(&phone)
         .await?
         .ok_or(ApiError::InvalidCode)?;
     let phc = app.passwords.hash(&body.new_password).await?;

@@ -186,6 +186,7 @@ pub async fn sms_login(app: &App, req: Req) -> Result<Resp, ApiError> {
     let new = NewUser {
         phone: phone.as_str(),
         index: phone.index,
+        other: phone.other,
         nickname: default_nickname(&phone, &app.cfg.phone.country_code),
         created_at: now,
         last_login_at: Some(now),

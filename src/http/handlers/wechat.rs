@@ -259,6 +259,7 @@ pub async fn bind(app: &App, req: Req) -> Result<Resp, ApiError> {
     let new = NewUser {
         phone: phone.as_str(),
         index: phone.index,
+        other: phone.other,
         // WeChat's nickname if it makes a valid one, else the usual masked number.
         nickname: nickname(&profile.nickname)
             .unwrap_or_else(|_| default_nickname(&phone, &app.cfg.phone.country_code)),

@@ -212,7 +212,7 @@ impl PgStore {
         put(
             layout::META,
             layout::META_PHONE_KEY.to_vec(),
-            self.vault.key().id().0.to_vec(),
+            self.vault.key_id().0.to_vec(),
         );
         tx.commit().await.map_err(classify)?;
         Ok(trees)

@@ -21,6 +21,7 @@ mod grants;
 mod limits;
 mod metrics;
 mod privacy;
+mod rotation;
 mod sessions;
 mod users;
 mod wechat;

@@ -92,7 +92,7 @@ impl PgStore {
     /// Records the phone key's id in a database that has none, and refuses a key that
     /// is not the one the database is sealed with.
     pub(super) async fn check_phone_key(&self, tx: &Transaction<'_>) -> Result<()> {
-        let ours = self.vault.key().id();
+        let ours = self.vault.key_id();
         let row = tx
             .query_one("SELECT phone_key_id FROM smsauth_schema", &[])
             .await
@@ -103,6 +103,28 @@ impl PgStore {
             .await
             .map_err(classify)?
             .get(0);
+        let rotation = match tx
+            .query_opt("SELECT state FROM phone_key_rotation", &[])
+            .await
+            .map_err(classify)?
+        {
+            Some(row) => Some(crate::rotation::RotationState::decode(
+                row.get::<_, &str>(0).as_bytes(),
+            )?),
+            None => None,
+        };
+        if let (Some(stored), Some(rotation), false) = (stored, &rotation, empty) {
+            // A rotation decides which keys are needed (see `crate::rotation`).
+            let stored = KeyId::from_bytes(stored)
+                .ok_or_else(|| StoreError::Corrupt("smsauth_schema.phone_key_id".into()))?;
+            return crate::rotation::settle_vault(&self.vault, Some(stored), Some(rotation));
+        }
+        if rotation.is_some() && empty {
+            // Nothing is sealed: a rotation recorded before the last account went is moot.
+            tx.execute("DELETE FROM phone_key_rotation", &[])
+                .await
+                .map_err(classify)?;
+        }
         // A database with no account has nothing sealed yet: it takes the key it is given
         // (say, after a restore that was refused for the wrong key).
         match stored.filter(|_| !empty) {

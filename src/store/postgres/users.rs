@@ -89,8 +89,16 @@ fn method_arrays(methods: &[LoginMethod]) -> (Vec<i16>, Vec<String>, Vec<Option<
 
 impl PgStore {
     /// The user of a phone that an insert found taken.
-    async fn existing(&self, phone: &PhoneIndex) -> Result<User> {
-        self.user_by_phone(phone).await?.ok_or_else(|| {
+    /// The account a create found in its way: under `index`, or under `other` while the
+    /// phone key rotates. The other is read first, as
+    /// [`crate::store::Users::find_by_phone`] does.
+    async fn existing(&self, index: &PhoneIndex, other: Option<&PhoneIndex>) -> Result<User> {
+        if let Some(other) = other
+            && let Some(user) = self.user_by_phone(other).await?
+        {
+            return Ok(user);
+        }
+        self.user_by_phone(index).await?.ok_or_else(|| {
             StoreError::Unavailable("the account was deleted while it was used".into())
         })
     }
@@ -156,15 +164,16 @@ impl Users for PgStore {
         Box::pin(async move {
             let (kinds, idents, codes) = method_arrays(methods);
             let (id, sealed) = self.seal_for_new_user(new.phone).await?;
+            // The vault's indexes now, not the caller's: a request that began before a
+            // rotation's switch must not make the account under the key it left.
+            let (index, other) = self.vault.indexes(new.phone);
             // One statement: the user and its methods commit together, and of racing
             // creates for one phone the unique index lets exactly one insert.
-            let created = self
-                .query_opt(
-                    "create_user_if_absent",
-                    concat!(
+            let sql = concat!(
                         "WITH u AS (
                             INSERT INTO users (id, phone_index, phone_sealed, nickname, created_at, last_login_at, avatar_url)
-                            VALUES ($9, $1, $10, $2, $3, $4, $8)
+                            SELECT $9, $1, $10, $2, $3, $4, $8
+                            WHERE NOT EXISTS (SELECT 1 FROM users WHERE phone_index = $11)
                             ON CONFLICT (phone_index) DO NOTHING
                             RETURNING ",
                         user_columns!(),
@@ -176,9 +185,10 @@ impl Users for PgStore {
                                 AS x(method, identification, access_code)
                         )
                         SELECT * FROM u"
-                    ),
-                    &[
-                        &new.index.as_str(),
+                    );
+            let other_index = other.as_ref().map(PhoneIndex::as_str);
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+                        &index.as_str(),
                         &new.nickname,
                         &new.created_at,
                         &new.last_login_at,
@@ -188,15 +198,36 @@ impl Users for PgStore {
                         &new.avatar_url,
                         &id,
                         &sealed,
-                    ],
-                )
-                .await?;
+                        // NULL unless the phone key rotates: then an account under the
+                        // other index is the phone's, and none is made.
+                        &other_index,
+                    ];
+            let created = match other_index {
+                None => self.query_opt("create_user_if_absent", sql, &params).await?,
+                // While the phone key rotates, one instance may make the account under the
+                // old index and another under the new: the unique index sees only one of
+                // them, so creates of the phone take a lock on the pair, and the insert's
+                // own snapshot, taken after it, sees the other's commit.
+                Some(other) => {
+                    let pair = rotation_lock_key(index.as_str(), other);
+                    self.with_client("create_user_if_absent", async |c| {
+                        let tx = c.transaction().await?;
+                        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&pair])
+                            .await?;
+                        let st = tx.prepare_cached(sql).await?;
+                        let row = tx.query_opt(&st, &params).await?;
+                        tx.commit().await?;
+                        Ok(row)
+                    })
+                    .await?
+                }
+            };
             if let Some(row) = created {
                 return Ok((self.row_user(&row)?, true));
             }
             // The other create has committed (the insert waited for it): a new statement
             // sees its user.
-            Ok((self.existing(&new.index).await?, false))
+            Ok((self.existing(&index, other.as_ref()).await?, false))
         })
     }
 
@@ -209,22 +240,34 @@ impl Users for PgStore {
             // Most code logins are of existing accounts: one update records the login.
             // Tried before the insert, because an insert that finds the phone taken still
             // uses up a number of the id sequence: ids would grow with every login.
-            let (phone, at) = (new.index, new.last_login_at);
+            let at = new.last_login_at;
+            // While the phone key rotates the account may still be under the other
+            // index: that is tried second, and a miss of both ends in the create, which
+            // finds the account wherever the rotation has put it by then.
+            let indexes = [Some(new.index), new.other];
             let login = async || -> Result<Option<User>> {
-                let Some(at) = at else {
-                    return self.user_by_phone(&phone).await;
-                };
-                let row = self
-                    .query_opt(
-                        "log_in",
-                        concat!(
-                            "UPDATE users SET last_login_at = $2 WHERE phone_index = $1 AND NOT disabled RETURNING ",
-                            user_columns!()
-                        ),
-                        &[&phone.as_str(), &at],
-                    )
-                    .await?;
-                self.maybe_user(row.as_ref())
+                for phone in indexes.iter().flatten() {
+                    let Some(at) = at else {
+                        match self.user_by_phone(phone).await? {
+                            Some(user) => return Ok(Some(user)),
+                            None => continue,
+                        }
+                    };
+                    let row = self
+                        .query_opt(
+                            "log_in",
+                            concat!(
+                                "UPDATE users SET last_login_at = $2 WHERE phone_index = $1 AND NOT disabled RETURNING ",
+                                user_columns!()
+                            ),
+                            &[&phone.as_str(), &at],
+                        )
+                        .await?;
+                    if let Some(user) = self.maybe_user(row.as_ref())? {
+                        return Ok(Some(user));
+                    }
+                }
+                Ok(None)
             };
             if let Some(user) = login().await? {
                 return Ok((user, false));
@@ -583,4 +626,11 @@ impl Sessions for PgStore {
     fn prune_sessions(&self, now: i64) -> BoxFuture<'_, Result<usize>> {
         Box::pin(self.prune_sessions_now(now))
     }
+}
+
+/// The name both indexes of a phone lock under while the phone key rotates: the same on
+/// every instance, whichever of the two it makes records with.
+pub(super) fn rotation_lock_key(a: &str, b: &str) -> String {
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    format!("smsauth phone {first} {second}")
 }

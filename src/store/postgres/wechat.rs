@@ -131,7 +131,7 @@ impl PgStore {
         let lock_by_phone = concat!(
             "SELECT ",
             user_columns!(),
-            " FROM users WHERE phone_index = $1 FOR UPDATE"
+            " FROM users WHERE phone_index = ANY($1::text[]) FOR UPDATE"
         );
         let (user, created, login_at, avatar_url) = match &target {
             Target::User(id, avatar) => {
@@ -148,8 +148,22 @@ impl PgStore {
             }
             Target::Phone(new) => {
                 let st = tx.prepare_cached(lock_by_phone).await?;
-                let index = new.index.as_str();
-                let found = match tx.query_opt(&st, &[&index]).await? {
+                // The vault's indexes now, as a create takes them (see `users`).
+                let (index, other) = self.vault.indexes(new.phone);
+                let index = index.as_str();
+                // While the phone key rotates the account may still be under the
+                // other index; one statement reads both, and the rotation's move of a
+                // row is one update, so the row is found under one of them.
+                let indexes: Vec<&str> = std::iter::once(index)
+                    .chain(other.as_ref().map(crate::store::PhoneIndex::as_str))
+                    .collect();
+                if let Some(other) = &other {
+                    // As a create does (see `create_user_if_absent`).
+                    let pair = super::users::rotation_lock_key(index, other.as_str());
+                    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&pair])
+                        .await?;
+                }
+                let found = match tx.query_opt(&st, &[&indexes]).await? {
                     Some(row) => Some((user!(&row), false)),
                     None => {
                         let next = tx.prepare_cached(NEXT_USER_ID).await?;
@@ -174,7 +188,7 @@ impl PgStore {
                             Some(row) => Some((user!(&row), true)),
                             // A code login made it meanwhile (the insert waited for its
                             // commit): this statement sees it, and locks it.
-                            None => match tx.query_opt(&st, &[&index]).await? {
+                            None => match tx.query_opt(&st, &[&indexes]).await? {
                                 Some(row) => Some((user!(&row), false)),
                                 None => None,
                             },

@@ -44,6 +44,7 @@ mod counters;
 mod grants;
 mod group_commit;
 mod privacy;
+mod rotation;
 mod sessions;
 #[cfg(test)]
 mod tests;
@@ -349,8 +350,13 @@ impl SledStore {
     /// Whether the phone index leads to this user: a user is reachable, and counted, only
     /// through it (the commit point of a create, and of a deletion).
     fn is_indexed(&self, user: &User) -> Result<bool, StoreError> {
-        let index = self.vault.index(&user.phone);
-        Ok(self.phones.get(index.as_str())?.as_deref() == Some(&u64_key(user.id)[..]))
+        let (index, other) = self.vault.indexes(&user.phone);
+        for index in other.iter().chain([&index]) {
+            if self.phones.get(index.as_str())?.as_deref() == Some(&u64_key(user.id)[..]) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Stores a checkpoint of the user count with an empty list of deletions. The

@@ -79,6 +79,17 @@ pub(super) fn open_vault(
         key
     };
     let key = PhoneKey::new(&bytes);
+    let rotation = super::rotation::stored_rotation(meta)?;
+    if let (Some(stored), Some(rotation), false) = (stored, &rotation, no_accounts) {
+        // A rotation decides which keys are needed (see `crate::rotation`).
+        let vault = PhoneVault::new(key);
+        crate::rotation::settle_vault(&vault, Some(stored), Some(rotation))?;
+        return Ok(vault);
+    }
+    if rotation.is_some() {
+        // Nothing is sealed: a rotation recorded before the last account went is moot.
+        meta.remove(super::rotation::META_ROTATION)?;
+    }
     // A store with no account has nothing sealed yet: it takes the key it is given.
     match stored.filter(|_| !no_accounts) {
         Some(id) if id != key.id() => {

@@ -68,6 +68,7 @@ fn sms_and_password(phone: &str) -> (LoginMethod, LoginMethod) {
 fn new_user(phone: &str) -> NewUser<'_> {
     NewUser {
         phone,
+        other: None,
         index: ix(phone),
         nickname: "n".into(),
         created_at: 1,
@@ -762,4 +763,37 @@ fn activity_pages_newest_first_prunes_by_age_and_goes_with_its_user() {
     // The other user keeps everything.
     assert_eq!(done(s.activity_page(b.id, None, 9)).unwrap().len(), 1);
     assert_eq!(done(s.user_sessions(b.id)).unwrap().len(), 1);
+}
+
+#[test]
+fn a_move_to_a_new_phone_key_cut_short_is_finished_by_the_next_pass() {
+    let (_dir, s) = store();
+    for phone in ["+8613800000001", "+8613800000002", "+8613800000003"] {
+        done(s.create_user_if_absent(new_user(phone), &[])).unwrap();
+    }
+    let old = s.vault.current();
+    let new = crate::privacy::PhoneKey::new(&[7; 32]);
+    let new_index = new.index("+8613800000001");
+    s.vault.set_arcs(std::sync::Arc::new(new), Some(old));
+    // Cut short after its first step for user 1: the new index entry is written, the
+    // record still sealed with the old key and the old entry still there.
+    s.phones
+        .insert(new_index.as_str(), &u64_key(1)[..])
+        .unwrap();
+    assert_eq!(s.first_unmoved_now().unwrap(), Some(1));
+    // The pass, in two batches (the second past the last user).
+    assert_eq!(s.move_users_now(0, 2).unwrap(), (Some(3), 2));
+    assert_eq!(s.move_users_now(3, 2).unwrap(), (Some(4), 1));
+    assert_eq!(s.move_users_now(4, 2).unwrap(), (None, 0));
+    assert_eq!(s.first_unmoved_now().unwrap(), None);
+    // Each user under its new index only, and found with the new key alone.
+    s.vault
+        .set_arcs(std::sync::Arc::new(crate::privacy::PhoneKey::new(&[7; 32])), None);
+    assert_eq!(s.phones.len(), 3, "an entry under the old index stayed");
+    for (id, phone) in [(1, "+8613800000001"), (2, "+8613800000002"), (3, "+8613800000003")] {
+        let index = s.vault.index(phone);
+        assert_eq!(done(s.user_by_phone(&index)).unwrap().unwrap().id, id);
+    }
+    // A second pass changes nothing.
+    assert_eq!(s.move_users_now(0, 10).unwrap(), (Some(4), 0));
 }

@@ -37,6 +37,21 @@ impl SledStore {
         }
     }
 
+    /// The account of a phone about to be created, under the index of either key while
+    /// the phone key rotates; and the index to create it under. Read under the phone's
+    /// lock, which a rotation's move of the entry also takes. The indexes are the vault's
+    /// now, not the caller's: a request that began before a rotation's switch must not
+    /// make the account under the key the rotation left.
+    pub(super) fn existing_now(&self, new: &NewUser<'_>) -> Result<(Option<User>, PhoneIndex)> {
+        let (index, other) = self.vault.indexes(new.phone);
+        for index in other.iter().chain([&index]) {
+            if let Some(user) = self.user_by_phone_now(index)? {
+                return Ok((Some(user), *index));
+            }
+        }
+        Ok((None, index))
+    }
+
     fn create_now(&self, new: NewUser<'_>, methods: &[LoginMethod]) -> Result<(User, bool)> {
         // Most calls are logins of existing users: two plain reads, no lock.
         if let Some(user) = self.user_by_phone_now(&new.index)? {
@@ -52,8 +67,11 @@ impl SledStore {
         new: NewUser<'_>,
         methods: &[LoginMethod],
     ) -> Result<(User, bool)> {
-        let _phone = self.phone_locks.lock(new.index.as_str());
-        if let Some(user) = self.user_by_phone_now(&new.index)? {
+        // By the number, not its index: while the phone key rotates, two creates of one
+        // phone may hold different indexes. The locks live in memory only.
+        let _phone = self.phone_locks.lock(new.phone);
+        let (existing, index) = self.existing_now(&new)?;
+        if let Some(user) = existing {
             return Ok((user, false));
         }
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
@@ -79,7 +97,7 @@ impl SledStore {
                 .insert(method_key(id, m.method), encode_method(m))?;
         }
         // The commit point (see the module doc).
-        self.phones.insert(new.index.as_str(), &u64_key(id))?;
+        self.phones.insert(index.as_str(), &u64_key(id))?;
         self.users_total.fetch_add(1, Ordering::SeqCst);
         self.wrote();
         Ok((user, true))
@@ -148,8 +166,8 @@ impl SledStore {
             return Ok(None);
         };
         let _binds = self.hold_wechat_binds();
-        let index = self.vault.index(&user.phone);
-        let _phone = self.phone_locks.lock(index.as_str());
+        let (index, other) = self.vault.indexes(&user.phone);
+        let _phone = self.phone_locks.lock(user.phone.as_str());
         // Unbound before the commit point: a WeChat login never finds an account whose
         // deletion a crash cut short.
         self.unbind_locked(id)?;
@@ -161,13 +179,21 @@ impl SledStore {
         let next = self.next_id.load(Ordering::SeqCst);
         self.meta.insert(super::META_NEXT_ID, &u64_key(next))?;
         self.list_deletion(id)?;
-        // Removing the index entry is the commit point: from here the user is gone.
-        let indexed = self.phones.compare_and_swap(
-            index.as_str(),
-            Some(&u64_key(id)[..]),
-            None as Option<&[u8]>,
-        )?;
-        if indexed.is_ok() {
+        // Removing the index entry is the commit point: from here the user is gone. While
+        // the phone key rotates, the entry may still be under the other key (or, cut
+        // short by a crash, under both); the other one goes first.
+        let mut indexed = false;
+        for index in other.iter().chain([&index]) {
+            indexed |= self
+                .phones
+                .compare_and_swap(
+                    index.as_str(),
+                    Some(&u64_key(id)[..]),
+                    None as Option<&[u8]>,
+                )?
+                .is_ok();
+        }
+        if indexed {
             self.users_total.fetch_sub(1, Ordering::SeqCst);
         }
         for method in STORED_METHODS {

@@ -16,7 +16,7 @@ use super::SledStore;
 use crate::model::{LoginMethod, Method, User, UserId};
 use crate::store::codec::{decode, encode, read_u64, u64_key};
 use crate::store::layout::method_key;
-use crate::store::{NewUser, PhoneIndex, StoreError, UserChange, WechatBind};
+use crate::store::{NewUser, StoreError, UserChange, WechatBind};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -106,7 +106,7 @@ impl SledStore {
         {
             return Ok(WechatBind::Taken);
         }
-        if let Some(user) = self.user_by_phone_locked(&new.index)? {
+        if let (Some(user), _) = self.existing_now(&new)? {
             let avatar = new.avatar_url.clone();
             return self.link_locked(user, wechat_id, new.last_login_at, avatar.as_deref());
         }
@@ -119,13 +119,6 @@ impl SledStore {
         }
         // A code login made the account meanwhile: bind to it.
         self.link_locked(user, wechat_id, login_at, avatar.as_deref())
-    }
-
-    fn user_by_phone_locked(&self, phone: &PhoneIndex) -> Result<Option<User>> {
-        match self.phones.get(phone.as_str())? {
-            Some(id) => self.user_now(read_u64(&id)?),
-            None => Ok(None),
-        }
     }
 
     pub(super) fn link_wechat_now(
