@@ -264,15 +264,29 @@ async fn a_sled_store_of_the_previous_release_is_sealed_at_its_first_start() {
     assert_eq!(again["user"]["id"], 3);
 }
 
-#[tokio::test]
-async fn a_postgres_database_of_the_previous_release_is_sealed_at_its_first_start() {
+/// A PostgreSQL of the test's own, for the upgrade tests, which run once, in the sled
+/// pass: None (with a message) under TEST_STORAGE_ENGINE=postgres, or where there is none.
+fn own_postgres() -> Option<common::postgres::Postgres> {
     if common::engine() == "postgres" {
         eprintln!(
             "skipped under TEST_STORAGE_ENGINE=postgres: it starts a PostgreSQL of its own, also under sled"
         );
-        return;
+        return None;
     }
-    let Some(pg) = common::postgres::Postgres::start() else {
+    common::postgres::Postgres::start()
+}
+
+/// A server's configuration on the database `url`, with the phone key in `key`.
+fn postgres_config(key: &Path, url: &str) -> String {
+    format!(
+        "{CODE_CONFIG}[privacy]\nphone_key_file = \"{}\"\n[storage]\nengine = \"postgres\"\n[storage.postgres]\nurl = \"{url}\"\n",
+        key.display()
+    )
+}
+
+#[tokio::test]
+async fn a_postgres_database_of_the_previous_release_is_sealed_at_its_first_start() {
+    let Some(pg) = own_postgres() else {
         return;
     };
     let url = pg.new_database();
@@ -283,10 +297,7 @@ async fn a_postgres_database_of_the_previous_release_is_sealed_at_its_first_star
     // Under TEST_STORAGE_ENGINE=postgres the harness gives the dir this database.
     std::fs::write(dir.path().join("postgres.url"), &url).unwrap();
     let key = common::phone_key_file(dir.path());
-    let config = format!(
-        "{CODE_CONFIG}[privacy]\nphone_key_file = \"{}\"\n[storage]\nengine = \"postgres\"\n[storage.postgres]\nurl = \"{url}\"\n",
-        key.display()
-    );
+    let config = postgres_config(&key, &url);
     let mut s = TestServer::start_in(dir.clone(), &config).await;
     assert!(
         s.log_lines()
@@ -344,13 +355,7 @@ async fn a_sled_store_with_long_phone_indexes_is_rekeyed_at_its_first_start() {
 
 #[tokio::test]
 async fn a_postgres_database_with_long_phone_indexes_is_rekeyed_at_its_first_start() {
-    if common::engine() == "postgres" {
-        eprintln!(
-            "skipped under TEST_STORAGE_ENGINE=postgres: it starts a PostgreSQL of its own, also under sled"
-        );
-        return;
-    }
-    let Some(pg) = common::postgres::Postgres::start() else {
+    let Some(pg) = own_postgres() else {
         return;
     };
     let url = pg.new_database();
@@ -365,10 +370,7 @@ async fn a_postgres_database_with_long_phone_indexes_is_rekeyed_at_its_first_sta
         &key,
     )
     .unwrap();
-    let config = format!(
-        "{CODE_CONFIG}[privacy]\nphone_key_file = \"{}\"\n[storage]\nengine = \"postgres\"\n[storage.postgres]\nurl = \"{url}\"\n",
-        key.display()
-    );
+    let config = postgres_config(&key, &url);
     let s = TestServer::start_in(dir.clone(), &config).await;
     check_upgraded(&s).await;
     assert_eq!(pg.psql_url(&url, long), "22");
