@@ -254,7 +254,9 @@ impl PhoneVault {
     }
 
     fn keys(&self) -> std::sync::RwLockReadGuard<'_, Keys> {
-        self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The id of the key that seals and indexes from now on.
@@ -327,16 +329,16 @@ impl PhoneVault {
         current: std::sync::Arc<PhoneKey>,
         other: Option<std::sync::Arc<PhoneKey>>,
     ) {
-        let mut keys = self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut keys = self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         keys.current = current;
         keys.other = other;
     }
 
     pub fn set_keys(&self, current: PhoneKey, other: Option<PhoneKey>) {
-        self.set_arcs(
-            std::sync::Arc::new(current),
-            other.map(std::sync::Arc::new),
-        );
+        self.set_arcs(std::sync::Arc::new(current), other.map(std::sync::Arc::new));
     }
 }
 
@@ -448,7 +450,10 @@ mod tests {
         }
         vault.set_arcs(vault.current(), None);
         assert!(vault.open(&sealed_old, &user_aad(7)).is_err());
-        assert_eq!(vault.open(&sealed_new, &user_aad(7)).unwrap(), "+8613812345678");
+        assert_eq!(
+            vault.open(&sealed_new, &user_aad(7)).unwrap(),
+            "+8613812345678"
+        );
         assert_eq!(vault.indexes("+8613812345678"), (new_index, None));
     }
 
@@ -473,7 +478,8 @@ mod tests {
         })
         .unwrap();
         mac.update(b"+8613812345678");
-        let long = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        let long =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
         assert!(PhoneIndex::is_long(&long));
         assert_eq!(PhoneIndex::parse(&long), Some(a));
         assert!(!PhoneIndex::is_long(a.as_str()));

@@ -115,10 +115,36 @@ fn parse_id(hex_id: &str) -> Result<KeyId, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("a phone key id {hex_id:?}")))
 }
 
+/// The systemd credential a unit may hand the new key over as. A service that runs as a
+/// user made up at start (the packaged units' `DynamicUser`) cannot read a key file in
+/// /etc/smsauth; its unit loads the file for it (`LoadCredential=phone-key-next:FILE`),
+/// at a path that differs per unit, so the rotation's file name alone would not find it.
+pub const NEXT_KEY_CREDENTIAL: &str = "phone-key-next";
+
 fn load(path: &str) -> Result<PhoneKey, StoreError> {
-    read_key_file(Path::new(path))
-        .map(|k| PhoneKey::new(&k))
-        .map_err(|e| StoreError::Schema(format!("{e:#}")))
+    load_or_credential(path, std::env::var_os("CREDENTIALS_DIRECTORY"))
+}
+
+/// The key in `path`, or where that cannot be read, the [`NEXT_KEY_CREDENTIAL`] of the
+/// unit's credentials directory.
+fn load_or_credential(
+    path: &str,
+    credentials: Option<std::ffi::OsString>,
+) -> Result<PhoneKey, StoreError> {
+    let read = |path: &Path| {
+        read_key_file(path)
+            .map(|k| PhoneKey::new(&k))
+            .map_err(|e| StoreError::Schema(format!("{e:#}")))
+    };
+    read(Path::new(path)).or_else(|e| {
+        match credentials
+            .map(|dir| Path::new(&dir).join(NEXT_KEY_CREDENTIAL))
+            .filter(|credential| credential.exists())
+        {
+            Some(credential) => read(&credential),
+            None => Err(e),
+        }
+    })
 }
 
 /// Sets a vault opened with the configured key to what the store's rotation needs, at
@@ -169,7 +195,9 @@ pub fn settle_vault(
     } else if configured == to {
         match &state.from_key_file {
             Some(file) => load(file),
-            None => Err(StoreError::Schema("the old key's file is not recorded".into())),
+            None => Err(StoreError::Schema(
+                "the old key's file is not recorded".into(),
+            )),
         }
     } else {
         return Err(wrong_key(configured, from));
@@ -309,8 +337,12 @@ impl Rotation {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if error != *last {
             match &error {
-                Some(e) => tracing::error!(error = %e, "phone key rotation: this instance cannot take part"),
-                None if last.is_some() => tracing::info!("phone key rotation: this instance takes part again"),
+                Some(e) => {
+                    tracing::error!(error = %e, "phone key rotation: this instance cannot take part")
+                }
+                None if last.is_some() => {
+                    tracing::info!("phone key rotation: this instance takes part again")
+                }
                 None => {}
             }
             *last = error;
@@ -335,7 +367,9 @@ impl Rotation {
             .await?;
         if state.phase == Phase::Done
             && self.own_key_file
-            && !self.key_file_settled.swap(true, std::sync::atomic::Ordering::SeqCst)
+            && !self
+                .key_file_settled
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
         {
             // A start after a crash between the rotation's end and the key file's
             // replacement finishes the replacement.
@@ -384,12 +418,12 @@ impl Rotation {
                                     ..state.clone()
                                 }
                             } else {
-                            RotationState {
-                                phase: Phase::Done,
-                                moved: state.moved + moved,
-                                done_at: Some(now()),
-                                ..state.clone()
-                            }
+                                RotationState {
+                                    phase: Phase::Done,
+                                    moved: state.moved + moved,
+                                    done_at: Some(now()),
+                                    ..state.clone()
+                                }
                             }
                         }
                     }
@@ -397,7 +431,7 @@ impl Rotation {
             };
             if !self.store.swap_rotation(Some(&state), &next).await? {
                 // Another instance moved it on: go on from what it wrote.
-                return Ok(self.store.rotation().await?);
+                return self.store.rotation().await;
             }
             if next.phase != state.phase {
                 tracing::info!(
@@ -473,7 +507,13 @@ impl Rotation {
         let _ = std::fs::remove_file(&tmp);
         crate::privacy::create_key_file(&tmp, &key)
             .and_then(|()| Ok(std::fs::rename(&tmp, path)?))
-            .map_err(|e| StoreError::Engine(format!("replace {}: {e:#}", path.display())))
+            .map_err(|e| StoreError::Engine(format!("replace {}: {e:#}", path.display())))?;
+        // The copy the server was handed (`handed_key_file`) is no longer needed.
+        let handed = handed_key_file(path);
+        if Path::new(&state.to_key_file) == handed {
+            let _ = std::fs::remove_file(handed);
+        }
+        Ok(())
     }
 
     /// The live instances that hold up the rotation's next step.
@@ -489,6 +529,23 @@ impl Rotation {
             .unwrap_or_default();
         behind.retain(|i| *i != self.instance);
         behind
+    }
+
+    /// Starts a rotation to `key`, handed over by the command line through the admin
+    /// socket (it reads the operator's file; the server may not be able to): kept beside
+    /// this participant's key file until the rotation is done, so a restart finds it.
+    pub async fn begin_with(
+        &self,
+        key: &[u8; crate::privacy::KEY_BYTES],
+    ) -> Result<RotationState, BeginError> {
+        let file = handed_key_file(&self.key_file);
+        let same = read_key_file(&file).is_ok_and(|k| k == *key);
+        if !same {
+            let _ = std::fs::remove_file(&file);
+            crate::privacy::create_key_file(&file, key)
+                .map_err(|e| BeginError::Key(format!("{e:#}")))?;
+        }
+        self.begin(&file).await
     }
 
     /// Takes this participant off the store's list of instances (a clean stop).
@@ -509,10 +566,87 @@ impl Rotation {
     }
 }
 
+/// Where a key handed over through the admin socket is kept: beside the key file.
+fn handed_key_file(key_file: &Path) -> PathBuf {
+    key_file.with_extension("key.next")
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "smsauth".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_the_service_cannot_read_is_taken_from_its_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = PhoneKey::generate();
+        crate::privacy::create_key_file(&dir.path().join(NEXT_KEY_CREDENTIAL), &key).unwrap();
+        let missing = dir.path().join("elsewhere/phone.key.new");
+        let missing = missing.to_str().unwrap();
+        let found = load_or_credential(missing, Some(dir.path().into())).unwrap();
+        assert_eq!(found.id(), PhoneKey::new(&key).id());
+        // Without the credential, the file's own error.
+        let err = load_or_credential(missing, None).err().unwrap().to_string();
+        assert!(err.contains("elsewhere"), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(load_or_credential(missing, Some(empty.path().into())).is_err());
+    }
+
+    #[test]
+    fn a_start_during_a_rotation_holds_both_keys_in_the_phase_s_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (PhoneKey::generate(), PhoneKey::generate());
+        let (old_file, new_file) = (dir.path().join("old.key"), dir.path().join("new.key"));
+        crate::privacy::create_key_file(&old_file, &old).unwrap();
+        crate::privacy::create_key_file(&new_file, &new).unwrap();
+        let (old_id, new_id) = (PhoneKey::new(&old).id(), PhoneKey::new(&new).id());
+        let mut state = RotationState {
+            phase: Phase::Loading,
+            from: old_id.hex(),
+            to: new_id.hex(),
+            from_key_file: Some(old_file.display().to_string()),
+            to_key_file: new_file.display().to_string(),
+            started_at: 0,
+            moving_since: None,
+            cursor: 0,
+            moved: 0,
+            done_at: None,
+        };
+        // Loading: the old key seals, whichever key the start was given.
+        for configured in [&old, &new] {
+            let vault = PhoneVault::new(PhoneKey::new(configured));
+            settle_vault(&vault, Some(old_id), Some(&state)).unwrap();
+            assert_eq!(
+                (vault.key_id(), vault.other_key_id()),
+                (old_id, Some(new_id))
+            );
+        }
+        // Moving: the new one.
+        state.phase = Phase::Moving;
+        let vault = PhoneVault::new(PhoneKey::new(&old));
+        settle_vault(&vault, Some(old_id), Some(&state)).unwrap();
+        assert_eq!(
+            (vault.key_id(), vault.other_key_id()),
+            (new_id, Some(old_id))
+        );
+        // Done: the new one alone, read from the rotation's file by a start that was
+        // still given the old key.
+        state.phase = Phase::Done;
+        let vault = PhoneVault::new(PhoneKey::new(&old));
+        settle_vault(&vault, Some(new_id), Some(&state)).unwrap();
+        assert_eq!((vault.key_id(), vault.other_key_id()), (new_id, None));
+        // Once the rotation's file is gone, only the new key opens the store.
+        std::fs::remove_file(&new_file).unwrap();
+        let vault = PhoneVault::new(PhoneKey::new(&old));
+        assert!(settle_vault(&vault, Some(new_id), Some(&state)).is_err());
+        let vault = PhoneVault::new(PhoneKey::new(&new));
+        settle_vault(&vault, Some(new_id), Some(&state)).unwrap();
+    }
 }

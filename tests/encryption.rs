@@ -340,17 +340,19 @@ async fn a_sled_store_with_long_phone_indexes_is_rekeyed_at_its_first_start() {
     copy_dir(&fixture, &dir.path().join("data"));
     let s = TestServer::start_in(dir.clone(), CODE_CONFIG).await;
     assert!(
-        s.log_lines()
-            .iter()
-            .any(|l| l["message"] == "store migrated to schema 6: shorter phone indexes"
-                && l["records"].as_u64() >= Some(4)),
+        s.log_lines().iter().any(|l| l["message"]
+            == "store migrated to schema 6: shorter phone indexes"
+            && l["records"].as_u64() >= Some(4)),
         "{:?}",
         s.log_lines()
     );
     check_upgraded(&s).await;
     let s = s.restart().await;
     let again = s.sms_login("13800000004").await;
-    assert_eq!(again["user"]["id"], 3, "the wrong guess's user, found again");
+    assert_eq!(
+        again["user"]["id"], 3,
+        "the wrong guess's user, found again"
+    );
 }
 
 #[tokio::test]

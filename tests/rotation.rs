@@ -104,7 +104,12 @@ impl Load {
                 failures.clone(),
                 users.clone(),
                 next_new.clone(),
-                known.iter().skip(worker).step_by(4).cloned().collect::<Vec<_>>(),
+                known
+                    .iter()
+                    .skip(worker)
+                    .step_by(4)
+                    .cloned()
+                    .collect::<Vec<_>>(),
             );
             let servers = servers.clone();
             tasks.push(tokio::spawn(async move {
@@ -217,8 +222,14 @@ async fn a_rotation_under_load_fails_no_request_and_the_old_key_can_go() {
     let logins_during = load.done.load(Ordering::SeqCst) - logins_before;
     let (failures, users) = load.stop().await;
     assert_eq!(failures, Vec::<String>::new(), "{stdout}");
-    assert!(logins_during > 20, "the load did not run during the rotation: {logins_during}");
-    assert!(users.len() > before.len(), "no account was made during the rotation");
+    assert!(
+        logins_during > 20,
+        "the load did not run during the rotation: {logins_during}"
+    );
+    assert!(
+        users.len() > before.len(),
+        "no account was made during the rotation"
+    );
     every_user_logs_in(&s, &users).await;
     assert_eq!(accounts(dir.path()), users.len(), "an account is doubled");
 
@@ -298,8 +309,14 @@ async fn a_rotation_cut_short_by_kill_9_is_finished_by_the_next_start() {
             json!({ "phone": limited, "purpose": "login" }),
         )
         .await;
-    assert_eq!(status, 429, "the day's sends before the rotation were forgotten: {body}");
-    let backup = admin(dir.path(), &["backup", dir.path().join("b.bin").to_str().unwrap()]);
+    assert_eq!(
+        status, 429,
+        "the day's sends before the rotation were forgotten: {body}"
+    );
+    let backup = admin(
+        dir.path(),
+        &["backup", dir.path().join("b.bin").to_str().unwrap()],
+    );
     assert!(!backup.status.success());
     assert!(
         String::from_utf8_lossy(&backup.stderr).contains("rotation is running"),
@@ -316,7 +333,10 @@ async fn a_rotation_cut_short_by_kill_9_is_finished_by_the_next_start() {
     every_user_logs_in(&s, &users).await;
     assert_eq!(accounts(dir.path()), users.len() + 1, "{stdout}");
     // After it, a backup is taken again.
-    ok_stdout(&admin(dir.path(), &["backup", dir.path().join("b.bin").to_str().unwrap()]));
+    ok_stdout(&admin(
+        dir.path(),
+        &["backup", dir.path().join("b.bin").to_str().unwrap()],
+    ));
 }
 
 #[tokio::test]
@@ -327,7 +347,12 @@ async fn a_rotation_to_a_bad_or_the_same_key_is_refused() {
     let run = |file: &Path| {
         admin(
             dir.path(),
-            &["keys", "rotate-phone-key", "--new-key-file", file.to_str().unwrap()],
+            &[
+                "keys",
+                "rotate-phone-key",
+                "--new-key-file",
+                file.to_str().unwrap(),
+            ],
         )
     };
     let bad = dir.path().join("bad.key");
@@ -361,18 +386,19 @@ async fn a_cluster_rotates_with_every_instance_and_no_request_fails() {
     let new_file = new_key(cluster.phone_key.parent().unwrap());
     let load = Load::start(vec![a.clone(), b.clone()], before.clone());
     // The command line acts on the database directly, as one more participant.
-    let stdout = rotate(&a.dir().path().to_path_buf(), &new_file).await;
+    let stdout = rotate(a.dir().path(), &new_file).await;
     let (failures, users) = load.stop().await;
     assert_eq!(failures, Vec::<String>::new(), "{stdout}");
     assert!(users.len() > before.len());
     for s in [&a, &b] {
         every_user_logs_in(s, &users).await;
     }
-    let count = cluster
-        .pg
-        .psql_url(&cluster.url, "SELECT count(*), count(DISTINCT phone_index) FROM users");
+    let count = cluster.pg.psql_url(
+        &cluster.url,
+        "SELECT count(*), count(DISTINCT phone_index) FROM users",
+    );
     assert_eq!(count, format!("{}|{}", users.len(), users.len()));
-    assert!(stdout.contains("point it at"), "{stdout}");
+    assert!(stdout.contains("still holds the old key"), "{stdout}");
 
     // Every instance moves to the new key file, and the old one goes.
     std::fs::copy(&new_file, &cluster.phone_key).unwrap();

@@ -207,7 +207,11 @@ pub async fn rotate_phone_key(cfg: &Config, file: &Path) -> Result<String, Comma
             done
         }
         Target::Server(sock) => {
-            let begun = socket::request_rotate_phone_key(&sock, file)
+            // The server may not read the operator's file (a unit's made-up user): it is
+            // handed the key itself, over the socket only it and root can reach.
+            let key = crate::privacy::read_key_file(file)
+                .map_err(|e| fail(format!("cannot rotate the phone key: {e:#}")))?;
+            let begun = socket::request_rotate_phone_key(&sock, &key)
                 .await
                 .map_err(|e| remote(cfg, e))?;
             say(&begun, &[]);
@@ -224,15 +228,23 @@ pub async fn rotate_phone_key(cfg: &Config, file: &Path) -> Result<String, Comma
             }
         }
     };
-    let after = if own_key_file {
+    // Whose key file the rotation left behind: the server's (through the socket) or this
+    // command's own, as recorded when it began.
+    let own = std::path::absolute(cfg.storage.data_dir.join(crate::privacy::DEFAULT_KEY_FILE))
+        .ok()
+        .map(|p| p.display().to_string());
+    let after = if own_key_file && done.from_key_file == own {
         format!(
             "{} now holds the new key; the old key is gone.",
-            cfg.storage.data_dir.join(crate::privacy::DEFAULT_KEY_FILE).display()
+            own.unwrap_or_default()
         )
     } else {
         format!(
-            "privacy.phone_key_file still names the old key: point it at {} on every \
-             instance (until then they read the new key from there), then destroy the old key.",
+            "privacy.phone_key_file ({}) still holds the old key: put the new key in its place \
+             on every instance (under systemd, in the file the unit's phone-key credential is \
+             loaded from), then destroy the old key. Until then an instance that starts reads \
+             the new key from {}.",
+            done.from_key_file.as_deref().unwrap_or("?"),
             done.to_key_file
         )
     };
@@ -265,7 +277,11 @@ pub const ROTATING: &str = "a phone key rotation is running: the store is sealed
 pub async fn backup(cfg: &Config, file: &Path, include_keys: bool) -> Result<String, CommandError> {
     let (snapshot, keys, via) = match open(cfg).await? {
         Target::Direct(store) => {
-            if let Some(state) = store.rotations.rotation().await.map_err(|e| fail(e.to_string()))?
+            if let Some(state) = store
+                .rotations
+                .rotation()
+                .await
+                .map_err(|e| fail(e.to_string()))?
                 && state.running()
             {
                 return Err(fail(ROTATING));

@@ -11,7 +11,7 @@
 //! | `POST /v1/op` | an [`Op`] as JSON | 200 [`Answer`] JSON; 400/404/500 `{"error","message"}` |
 //! | `GET /v1/snapshot` | | 200 the store's records in the backup record format |
 //! | `POST /v1/keys/rotate-token-key` | | 200 [`Rotated`] JSON; 500 `{"error","message"}` |
-//! | `POST /v1/keys/rotate-phone-key` | `{"new_key_file": path}` | 200 the rotation's state; 409/400 `{"error","message"}` |
+//! | `POST /v1/keys/rotate-phone-key` | `{"key": base64}` | 200 the rotation's state; 409/400 `{"error","message"}` |
 //! | `GET /v1/keys/phone-key-rotation` | | 200 the rotation's state, or `null` |
 //!
 //! Access is the file's: only the server's user (and root) may connect. Answers never
@@ -144,9 +144,14 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<AdminResp, Infa
         (&Method::GET, "/v1/snapshot") => snapshot(&app).await,
         (&Method::POST, "/v1/keys/rotate-token-key") => rotate_token_key(&app).await,
         (&Method::POST, "/v1/keys/rotate-phone-key") => rotate_phone_key(&app, body).await,
-        (&Method::GET, "/v1/keys/phone-key-rotation") => match app.store.rotations.rotation().await {
+        (&Method::GET, "/v1/keys/phone-key-rotation") => match app.store.rotations.rotation().await
+        {
             Ok(state) => json(StatusCode::OK, &state),
-            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string()),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &e.to_string(),
+            ),
         },
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin request"),
     };
@@ -218,10 +223,11 @@ async fn rotate_token_key(app: &App) -> AdminResp {
     }
 }
 
-/// The body of `POST /v1/keys/rotate-phone-key`.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// The body of `POST /v1/keys/rotate-phone-key`: the new key itself (base64), read by
+/// the command line, which runs as root and may read files the service may not.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct RotatePhoneKey {
-    pub new_key_file: PathBuf,
+    pub key: String,
 }
 
 async fn rotate_phone_key(app: &App, body: Incoming) -> AdminResp {
@@ -230,10 +236,26 @@ async fn rotate_phone_key(app: &App, body: Incoming) -> AdminResp {
             Ok(asked) => asked,
             Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
         },
-        Err(_) => return error(StatusCode::BAD_REQUEST, "invalid_request", "unreadable body"),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "unreadable body",
+            );
+        }
     };
     use crate::rotation::BeginError;
-    match app.rotation.begin(&asked.new_key_file).await {
+    let key = match crate::privacy::parse_key(asked.key.as_bytes()) {
+        Ok(key) => key,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("{e:#}"),
+            );
+        }
+    };
+    match app.rotation.begin_with(&key).await {
         Ok(state) => {
             tracing::info!(to = %state.to, "admin action: phone key rotation");
             // Moved on now rather than at the next poll.
@@ -246,9 +268,11 @@ async fn rotate_phone_key(app: &App, body: Incoming) -> AdminResp {
             error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string())
         }
         Err(e @ BeginError::Busy(_)) => error(StatusCode::CONFLICT, "conflict", &e.to_string()),
-        Err(BeginError::Store(e)) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string())
-        }
+        Err(BeginError::Store(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
     }
 }
 
@@ -258,7 +282,13 @@ async fn snapshot(app: &Arc<App>) -> AdminResp {
             return error(StatusCode::CONFLICT, "conflict", super::command::ROTATING);
         }
         Ok(_) => {}
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string()),
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &e.to_string(),
+            );
+        }
     }
     let store = app.store.clone();
     let taken =
@@ -345,14 +375,14 @@ pub async fn request_rotate_token_key(socket: &Path) -> Result<Rotated, ClientEr
     serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
-/// Has the server behind `socket` start a rotation of the phone key to `new_key_file`.
+/// Has the server behind `socket` start a rotation of the phone key to `key`.
 pub async fn request_rotate_phone_key(
     socket: &Path,
-    new_key_file: &Path,
+    key: &[u8; crate::privacy::KEY_BYTES],
 ) -> Result<crate::rotation::RotationState, ClientError> {
-    let absolute = std::path::absolute(new_key_file).unwrap_or_else(|_| new_key_file.to_owned());
+    use base64::Engine as _;
     let body = serde_json::to_vec(&RotatePhoneKey {
-        new_key_file: absolute,
+        key: base64::engine::general_purpose::STANDARD.encode(key),
     })
     .expect("serializes");
     let bytes = request(socket, Method::POST, "/v1/keys/rotate-phone-key", body).await?;
@@ -363,7 +393,13 @@ pub async fn request_rotate_phone_key(
 pub async fn request_phone_key_rotation(
     socket: &Path,
 ) -> Result<Option<crate::rotation::RotationState>, ClientError> {
-    let bytes = request(socket, Method::GET, "/v1/keys/phone-key-rotation", Vec::new()).await?;
+    let bytes = request(
+        socket,
+        Method::GET,
+        "/v1/keys/phone-key-rotation",
+        Vec::new(),
+    )
+    .await?;
     serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
 }
 

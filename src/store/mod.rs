@@ -662,7 +662,11 @@ pub trait PhoneRotations: Send + Sync {
     /// phone re-sealed and the index entry re-keyed, each as one atomic change that a
     /// second run leaves as it is. Returns the id to go on from (None past the last user)
     /// and how many were moved.
-    fn move_users(&self, from: UserId, limit: usize) -> BoxFuture<'_, Result<(Option<UserId>, u64)>>;
+    fn move_users(
+        &self,
+        from: UserId,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<(Option<UserId>, u64)>>;
     /// The lowest id of a user not sealed with the vault's current key, if any.
     fn first_unmoved(&self) -> BoxFuture<'_, Result<Option<UserId>>>;
     /// Records which rotation phase `instance` holds the keys for (None: no rotation),
@@ -674,8 +678,11 @@ pub trait PhoneRotations: Send + Sync {
     ) -> BoxFuture<'a, Result<()>>;
     /// The live instances (heard from within [`crate::rotation::LIVE_SECS`]) that do not
     /// report `phase` or a later one of the rotation to key `to`.
-    fn instances_behind<'a>(&'a self, to: &'a str, phase: Phase)
-    -> BoxFuture<'a, Result<Vec<String>>>;
+    fn instances_behind<'a>(
+        &'a self,
+        to: &'a str,
+        phase: Phase,
+    ) -> BoxFuture<'a, Result<Vec<String>>>;
     /// Takes `instance` off the list (a clean stop).
     fn leave<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<()>>;
 }

@@ -66,7 +66,11 @@ impl PhoneRotations for PgStore {
         })
     }
 
-    fn move_users(&self, from: UserId, limit: usize) -> BoxFuture<'_, Result<(Option<UserId>, u64)>> {
+    fn move_users(
+        &self,
+        from: UserId,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<(Option<UserId>, u64)>> {
         Box::pin(async move {
             let rows = self
                 .query(

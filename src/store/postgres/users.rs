@@ -188,22 +188,25 @@ impl Users for PgStore {
                     );
             let other_index = other.as_ref().map(PhoneIndex::as_str);
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
-                        &index.as_str(),
-                        &new.nickname,
-                        &new.created_at,
-                        &new.last_login_at,
-                        &kinds,
-                        &idents,
-                        &codes,
-                        &new.avatar_url,
-                        &id,
-                        &sealed,
-                        // NULL unless the phone key rotates: then an account under the
-                        // other index is the phone's, and none is made.
-                        &other_index,
-                    ];
+                &index.as_str(),
+                &new.nickname,
+                &new.created_at,
+                &new.last_login_at,
+                &kinds,
+                &idents,
+                &codes,
+                &new.avatar_url,
+                &id,
+                &sealed,
+                // NULL unless the phone key rotates: then an account under the
+                // other index is the phone's, and none is made.
+                &other_index,
+            ];
             let created = match other_index {
-                None => self.query_opt("create_user_if_absent", sql, &params).await?,
+                None => {
+                    self.query_opt("create_user_if_absent", sql, &params)
+                        .await?
+                }
                 // While the phone key rotates, one instance may make the account under the
                 // old index and another under the new: the unique index sees only one of
                 // them, so creates of the phone take a lock on the pair, and the insert's
@@ -212,8 +215,11 @@ impl Users for PgStore {
                     let pair = rotation_lock_key(index.as_str(), other);
                     self.with_client("create_user_if_absent", async |c| {
                         let tx = c.transaction().await?;
-                        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&pair])
-                            .await?;
+                        tx.execute(
+                            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                            &[&pair],
+                        )
+                        .await?;
                         let st = tx.prepare_cached(sql).await?;
                         let row = tx.query_opt(&st, &params).await?;
                         tx.commit().await?;

@@ -160,8 +160,11 @@ impl PgStore {
                 if let Some(other) = &other {
                     // As a create does (see `create_user_if_absent`).
                     let pair = super::users::rotation_lock_key(index, other.as_str());
-                    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&pair])
-                        .await?;
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                        &[&pair],
+                    )
+                    .await?;
                 }
                 let found = match tx.query_opt(&st, &[&indexes]).await? {
                     Some(row) => Some((user!(&row), false)),

@@ -250,7 +250,12 @@ impl SledStore {
             if let Some((counter, window, subject)) = parse_counter_key(&k)
                 && let Some(index) = short(subject.as_bytes())
             {
-                put_if_absent(&self.counters, &k, counter_key(counter, window, index.as_str()), &v)?;
+                put_if_absent(
+                    &self.counters,
+                    &k,
+                    counter_key(counter, window, index.as_str()),
+                    &v,
+                )?;
             }
         }
         tracing::info!(

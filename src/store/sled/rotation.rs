@@ -51,7 +51,11 @@ impl SledStore {
         Ok(true)
     }
 
-    pub(super) fn move_users_now(&self, from: UserId, limit: usize) -> Result<(Option<UserId>, u64)> {
+    pub(super) fn move_users_now(
+        &self,
+        from: UserId,
+        limit: usize,
+    ) -> Result<(Option<UserId>, u64)> {
         let current = self.vault.key_id();
         let mut moved = 0;
         let mut next = None;
@@ -75,7 +79,7 @@ impl SledStore {
             }
             if sealed_key_id(sealed) != Some(current) {
                 let mut failure = None;
-                self.users.fetch_and_update(&key, |old| {
+                self.users.fetch_and_update(key, |old| {
                     let old = old?;
                     match decode_sealed_user(old) {
                         Ok((user, sealed)) if sealed_key_id(sealed) != Some(current) => {
@@ -142,7 +146,11 @@ impl PhoneRotations for SledStore {
         })
     }
 
-    fn move_users(&self, from: UserId, limit: usize) -> BoxFuture<'_, Result<(Option<UserId>, u64)>> {
+    fn move_users(
+        &self,
+        from: UserId,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<(Option<UserId>, u64)>> {
         Box::pin(async move {
             let moved = super::blocking(|| self.move_users_now(from, limit))?;
             std::sync::Arc::clone(&self.commit).flush().await?;

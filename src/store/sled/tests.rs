@@ -787,10 +787,16 @@ fn a_move_to_a_new_phone_key_cut_short_is_finished_by_the_next_pass() {
     assert_eq!(s.move_users_now(4, 2).unwrap(), (None, 0));
     assert_eq!(s.first_unmoved_now().unwrap(), None);
     // Each user under its new index only, and found with the new key alone.
-    s.vault
-        .set_arcs(std::sync::Arc::new(crate::privacy::PhoneKey::new(&[7; 32])), None);
+    s.vault.set_arcs(
+        std::sync::Arc::new(crate::privacy::PhoneKey::new(&[7; 32])),
+        None,
+    );
     assert_eq!(s.phones.len(), 3, "an entry under the old index stayed");
-    for (id, phone) in [(1, "+8613800000001"), (2, "+8613800000002"), (3, "+8613800000003")] {
+    for (id, phone) in [
+        (1, "+8613800000001"),
+        (2, "+8613800000002"),
+        (3, "+8613800000003"),
+    ] {
         let index = s.vault.index(phone);
         assert_eq!(done(s.user_by_phone(&index)).unwrap().unwrap().id, id);
     }
