@@ -88,7 +88,6 @@ fn method_arrays(methods: &[LoginMethod]) -> (Vec<i16>, Vec<String>, Vec<Option<
 }
 
 impl PgStore {
-    /// The user of a phone that an insert found taken.
     /// The account a create found in its way: under `index`, or under `other` while the
     /// phone key rotates. The other is read first, as
     /// [`crate::store::Users::find_by_phone`] does.
