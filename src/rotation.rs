@@ -42,6 +42,11 @@ pub const POLL: Duration = Duration::from_secs(2);
 /// An instance not heard from for this long is taken for gone: the rotation no longer
 /// waits for it. It must be far above [`POLL`].
 pub const LIVE_SECS: i64 = 30;
+/// With no rotation, how often an instance says it is alive: a rotation that begins
+/// finds it on the list and waits for it, and it sees the rotation at its next poll.
+/// Well inside [`LIVE_SECS`]; less often than [`POLL`], since on PostgreSQL each is a
+/// write.
+const IDLE_REPORT_SECS: i64 = 10;
 /// Users moved per batch: one batch is a few milliseconds of the store's time.
 const BATCH: usize = 200;
 
@@ -264,6 +269,8 @@ pub struct Rotation {
     own_key_file: bool,
     /// Whether the data dir's own key file was checked against a finished rotation.
     key_file_settled: std::sync::atomic::AtomicBool,
+    /// When this participant last said it is alive with no rotation running.
+    idle_reported_at: std::sync::atomic::AtomicI64,
     /// What the last tick reported, so a failure is logged once, not every tick.
     last_error: std::sync::Mutex<Option<String>>,
 }
@@ -286,6 +293,7 @@ impl Rotation {
             key_file: std::path::absolute(&key_file).unwrap_or(key_file),
             own_key_file,
             key_file_settled: std::sync::atomic::AtomicBool::new(false),
+            idle_reported_at: std::sync::atomic::AtomicI64::new(i64::MIN / 2),
             last_error: std::sync::Mutex::new(None),
         }
     }
@@ -352,19 +360,17 @@ impl Rotation {
 
     async fn step(&self) -> Result<Option<RotationState>, StoreError> {
         let Some(mut state) = self.store.rotation().await? else {
-            self.store.report_phase(&self.instance, None).await?;
+            self.report(None).await?;
             return Ok(None);
         };
         // Hold what the state needs before saying so. An instance that cannot goes on
         // saying it holds no rotation's keys, so the rotation waits for it (or for it to
         // stop) rather than leave it behind.
         if let Err(e) = self.hold(&state) {
-            self.store.report_phase(&self.instance, None).await?;
+            self.report(None).await?;
             return Err(e);
         }
-        self.store
-            .report_phase(&self.instance, Some((&state.to, state.phase)))
-            .await?;
+        self.report(Some((&state.to, state.phase))).await?;
         if state.phase == Phase::Done
             && self.own_key_file
             && !self
@@ -447,11 +453,24 @@ impl Rotation {
                 self.key_file_settled
                     .store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            self.store
-                .report_phase(&self.instance, Some((&state.to, state.phase)))
-                .await?;
+            self.report(Some((&state.to, state.phase))).await?;
             tokio::task::yield_now().await;
         }
+    }
+
+    /// Says which keys this participant holds. With none running, or one done, at most
+    /// every [`IDLE_REPORT_SECS`]; while one runs, at every step.
+    async fn report(&self, phase: Option<(&str, Phase)>) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let settled = phase.is_none_or(|(_, p)| p == Phase::Done);
+        if settled && now() - self.idle_reported_at.load(SeqCst) < IDLE_REPORT_SECS {
+            return Ok(());
+        }
+        self.store.report_phase(&self.instance, phase).await?;
+        // After a running phase the next settled report goes at once.
+        let at = if settled { now() } else { i64::MIN / 2 };
+        self.idle_reported_at.store(at, SeqCst);
+        Ok(())
     }
 
     /// Whether every live instance reports `phase` (or later) of this rotation.
