@@ -273,6 +273,9 @@ pub struct Rotation {
     idle_reported_at: std::sync::atomic::AtomicI64,
     /// What the last tick reported, so a failure is logged once, not every tick.
     last_error: std::sync::Mutex<Option<String>>,
+    /// One step at a time: the poll and an admin request for the state both tick, and
+    /// what a tick answers must be what this participant has acted on.
+    stepping: tokio::sync::Mutex<()>,
 }
 
 impl Rotation {
@@ -295,6 +298,7 @@ impl Rotation {
             key_file_settled: std::sync::atomic::AtomicBool::new(false),
             idle_reported_at: std::sync::atomic::AtomicI64::new(i64::MIN / 2),
             last_error: std::sync::Mutex::new(None),
+            stepping: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -337,6 +341,7 @@ impl Rotation {
     /// One step: loads what the state needs, reports it, and moves the rotation on if
     /// every live instance is ready for that. Returns the state after it.
     pub async fn tick(&self) -> Result<Option<RotationState>, StoreError> {
+        let _one_at_a_time = self.stepping.lock().await;
         let result = self.step().await;
         let error = result.as_ref().err().map(|e| e.to_string());
         let mut last = self
@@ -535,15 +540,12 @@ impl Rotation {
         Ok(())
     }
 
-    /// The live instances that hold up the rotation's next step.
+    /// The live instances not yet at the rotation's phase: they hold up its next step, or,
+    /// once it is done, the end (an instance that still holds the old key).
     pub async fn waiting_for(&self, state: &RotationState) -> Vec<String> {
-        let phase = match state.phase {
-            Phase::Loading => Phase::Loading,
-            _ => Phase::Moving,
-        };
         let mut behind = self
             .store
-            .instances_behind(&state.to, phase)
+            .instances_behind(&state.to, state.phase)
             .await
             .unwrap_or_default();
         behind.retain(|i| *i != self.instance);

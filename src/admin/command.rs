@@ -189,8 +189,15 @@ pub async fn rotate_phone_key(cfg: &Config, file: &Path) -> Result<String, Comma
             say(&begun, &[]);
             let done = loop {
                 match rotation.tick().await {
-                    Ok(Some(state)) if !state.running() => break state,
-                    Ok(Some(state)) => say(&state, &rotation.waiting_for(&state).await),
+                    Ok(Some(state)) => {
+                        // Done once every live instance holds the new key alone too, so
+                        // that nothing serves under the old key when this says so.
+                        let behind = rotation.waiting_for(&state).await;
+                        if !state.running() && behind.is_empty() {
+                            break state;
+                        }
+                        say(&state, &behind)
+                    }
                     Ok(None) => return Err(fail("the rotation's record is gone from the store")),
                     Err(e) => println!("waiting: {e}"),
                 }

@@ -12,7 +12,7 @@
 //! | `GET /v1/snapshot` | | 200 the store's records in the backup record format |
 //! | `POST /v1/keys/rotate-token-key` | | 200 [`Rotated`] JSON; 500 `{"error","message"}` |
 //! | `POST /v1/keys/rotate-phone-key` | `{"key": base64}` | 200 the rotation's state; 409/400 `{"error","message"}` |
-//! | `GET /v1/keys/phone-key-rotation` | | 200 the rotation's state, or `null` |
+//! | `GET /v1/keys/phone-key-rotation` | | 200 the rotation's state as this server has acted on it, or `null` |
 //!
 //! Access is the file's: only the server's user (and root) may connect. Answers never
 //! carry a secret: no key, no password hash in `show`; a snapshot carries the store's
@@ -144,8 +144,9 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<AdminResp, Infa
         (&Method::GET, "/v1/snapshot") => snapshot(&app).await,
         (&Method::POST, "/v1/keys/rotate-token-key") => rotate_token_key(&app).await,
         (&Method::POST, "/v1/keys/rotate-phone-key") => rotate_phone_key(&app, body).await,
-        (&Method::GET, "/v1/keys/phone-key-rotation") => match app.store.rotations.rotation().await
-        {
+        // A step of this server's own: the state it answers is the one it has acted on,
+        // so "done" here means this server has let the old key go.
+        (&Method::GET, "/v1/keys/phone-key-rotation") => match app.rotation.tick().await {
             Ok(state) => json(StatusCode::OK, &state),
             Err(e) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
