@@ -50,7 +50,7 @@ pub struct Limits {
 /// Quota taken for one send; [`Limits::give_back`] returns it if the send fails.
 pub struct SendQuota {
     day: i64,
-    phone: String,
+    phone: crate::store::PhoneIndex,
 }
 
 fn window(counter: Counter, now: i64) -> i64 {
@@ -102,14 +102,14 @@ impl Limits {
         let now = now();
         let day = window(Counter::SendsPerDay, now);
         let retry_after = secs_left(Counter::SendsPerDay, now);
-        let p = phone.index.as_str();
+        let p = &phone.index;
         let mut limit = self.cfg.phone_per_day;
         if let (Some(other), true) = (&phone.other, limit > 0) {
             // While the phone key rotates, today's sends counted under the other key
             // count too.
             let before = self
                 .counters
-                .count(Counter::PhoneSendsPerDay, day, other.as_str())
+                .count(Counter::PhoneSendsPerDay, day, other)
                 .await?;
             if before >= limit {
                 return Err(Limited::PhoneDaily { retry_after });
@@ -134,10 +134,7 @@ impl Limits {
                 .await?;
             return Err(Limited::Global { retry_after });
         }
-        Ok(SendQuota {
-            day,
-            phone: p.to_owned(),
-        })
+        Ok(SendQuota { day, phone: *p })
     }
 
     /// Returns the quota of a send that did not happen.
@@ -165,7 +162,7 @@ impl Limits {
         for index in std::iter::once(&phone.index).chain(&phone.other) {
             failures += self
                 .counters
-                .count(Counter::PhoneFailuresPerHour, hour, index.as_str())
+                .count(Counter::PhoneFailuresPerHour, hour, index)
                 .await?;
         }
         if failures >= limit {
@@ -183,7 +180,7 @@ impl Limits {
         // Limit 0: counting never refuses; check_lockout decides the lockout.
         let _always_counted = self
             .counters
-            .count_up(Counter::PhoneFailuresPerHour, hour, phone.index.as_str(), 0)
+            .count_up(Counter::PhoneFailuresPerHour, hour, &phone.index, 0)
             .await?;
         Ok(())
     }

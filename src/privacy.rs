@@ -62,13 +62,20 @@ impl std::fmt::Display for KeyId {
 }
 
 /// The blind index of one phone number: what the store keys the phone's records by.
-/// base64url of the HMAC's first 16 bytes, so it is a short ASCII string every engine
-/// takes as a key. 128 bits tell a billion phones apart with a chance of a collision
-/// below 10^-20; a longer index only costs: it is a key of the biggest trees, and with
-/// the full 32 bytes (43 characters, schema 5) those outgrew sled's page cache and
-/// slowed every write by a fifth.
+/// The HMAC's first 16 bytes. 128 bits tell a billion phones apart with a chance of a
+/// collision below 10^-20; a longer index only costs: it is a key of the biggest trees,
+/// and sled's page cache holds fewer nodes the longer their keys are. With all 32 bytes
+/// as text (43 characters, schema 5) those trees outgrew the cache and slowed every
+/// write by a fifth; as 22 characters of text (schema 6), send-code by a tenth still.
+/// So sled keys by the 16 bytes themselves ([`PhoneIndex::as_bytes`]; schema 7), which
+/// sled also keeps inline in its nodes (up to 22 bytes) rather than in an allocation of
+/// their own; PostgreSQL, whose column is text, by their base64url
+/// ([`PhoneIndex::as_str`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PhoneIndex([u8; INDEX_CHARS]);
+pub struct PhoneIndex {
+    bytes: [u8; INDEX_BYTES],
+    text: [u8; INDEX_CHARS],
+}
 
 const INDEX_BYTES: usize = 16;
 /// base64url without padding of 16 bytes.
@@ -78,41 +85,61 @@ const INDEX_CHARS: usize = 22;
 const LONG_INDEX_CHARS: usize = 43;
 
 impl PhoneIndex {
+    /// The index as text (base64url): PostgreSQL's key.
     pub fn as_str(&self) -> &str {
         // base64url is ASCII.
-        std::str::from_utf8(&self.0).expect("base64url is ASCII")
+        std::str::from_utf8(&self.text).expect("base64url is ASCII")
     }
 
-    /// An index as stored (a key read back from the store, or of a backup), the long form
-    /// of schema 5 included; None if it is not one.
+    /// The index's 16 bytes: sled's key, and a backup's.
+    pub fn as_bytes(&self) -> &[u8; INDEX_BYTES] {
+        &self.bytes
+    }
+
+    /// An index as text (a PostgreSQL row, or a key of schema 5 or 6), the long form of
+    /// schema 5 included; None if it is not one.
     pub fn parse(s: &str) -> Option<PhoneIndex> {
-        if s.len() == LONG_INDEX_CHARS {
-            let digest = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        let digest = match s.len() {
+            INDEX_CHARS | LONG_INDEX_CHARS => base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(s)
-                .ok()?;
-            return Some(PhoneIndex::of_digest(&digest));
-        }
-        let bytes: [u8; INDEX_CHARS] = s.as_bytes().try_into().ok()?;
-        bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
-            .then_some(PhoneIndex(bytes))
+                .ok()?,
+            _ => return None,
+        };
+        Some(PhoneIndex::of_digest(&digest))
     }
 
-    /// Whether `s` is an index in the long form of schema 5, which [`PhoneIndex::parse`]
-    /// shortens.
-    pub fn is_long(s: &str) -> bool {
-        s.len() == LONG_INDEX_CHARS && PhoneIndex::parse(s).is_some()
+    /// An index as a sled key or a backup record holds it: its 16 bytes, or the text of
+    /// schema 5 or 6. None for anything else, a phone in the clear (schema 4) included.
+    pub fn from_key(key: &[u8]) -> Option<PhoneIndex> {
+        if key.len() == INDEX_BYTES && !is_plain_phone(key) {
+            return Some(PhoneIndex::of_digest(key));
+        }
+        PhoneIndex::parse(std::str::from_utf8(key).ok()?)
+    }
+
+    /// Whether `key` holds an index as text (schema 5 or 6), which schema 7 keys by its
+    /// bytes instead.
+    pub fn is_text_key(key: &[u8]) -> bool {
+        matches!(key.len(), INDEX_CHARS | LONG_INDEX_CHARS)
+            && std::str::from_utf8(key).is_ok_and(|k| PhoneIndex::parse(k).is_some())
     }
 
     fn of_digest(digest: &[u8]) -> PhoneIndex {
-        let mut out = [0u8; INDEX_CHARS];
+        let bytes: [u8; INDEX_BYTES] = digest[..INDEX_BYTES].try_into().expect("16 bytes");
+        let mut text = [0u8; INDEX_CHARS];
         let written = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode_slice(&digest[..INDEX_BYTES], &mut out)
+            .encode_slice(bytes, &mut text)
             .expect("22 characters hold 16 bytes");
         debug_assert_eq!(written, INDEX_CHARS);
-        PhoneIndex(out)
+        PhoneIndex { bytes, text }
     }
+}
+
+/// A phone in the clear, as a store before schema 5 keyed records by: `+` and up to 15
+/// digits (E.164). 16 bytes of an index look like one by chance once in 10^23.
+pub fn is_plain_phone(key: &[u8]) -> bool {
+    matches!(key.split_first(), Some((b'+', digits))
+        if (1..=15).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit))
 }
 
 /// An index is not a secret, but it is not for logs either: it names one person.
@@ -478,6 +505,13 @@ mod tests {
         );
         assert_eq!(a.as_str().len(), 22);
         assert_eq!(PhoneIndex::parse(a.as_str()), Some(a));
+        assert_eq!(PhoneIndex::from_key(a.as_bytes()), Some(a));
+        assert_eq!(PhoneIndex::from_key(a.as_str().as_bytes()), Some(a));
+        assert!(PhoneIndex::is_text_key(a.as_str().as_bytes()));
+        assert!(!PhoneIndex::is_text_key(a.as_bytes()));
+        // 16 bytes that are a phone in the clear are not taken for an index.
+        assert_eq!(PhoneIndex::from_key(b"+861381234567890"), None);
+        assert!(is_plain_phone(b"+861381234567890"));
         // The long form of schema 5 (all 32 bytes) shortens to the same index.
         let mut mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(&{
             let kdf = hkdf::Hkdf::<Sha256>::new(Some(b"smsauth phone key"), &k);
@@ -489,10 +523,11 @@ mod tests {
         mac.update(b"+8613812345678");
         let long =
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-        assert!(PhoneIndex::is_long(&long));
+        assert!(PhoneIndex::is_text_key(long.as_bytes()));
         assert_eq!(PhoneIndex::parse(&long), Some(a));
-        assert!(!PhoneIndex::is_long(a.as_str()));
+        assert_eq!(PhoneIndex::from_key(long.as_bytes()), Some(a));
         assert_eq!(PhoneIndex::parse("+8613812345678"), None);
+        assert_eq!(PhoneIndex::from_key(b"+8613812345678"), None);
         assert_eq!(format!("{a:?}"), "PhoneIndex(..)");
     }
 

@@ -326,33 +326,39 @@ async fn a_postgres_database_of_the_previous_release_is_sealed_at_its_first_star
     );
 }
 
-/// The stores of the release before shorter blind indexes (schema 5 on both engines, made
-/// from the fixtures above by that release's binary, 7b0567d, with `smsauth migrate`):
-/// the same accounts and code, keyed by 43-character indexes.
+/// The stores of the releases before sled keyed by the blind index's bytes: schema 5
+/// (43-character indexes, both engines, made from the fixtures above by that release's
+/// binary, 7b0567d, with `smsauth migrate`) and schema 6 (22 characters, made from the
+/// schema-5 fixture by a2b7750's binary the same way): the same accounts and code.
 #[tokio::test]
-async fn a_sled_store_with_long_phone_indexes_is_rekeyed_at_its_first_start() {
+async fn a_sled_store_keyed_by_indexes_as_text_is_rekeyed_at_its_first_start() {
     if common::engine() == "postgres" {
         eprintln!("skipped under TEST_STORAGE_ENGINE=postgres: it upgrades a sled data dir");
         return;
     }
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schema5-sled");
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    copy_dir(&fixture, &dir.path().join("data"));
-    let s = TestServer::start_in(dir.clone(), CODE_CONFIG).await;
-    assert!(
-        s.log_lines().iter().any(|l| l["message"]
-            == "store migrated to schema 6: shorter phone indexes"
-            && l["records"].as_u64() >= Some(4)),
-        "{:?}",
-        s.log_lines()
-    );
-    check_upgraded(&s).await;
-    let s = s.restart().await;
-    let again = s.sms_login("13800000004").await;
-    assert_eq!(
-        again["user"]["id"], 3,
-        "the wrong guess's user, found again"
-    );
+    for fixture in ["schema5-sled", "schema6-sled"] {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(fixture);
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        copy_dir(&fixture, &dir.path().join("data"));
+        let s = TestServer::start_in(dir.clone(), CODE_CONFIG).await;
+        assert!(
+            s.log_lines().iter().any(|l| l["message"]
+                == "store migrated to schema 7: records keyed by the phone index's bytes"
+                && l["records"].as_u64() >= Some(4)),
+            "{}: {:?}",
+            fixture.display(),
+            s.log_lines()
+        );
+        check_upgraded(&s).await;
+        let s = s.restart().await;
+        let again = s.sms_login("13800000004").await;
+        assert_eq!(
+            again["user"]["id"], 3,
+            "the wrong guess's user, found again"
+        );
+    }
 }
 
 #[tokio::test]

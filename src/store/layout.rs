@@ -6,28 +6,29 @@
 //! | --- | --- | --- |
 //! | `meta` | name | `schema_version` u32 BE; `next_user_id`, `users_total` u64 BE; others the sled engine's own |
 //! | `userid_user` | user id u64 BE | codec user record, phone sealed ([`super::codec::encode_user`]) |
-//! | `phone_userid` | the phone's blind index ([`crate::privacy::PhoneIndex`]) | user id u64 BE |
+//! | `phone_userid` | the phone's blind index, its 16 bytes ([`crate::privacy::PhoneIndex::as_bytes`]) | user id u64 BE |
 //! | `useridmethod_login` | user id u64 BE, method byte | codec([`crate::model::LoginMethod`]) |
 //! | `wechat_userid` | WeChat id bytes | user id u64 BE (valid only while the user's `wechat` method names it) |
 //! | `kindkey_grant` | grant kind byte, SHA-256 of the grant's token | expiry unix secs i64 BE, then the grant's bytes |
-//! | `phonepurpose_code` | blind index, 0xff, purpose byte | codec([`crate::model::PendingCode`]) |
+//! | `phonepurpose_code` | blind index (16 bytes), 0xff, purpose byte | codec([`crate::model::PendingCode`]) |
 //! | `jti_exp` | token id bytes | expiry unix secs i64 BE |
 //! | `useridsession_session` | user id u64 BE, session id (16 bytes) | codec([`super::SessionRecord`]) |
 //! | `hash_refresh` | SHA-256 of a refresh token | codec(user id, session id, expires_at, used_at) |
-//! | `counter_count` | counter byte, window i64 BE, subject bytes (a phone's blind index, or empty) | count u64 BE |
+//! | `counter_count` | counter byte, window i64 BE, subject bytes (a phone's blind index, 16 bytes; empty for the service's budget) | count u64 BE |
 //! | `useridtimeseq_activity` | user id u64 BE, unix secs i64 BE, seq u32 BE | codec([`super::ActivityValue`]) |
 //!
 //! No phone number is kept in the clear (schema 5): `meta/phone_key_id` names the phone
-//! key the store is sealed with; the key itself is never in the store. Schema 6 keys by
-//! the short blind index (16 bytes, 22 characters; schema 5's were 43), and may hold
-//! `meta/phone_key_rotation` (a rotation's state, [`crate::rotation`]).
+//! key the store is sealed with; the key itself is never in the store. Schema 6 keyed by
+//! the short blind index as text (22 characters; schema 5's were 43) and may hold
+//! `meta/phone_key_rotation` (a rotation's state, [`crate::rotation`]); schema 7 keys by
+//! the index's 16 bytes. A backup's keys are read in every one of these forms.
 
 use super::codec::u64_key;
 use super::{GrantKind, PhoneIndex};
 use crate::model::{ActivityEvent, Counter, Method, Purpose, UserId};
 
 /// The version of this layout (`meta/schema_version`): the sled engine's schema.
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 pub const META: &str = "meta";
 pub const USERS: &str = "userid_user";
@@ -90,22 +91,25 @@ pub fn purpose_byte(p: Purpose) -> u8 {
 }
 
 pub fn code_key(phone: &PhoneIndex, purpose: Purpose) -> Vec<u8> {
-    let phone = phone.as_str();
+    let phone = phone.as_bytes();
     let mut k = Vec::with_capacity(phone.len() + 2);
-    k.extend_from_slice(phone.as_bytes());
+    k.extend_from_slice(phone);
     k.push(0xff);
     k.push(purpose_byte(purpose));
     k
 }
 
-pub fn parse_code_key(k: &[u8]) -> Option<(String, Purpose)> {
+/// The phone part and purpose of a `phonepurpose_code` key. The phone part is an index
+/// ([`PhoneIndex::from_key`]), or a phone in the clear in a store or backup before
+/// schema 5.
+pub fn parse_code_key(k: &[u8]) -> Option<(&[u8], Purpose)> {
     let (&p, rest) = k.split_last()?;
     let (&sep, phone) = rest.split_last()?;
     if sep != 0xff {
         return None;
     }
     let purpose = Purpose::ALL.into_iter().find(|x| purpose_byte(*x) == p)?;
-    Some((String::from_utf8(phone.to_vec()).ok()?, purpose))
+    Some((phone, purpose))
 }
 
 pub fn counter_byte(c: Counter) -> u8 {
@@ -116,20 +120,22 @@ pub fn counter_byte(c: Counter) -> u8 {
     }
 }
 
-pub fn counter_key(counter: Counter, window: i64, subject: &str) -> Vec<u8> {
+/// The key of a counter: of a phone (`subject` its index's bytes, or before schema 7 its
+/// text, before schema 5 the phone itself), or of the whole service (empty).
+pub fn counter_key(counter: Counter, window: i64, subject: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + subject.len());
     k.push(counter_byte(counter));
     k.extend_from_slice(&window.to_be_bytes());
-    k.extend_from_slice(subject.as_bytes());
+    k.extend_from_slice(subject);
     k
 }
 
 /// The counter, window and subject of a `counter_count` key.
-pub fn parse_counter_key(k: &[u8]) -> Option<(Counter, i64, String)> {
+pub fn parse_counter_key(k: &[u8]) -> Option<(Counter, i64, &[u8])> {
     let (&c, rest) = k.split_first()?;
     let counter = Counter::ALL.into_iter().find(|x| counter_byte(*x) == c)?;
     let window = i64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
-    Some((counter, window, String::from_utf8(rest[8..].to_vec()).ok()?))
+    Some((counter, window, &rest[8..]))
 }
 
 pub fn session_key(user: UserId, id: &super::SessionId) -> [u8; 24] {
@@ -186,16 +192,18 @@ mod tests {
 
     #[test]
     fn keys_parse_back() {
-        let k = counter_key(Counter::PhoneFailuresPerHour, -3, "+861");
+        let index = crate::privacy::PhoneVault::random().index("+861");
+        let k = counter_key(Counter::PhoneFailuresPerHour, -3, index.as_bytes());
         assert_eq!(
             parse_counter_key(&k),
-            Some((Counter::PhoneFailuresPerHour, -3, "+861".to_string()))
+            Some((Counter::PhoneFailuresPerHour, -3, &index.as_bytes()[..]))
         );
-        let index = crate::privacy::PhoneVault::random().index("+861");
         let k = code_key(&index, Purpose::ResetPassword);
+        // Short enough for sled to keep inline in a node (22 bytes).
+        assert_eq!(k.len(), 18);
         assert_eq!(
             parse_code_key(&k),
-            Some((index.as_str().to_string(), Purpose::ResetPassword))
+            Some((&index.as_bytes()[..], Purpose::ResetPassword))
         );
         assert_eq!(method_key_user(&method_key(7, Method::Password)), Some(7));
         assert_eq!(

@@ -331,13 +331,13 @@ pub trait ResendWaits: Send + Sync {
 /// Counts in fixed windows (a UTC day, a clock hour) that outlive restarts. A per-phone
 /// counter's subject is the phone's blind index ([`PhoneIndex::as_str`]).
 pub trait Counters: Send + Sync {
-    /// Adds one to a counter in window `window` unless it has reached `limit` (0: no
-    /// limit). Ok(new value), or Err(current value) when at the limit. Atomic.
+    /// Adds one to a phone's counter in window `window` unless it has reached `limit` (0:
+    /// no limit). Ok(new value), or Err(current value) when at the limit. Atomic.
     fn count_up<'a>(
         &'a self,
         counter: Counter,
         window: i64,
-        subject: &'a str,
+        phone: &'a PhoneIndex,
         limit: u64,
     ) -> BoxFuture<'a, Result<Result<u64, u64>>>;
     /// Takes one back (a send that failed should not cost quota).
@@ -345,13 +345,13 @@ pub trait Counters: Send + Sync {
         &'a self,
         counter: Counter,
         window: i64,
-        subject: &'a str,
+        phone: &'a PhoneIndex,
     ) -> BoxFuture<'a, Result<()>>;
     fn count<'a>(
         &'a self,
         counter: Counter,
         window: i64,
-        subject: &'a str,
+        phone: &'a PhoneIndex,
     ) -> BoxFuture<'a, Result<u64>>;
     /// One send from the service's daily budget of `limit` (0: none) for day `day`: true
     /// if it was taken. Every send in the service takes one, so engines may count it

@@ -66,10 +66,11 @@ impl PgStore {
             .map_err(classify)?;
         for row in &users {
             let (bare, sealed) = super::users::sealed_row_user(row);
-            let index: String = row.get(8);
+            let index = PhoneIndex::parse(row.get(8))
+                .ok_or_else(|| StoreError::Corrupt("users.phone_index".into()))?;
             put(
                 layout::PHONES,
-                index.into_bytes(),
+                index.as_bytes().to_vec(),
                 u64_key(bare.id).to_vec(),
             );
             put(
@@ -155,7 +156,15 @@ impl PgStore {
             .await
             .map_err(classify)?
         {
-            let subject: String = row.get(2);
+            // A phone's index, or '' for the service's budget.
+            let subject: &str = row.get(2);
+            let subject = match subject {
+                "" => Vec::new(),
+                index => PhoneIndex::parse(index)
+                    .ok_or_else(|| StoreError::Corrupt("counters.subject".into()))?
+                    .as_bytes()
+                    .to_vec(),
+            };
             let key = counter_key(counter_of(row.get(0))?, row.get(1), &subject);
             put(
                 layout::COUNTERS,
@@ -218,19 +227,23 @@ impl PgStore {
         Ok(trees)
     }
 
-    /// The index a backup's phone key names: an index already, or a phone in the clear
-    /// (an earlier release's backup).
-    fn index_of(&self, key: &str) -> PhoneIndex {
-        PhoneIndex::parse(key).unwrap_or_else(|| self.vault.index(key))
+    /// The index a backup's phone key names: an index already (as bytes, or as text
+    /// before schema 7), or a phone in the clear (a backup before schema 5).
+    fn index_of(&self, key: &[u8]) -> Result<PhoneIndex> {
+        if crate::privacy::is_plain_phone(key) {
+            let phone = std::str::from_utf8(key).expect("a plain phone is ASCII");
+            return Ok(self.vault.index(phone));
+        }
+        PhoneIndex::from_key(key).ok_or_else(|| StoreError::Corrupt("a phone index".into()))
     }
 
-    /// A counter's subject as this release keys it: a phone becomes its index.
-    fn subject_of(&self, subject: &str) -> String {
-        if subject.starts_with('+') {
-            self.vault.index(subject).as_str().to_owned()
-        } else {
-            subject.to_owned()
+    /// A counter's subject as this store keys it: a phone's index as text, or '' for
+    /// the service's budget.
+    fn subject_of(&self, subject: &[u8]) -> Result<String> {
+        if subject.is_empty() {
+            return Ok(String::new());
         }
+        Ok(self.index_of(subject)?.as_str().to_owned())
     }
 
     /// Moves the identity past `id`, so ids from the backup are never given out again.
@@ -306,7 +319,7 @@ impl PgStore {
                 let (phone, purpose) =
                     parse_code_key(key).ok_or_else(|| StoreError::Corrupt("code key".into()))?;
                 let c: PendingCode = decode(value)?;
-                let index = self.index_of(&phone);
+                let index = self.index_of(phone)?;
                 crate::store::PendingCodes::put_code(self, &index, purpose, c).await
             }
             layout::REVOKED => {
@@ -323,7 +336,7 @@ impl PgStore {
                     &[
                         &super::limits::counter_number(counter),
                         &window,
-                        &self.subject_of(&subject),
+                        &self.subject_of(subject)?,
                         &(read_u64(value)? as i64),
                     ],
                 )

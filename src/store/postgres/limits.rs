@@ -7,7 +7,7 @@ use super::{PgStore, Result};
 use crate::clock::now_ms;
 use crate::config::LimitsConfig;
 use crate::model::Counter;
-use crate::store::{AddressLimit, AddressLimits, BoxFuture, Counters, budget_block};
+use crate::store::{AddressLimit, AddressLimits, BoxFuture, Counters, PhoneIndex, budget_block};
 
 pub(super) fn counter_number(c: Counter) -> i16 {
     match c {
@@ -106,46 +106,68 @@ impl ReservedBudget {
     }
 }
 
+impl PgStore {
+    /// A counter of `subject`: a phone's index as text, or '' for the service's budget.
+    async fn count_subject_up(
+        &self,
+        counter: Counter,
+        window: i64,
+        subject: &str,
+        limit: u64,
+    ) -> Result<std::result::Result<u64, u64>> {
+        let kind = counter_number(counter);
+        let limit = limit as i64;
+        let counted = self
+            .query_opt(
+                "count_up",
+                "INSERT INTO counters (kind, win, subject, count) VALUES ($1, $2, $3, 1)
+                 ON CONFLICT (kind, win, subject) DO UPDATE SET count = counters.count + 1
+                 WHERE $4::bigint = 0 OR counters.count < $4::bigint
+                 RETURNING count",
+                &[&kind, &window, &subject, &limit],
+            )
+            .await?;
+        if let Some(row) = counted {
+            return Ok(Ok(row.get::<_, i64>(0) as u64));
+        }
+        Ok(Err(self.count_subject(counter, window, subject).await?))
+    }
+
+    async fn count_subject(&self, counter: Counter, window: i64, subject: &str) -> Result<u64> {
+        let row = self
+            .query_opt(
+                "count",
+                "SELECT count FROM counters WHERE kind = $1 AND win = $2 AND subject = $3",
+                &[&counter_number(counter), &window, &subject],
+            )
+            .await?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
+    }
+}
+
 impl Counters for PgStore {
     fn count_up<'a>(
         &'a self,
         counter: Counter,
         window: i64,
-        subject: &'a str,
+        phone: &'a PhoneIndex,
         limit: u64,
     ) -> BoxFuture<'a, Result<std::result::Result<u64, u64>>> {
-        Box::pin(async move {
-            let kind = counter_number(counter);
-            let limit = limit as i64;
-            let counted = self
-                .query_opt(
-                    "count_up",
-                    "INSERT INTO counters (kind, win, subject, count) VALUES ($1, $2, $3, 1)
-                     ON CONFLICT (kind, win, subject) DO UPDATE SET count = counters.count + 1
-                     WHERE $4::bigint = 0 OR counters.count < $4::bigint
-                     RETURNING count",
-                    &[&kind, &window, &subject, &limit],
-                )
-                .await?;
-            if let Some(row) = counted {
-                return Ok(Ok(row.get::<_, i64>(0) as u64));
-            }
-            Ok(Err(self.count(counter, window, subject).await?))
-        })
+        Box::pin(self.count_subject_up(counter, window, phone.as_str(), limit))
     }
 
     fn count_down<'a>(
         &'a self,
         counter: Counter,
         window: i64,
-        subject: &'a str,
+        phone: &'a PhoneIndex,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.execute(
                 "count_down",
                 "UPDATE counters SET count = count - 1
                  WHERE kind = $1 AND win = $2 AND subject = $3 AND count > 0",
-                &[&counter_number(counter), &window, &subject],
+                &[&counter_number(counter), &window, &phone.as_str()],
             )
             .await?;
             Ok(())
@@ -156,18 +178,9 @@ impl Counters for PgStore {
         &'a self,
         counter: Counter,
         window: i64,
-        subject: &'a str,
+        phone: &'a PhoneIndex,
     ) -> BoxFuture<'a, Result<u64>> {
-        Box::pin(async move {
-            let row = self
-                .query_opt(
-                    "count",
-                    "SELECT count FROM counters WHERE kind = $1 AND win = $2 AND subject = $3",
-                    &[&counter_number(counter), &window, &subject],
-                )
-                .await?;
-            Ok(row.map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
-        })
+        Box::pin(self.count_subject(counter, window, phone.as_str()))
     }
 
     fn take_budget(&self, day: i64, limit: u64) -> BoxFuture<'_, Result<bool>> {
@@ -199,7 +212,7 @@ impl Counters for PgStore {
                 return Ok(true);
             }
             Ok(self
-                .count_up(Counter::SendsPerDay, day, "", limit)
+                .count_subject_up(Counter::SendsPerDay, day, "", limit)
                 .await?
                 .is_ok())
         })

@@ -131,7 +131,8 @@ impl SledStore {
                     .codes
                     .compare_and_swap(&k, Some(v), None as Option<&[u8]>)?
                     .is_ok();
-            } else if let Some(phone) = parse_code_key(&k).and_then(|(p, _)| PhoneIndex::parse(&p))
+            } else if let Some(phone) =
+                parse_code_key(&k).and_then(|(p, _)| PhoneIndex::from_key(p))
             {
                 each_live(&phone, &code);
                 live += 1;
@@ -163,7 +164,7 @@ impl SledStore {
     }
 
     fn put_code_now(&self, phone: &PhoneIndex, purpose: Purpose, rec: PendingCode) -> Result<()> {
-        let _phone = self.pending.locks.lock(phone.as_str());
+        let _phone = self.pending.locks.lock(phone);
         self.save_code(phone, purpose, &rec)?;
         self.pending.pending.insert(key(phone, purpose), rec);
         Ok(())
@@ -178,7 +179,7 @@ impl SledStore {
         now: i64,
     ) -> Result<CodeCheck> {
         let key = key(phone, purpose);
-        let _phone = self.pending.locks.lock(phone.as_str());
+        let _phone = self.pending.locks.lock(phone);
         let (rec, cached) = match self.pending.pending.get(&key) {
             Some(rec) => (rec, true),
             // Not in memory: pushed out for space, so the tree is authoritative.
@@ -231,7 +232,7 @@ impl SledStore {
     }
 
     fn discard_now(&self, phone: &PhoneIndex, purpose: Purpose) -> Result<()> {
-        let _phone = self.pending.locks.lock(phone.as_str());
+        let _phone = self.pending.locks.lock(phone);
         self.pending.pending.invalidate(&key(phone, purpose));
         self.delete_code(phone, purpose)
     }

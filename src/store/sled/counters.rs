@@ -14,7 +14,7 @@ use super::SledStore;
 use crate::model::Counter;
 use crate::store::codec::{read_u64, u64_key};
 use crate::store::layout::{counter_byte, counter_key};
-use crate::store::{BoxFuture, Counters, StoreError, budget_block, ready};
+use crate::store::{BoxFuture, Counters, PhoneIndex, StoreError, budget_block, ready};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -38,7 +38,7 @@ impl DailyBudget {
 }
 
 impl SledStore {
-    fn count_now(&self, counter: Counter, window: i64, subject: &str) -> Result<u64> {
+    fn count_now(&self, counter: Counter, window: i64, subject: &[u8]) -> Result<u64> {
         match self.counters.get(counter_key(counter, window, subject))? {
             Some(v) => read_u64(&v),
             None => Ok(0),
@@ -46,7 +46,7 @@ impl SledStore {
     }
 
     /// Sets a counter outright: for the budget, which has one writer.
-    fn set_count(&self, counter: Counter, window: i64, subject: &str, value: u64) -> Result<()> {
+    fn set_count(&self, counter: Counter, window: i64, subject: &[u8], value: u64) -> Result<()> {
         let _gate = self.write_gate();
         self.counters
             .insert(counter_key(counter, window, subject), &u64_key(value)[..])?;
@@ -58,7 +58,7 @@ impl SledStore {
         &self,
         counter: Counter,
         window: i64,
-        subject: &str,
+        subject: &[u8],
         limit: u64,
     ) -> Result<std::result::Result<u64, u64>> {
         let _gate = self.write_gate();
@@ -80,7 +80,7 @@ impl SledStore {
         Ok(outcome)
     }
 
-    fn count_down_now(&self, counter: Counter, window: i64, subject: &str) -> Result<()> {
+    fn count_down_now(&self, counter: Counter, window: i64, subject: &[u8]) -> Result<()> {
         let _gate = self.write_gate();
         let key = counter_key(counter, window, subject);
         self.counters.update_and_fetch(&key, |old| {
@@ -94,7 +94,7 @@ impl SledStore {
     fn take_budget_now(&self, day: i64, limit: u64) -> Result<bool> {
         let mut d = self.budget.0.lock().unwrap_or_else(PoisonError::into_inner);
         if d.day != day {
-            let stored = self.count_now(Counter::SendsPerDay, day, "")?;
+            let stored = self.count_now(Counter::SendsPerDay, day, b"")?;
             *d = BudgetDay {
                 day,
                 used: stored,
@@ -107,7 +107,7 @@ impl SledStore {
         if d.used >= d.stored {
             let ahead = d.used + budget_block(limit);
             let ahead = if limit == 0 { ahead } else { ahead.min(limit) };
-            self.set_count(Counter::SendsPerDay, day, "", ahead)?;
+            self.set_count(Counter::SendsPerDay, day, b"", ahead)?;
             d.stored = ahead;
         }
         d.used += 1;
@@ -124,7 +124,7 @@ impl SledStore {
     fn close_budget_now(&self) -> Result<()> {
         let d = self.budget.0.lock().unwrap_or_else(PoisonError::into_inner);
         if d.day != i64::MIN && d.stored != d.used {
-            self.set_count(Counter::SendsPerDay, d.day, "", d.used)?;
+            self.set_count(Counter::SendsPerDay, d.day, b"", d.used)?;
         }
         Ok(())
     }
@@ -133,7 +133,7 @@ impl SledStore {
         let _gate = self.write_gate();
         let mut pruned = 0;
         for counter in Counter::ALL {
-            let keep_from = counter_key(counter, oldest_kept(counter), "");
+            let keep_from = counter_key(counter, oldest_kept(counter), b"");
             let start = [counter_byte(counter)];
             for kv in self.counters.range(start.as_slice()..keep_from.as_slice()) {
                 self.counters.remove(kv?.0)?;
@@ -152,28 +152,28 @@ impl Counters for SledStore {
         &'a self,
         counter: Counter,
         window: i64,
-        subject: &'a str,
+        phone: &'a PhoneIndex,
         limit: u64,
     ) -> BoxFuture<'a, Result<std::result::Result<u64, u64>>> {
-        ready(self.count_up_now(counter, window, subject, limit))
+        ready(self.count_up_now(counter, window, phone.as_bytes(), limit))
     }
 
     fn count_down<'a>(
         &'a self,
         counter: Counter,
         window: i64,
-        subject: &'a str,
+        phone: &'a PhoneIndex,
     ) -> BoxFuture<'a, Result<()>> {
-        ready(self.count_down_now(counter, window, subject))
+        ready(self.count_down_now(counter, window, phone.as_bytes()))
     }
 
     fn count<'a>(
         &'a self,
         counter: Counter,
         window: i64,
-        subject: &'a str,
+        phone: &'a PhoneIndex,
     ) -> BoxFuture<'a, Result<u64>> {
-        ready(self.count_now(counter, window, subject))
+        ready(self.count_now(counter, window, phone.as_bytes()))
     }
 
     fn take_budget(&self, day: i64, limit: u64) -> BoxFuture<'_, Result<bool>> {

@@ -352,7 +352,7 @@ impl SledStore {
     fn is_indexed(&self, user: &User) -> Result<bool, StoreError> {
         let (index, other) = self.vault.indexes(&user.phone);
         for index in other.iter().chain([&index]) {
-            if self.phones.get(index.as_str())?.as_deref() == Some(&u64_key(user.id)[..]) {
+            if self.phones.get(index.as_bytes())?.as_deref() == Some(&u64_key(user.id)[..]) {
                 return Ok(true);
             }
         }
@@ -438,9 +438,11 @@ impl SledStore {
         if (1..5).contains(&found) {
             self.seal_plain_records()?;
         }
-        // 5 to 6: shorter blind indexes (a store sealed just now has them already).
-        if found == 5 {
-            self.shorten_indexes()?;
+        // 5 to 6: shorter blind indexes; 6 to 7: keyed by their bytes. A store sealed
+        // just now has those already, but a seal cut short by an earlier release may have
+        // left indexes as text.
+        if (1..7).contains(&found) {
+            self.key_by_index_bytes()?;
         }
         self.meta
             .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;

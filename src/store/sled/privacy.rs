@@ -163,7 +163,7 @@ impl SledStore {
             if let Some(phone) = plain_phone(&k) {
                 // Written before the plain entry goes: a crash between leaves both, and
                 // the next run removes the plain one.
-                self.phones.insert(self.vault.index(phone).as_str(), id)?;
+                self.phones.insert(self.vault.index(phone).as_bytes(), id)?;
                 self.phones.remove(&k)?;
             }
             phones.step();
@@ -181,7 +181,7 @@ impl SledStore {
             let Some((phone, purpose)) = parse_code_key(&k) else {
                 continue;
             };
-            if let Some(phone) = plain_phone(phone.as_bytes()) {
+            if let Some(phone) = plain_phone(phone) {
                 let new = code_key(&self.vault.index(phone), purpose);
                 let _ = self
                     .codes
@@ -194,8 +194,8 @@ impl SledStore {
             let Some((counter, window, subject)) = parse_counter_key(&k) else {
                 continue;
             };
-            if let Some(phone) = plain_phone(subject.as_bytes()) {
-                let new = counter_key(counter, window, self.vault.index(phone).as_str());
+            if let Some(phone) = plain_phone(subject) {
+                let new = counter_key(counter, window, self.vault.index(phone).as_bytes());
                 let _ = self
                     .counters
                     .compare_and_swap(new, None as Option<&[u8]>, Some(v))?;
@@ -212,18 +212,18 @@ impl SledStore {
 }
 
 impl SledStore {
-    /// Schema 5 to 6: the blind indexes shortened to their first 16 bytes
-    /// ([`PhoneIndex`]), which needs no key. Each record is written under its new key
-    /// before the old one goes, and only long keys are touched, so a run cut short is
-    /// finished by the next.
-    pub(super) fn shorten_indexes(&self) -> Result<()> {
+    /// Schemas 5 and 6 to 7: records keyed by a blind index as text (43 characters in
+    /// schema 5, 22 in 6) re-keyed by the index's 16 bytes ([`PhoneIndex::as_bytes`]),
+    /// which needs no key. Each record is written under its new key before the old one
+    /// goes, and only keys as text are touched, so a run cut short is finished by the
+    /// next.
+    pub(super) fn key_by_index_bytes(&self) -> Result<()> {
         let started = Instant::now();
         let mut moved = 0u64;
-        let short = |k: &[u8]| {
-            std::str::from_utf8(k)
-                .ok()
-                .filter(|k| PhoneIndex::is_long(k))
-                .and_then(PhoneIndex::parse)
+        let as_bytes = |k: &[u8]| {
+            PhoneIndex::is_text_key(k)
+                .then(|| PhoneIndex::from_key(k))
+                .flatten()
         };
         let mut put_if_absent = |tree: &sled::Tree, old: &[u8], new: Vec<u8>, v: &[u8]| {
             let _ = tree.compare_and_swap(new, None as Option<&[u8]>, Some(v))?;
@@ -233,14 +233,14 @@ impl SledStore {
         };
         for kv in self.phones.iter() {
             let (k, id) = kv?;
-            if let Some(index) = short(&k) {
-                put_if_absent(&self.phones, &k, index.as_str().as_bytes().to_vec(), &id)?;
+            if let Some(index) = as_bytes(&k) {
+                put_if_absent(&self.phones, &k, index.as_bytes().to_vec(), &id)?;
             }
         }
         for kv in self.codes.iter() {
             let (k, v) = kv?;
             if let Some((phone, purpose)) = parse_code_key(&k)
-                && let Some(index) = short(phone.as_bytes())
+                && let Some(index) = as_bytes(phone)
             {
                 put_if_absent(&self.codes, &k, code_key(&index, purpose), &v)?;
             }
@@ -248,12 +248,12 @@ impl SledStore {
         for kv in self.counters.iter() {
             let (k, v) = kv?;
             if let Some((counter, window, subject)) = parse_counter_key(&k)
-                && let Some(index) = short(subject.as_bytes())
+                && let Some(index) = as_bytes(subject)
             {
                 put_if_absent(
                     &self.counters,
                     &k,
-                    counter_key(counter, window, index.as_str()),
+                    counter_key(counter, window, index.as_bytes()),
                     &v,
                 )?;
             }
@@ -261,18 +261,17 @@ impl SledStore {
         tracing::info!(
             records = moved,
             took_ms = started.elapsed().as_millis() as u64,
-            "store migrated to schema 6: shorter phone indexes"
+            "store migrated to schema 7: records keyed by the phone index's bytes"
         );
         Ok(())
     }
 }
 
-/// A phone in the clear, as an earlier release keyed records by: E.164 starts with `+`,
-/// which a blind index (base64url) never holds.
+/// A phone in the clear, as an earlier release keyed records by.
 fn plain_phone(key: &[u8]) -> Option<&str> {
-    std::str::from_utf8(key)
-        .ok()
-        .filter(|k| k.starts_with('+') && PhoneIndex::parse(k).is_none())
+    crate::privacy::is_plain_phone(key)
+        .then(|| std::str::from_utf8(key).ok())
+        .flatten()
 }
 
 /// Whether the store in `db` still has old bytes to shed (a copy is due).

@@ -318,7 +318,7 @@ fn a_sealing_cut_short_is_finished_by_the_next_open() {
             .unwrap();
         let phones = tree("phone_userid");
         phones
-            .insert(ix("+8613900000001").as_str(), &u64_key(1))
+            .insert(ix("+8613900000001").as_bytes(), &u64_key(1))
             .unwrap();
         phones.insert("+8613900000001", &u64_key(1)).unwrap();
         phones.insert("+8613900000002", &u64_key(2)).unwrap();
@@ -426,7 +426,7 @@ fn code_keys_round_trip_and_the_sweep_takes_only_expired_codes() {
     assert_eq!(count(&s), 1, "the expired one is swept");
     assert_eq!(
         parse_code_key(&s.codes.iter().keys().next().unwrap().unwrap()),
-        Some((zero.as_str().to_string(), Purpose::ResetPassword))
+        Some((&zero.as_bytes()[..], Purpose::ResetPassword))
     );
     let check =
         |code: [u8; 32]| done(s.check_code(&zero, Purpose::ResetPassword, code, 3, 50)).unwrap();
@@ -442,24 +442,25 @@ fn code_keys_round_trip_and_the_sweep_takes_only_expired_codes() {
 fn counters_stop_at_the_limit_and_old_windows_go() {
     let (_dir, s) = store();
     let c = Counter::PhoneSendsPerDay;
-    assert_eq!(done(s.count_up(c, 5, "+861", 2)).unwrap(), Ok(1));
-    assert_eq!(done(s.count_up(c, 5, "+861", 2)).unwrap(), Ok(2));
-    assert_eq!(done(s.count_up(c, 5, "+861", 2)).unwrap(), Err(2));
-    done(s.count_down(c, 5, "+861")).unwrap();
-    assert_eq!(done(s.count(c, 5, "+861")).unwrap(), 1);
+    let p = ix("+861");
+    assert_eq!(done(s.count_up(c, 5, &p, 2)).unwrap(), Ok(1));
+    assert_eq!(done(s.count_up(c, 5, &p, 2)).unwrap(), Ok(2));
+    assert_eq!(done(s.count_up(c, 5, &p, 2)).unwrap(), Err(2));
+    done(s.count_down(c, 5, &p)).unwrap();
+    assert_eq!(done(s.count(c, 5, &p)).unwrap(), 1);
     assert_eq!(
-        done(s.count_up(c, 6, "+861", 2)).unwrap(),
+        done(s.count_up(c, 6, &p, 2)).unwrap(),
         Ok(1),
         "a new window starts at zero"
     );
     assert_eq!(
-        done(s.count_up(Counter::SendsPerDay, 5, "", 0)).unwrap(),
+        done(s.count_up(Counter::PhoneFailuresPerHour, 5, &p, 0)).unwrap(),
         Ok(1),
         "0 = no limit"
     );
     assert_eq!(done(s.prune_counters(&|_| 6)).unwrap(), 2);
-    assert_eq!(done(s.count(c, 5, "+861")).unwrap(), 0);
-    assert_eq!(done(s.count(c, 6, "+861")).unwrap(), 1);
+    assert_eq!(done(s.count(c, 5, &p)).unwrap(), 0);
+    assert_eq!(done(s.count(c, 6, &p)).unwrap(), 1);
 }
 
 #[test]
@@ -778,7 +779,7 @@ fn a_move_to_a_new_phone_key_cut_short_is_finished_by_the_next_pass() {
     // Cut short after its first step for user 1: the new index entry is written, the
     // record still sealed with the old key and the old entry still there.
     s.phones
-        .insert(new_index.as_str(), &u64_key(1)[..])
+        .insert(new_index.as_bytes(), &u64_key(1)[..])
         .unwrap();
     assert_eq!(s.first_unmoved_now().unwrap(), Some(1));
     // The pass, in two batches (the second past the last user).

@@ -31,7 +31,7 @@ impl SledStore {
     }
 
     fn user_by_phone_now(&self, phone: &PhoneIndex) -> Result<Option<User>> {
-        match self.phones.get(phone.as_str())? {
+        match self.phones.get(phone.as_bytes())? {
             Some(id) => self.user_now(read_u64(&id)?),
             None => Ok(None),
         }
@@ -97,7 +97,7 @@ impl SledStore {
                 .insert(method_key(id, m.method), encode_method(m))?;
         }
         // The commit point (see the module doc).
-        self.phones.insert(index.as_str(), &u64_key(id))?;
+        self.phones.insert(index.as_bytes(), &u64_key(id))?;
         self.users_total.fetch_add(1, Ordering::SeqCst);
         self.wrote();
         Ok((user, true))
@@ -187,7 +187,7 @@ impl SledStore {
             indexed |= self
                 .phones
                 .compare_and_swap(
-                    index.as_str(),
+                    index.as_bytes(),
                     Some(&u64_key(id)[..]),
                     None as Option<&[u8]>,
                 )?
@@ -216,7 +216,11 @@ impl Users for SledStore {
     }
 
     fn has_user<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<bool>> {
-        ready(self.phones.contains_key(phone.as_str()).map_err(Into::into))
+        ready(
+            self.phones
+                .contains_key(phone.as_bytes())
+                .map_err(Into::into),
+        )
     }
 
     fn create_user_if_absent<'a>(
