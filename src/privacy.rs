@@ -67,15 +67,12 @@ impl std::fmt::Display for KeyId {
 /// and sled's page cache holds fewer nodes the longer their keys are. With all 32 bytes
 /// as text (43 characters, schema 5) those trees outgrew the cache and slowed every
 /// write by a fifth; as 22 characters of text (schema 6), send-code by a tenth still.
-/// So sled keys by the 16 bytes themselves ([`PhoneIndex::as_bytes`]; schema 7), which
+/// So sled keys by the 16 bytes themselves ([`PhoneIndex::bytes`]; schema 7), which
 /// sled also keeps inline in its nodes (up to 22 bytes) rather than in an allocation of
 /// their own; PostgreSQL, whose column is text, by their base64url
 /// ([`PhoneIndex::as_str`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PhoneIndex {
-    bytes: [u8; INDEX_BYTES],
-    text: [u8; INDEX_CHARS],
-}
+pub struct PhoneIndex([u8; INDEX_CHARS]);
 
 const INDEX_BYTES: usize = 16;
 /// base64url without padding of 16 bytes.
@@ -85,15 +82,21 @@ const INDEX_CHARS: usize = 22;
 const LONG_INDEX_CHARS: usize = 43;
 
 impl PhoneIndex {
-    /// The index as text (base64url): PostgreSQL's key.
+    /// The index as text (base64url): PostgreSQL's key. Kept as text, the form most
+    /// callers take, in 22 bytes: the caches keyed by it hold one per phone.
     pub fn as_str(&self) -> &str {
         // base64url is ASCII.
-        std::str::from_utf8(&self.text).expect("base64url is ASCII")
+        std::str::from_utf8(&self.0).expect("base64url is ASCII")
     }
 
     /// The index's 16 bytes: sled's key, and a backup's.
-    pub fn as_bytes(&self) -> &[u8; INDEX_BYTES] {
-        &self.bytes
+    pub fn bytes(&self) -> [u8; INDEX_BYTES] {
+        let mut out = [0u8; INDEX_BYTES];
+        let written = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode_slice(self.0, &mut out)
+            .expect("an index is 22 characters of base64url");
+        debug_assert_eq!(written, INDEX_BYTES);
+        out
     }
 
     /// An index as text (a PostgreSQL row, or a key of schema 5 or 6), the long form of
@@ -125,13 +128,12 @@ impl PhoneIndex {
     }
 
     fn of_digest(digest: &[u8]) -> PhoneIndex {
-        let bytes: [u8; INDEX_BYTES] = digest[..INDEX_BYTES].try_into().expect("16 bytes");
         let mut text = [0u8; INDEX_CHARS];
         let written = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode_slice(bytes, &mut text)
+            .encode_slice(&digest[..INDEX_BYTES], &mut text)
             .expect("22 characters hold 16 bytes");
         debug_assert_eq!(written, INDEX_CHARS);
-        PhoneIndex { bytes, text }
+        PhoneIndex(text)
     }
 }
 
@@ -505,10 +507,10 @@ mod tests {
         );
         assert_eq!(a.as_str().len(), 22);
         assert_eq!(PhoneIndex::parse(a.as_str()), Some(a));
-        assert_eq!(PhoneIndex::from_key(a.as_bytes()), Some(a));
+        assert_eq!(PhoneIndex::from_key(&a.bytes()), Some(a));
         assert_eq!(PhoneIndex::from_key(a.as_str().as_bytes()), Some(a));
         assert!(PhoneIndex::is_text_key(a.as_str().as_bytes()));
-        assert!(!PhoneIndex::is_text_key(a.as_bytes()));
+        assert!(!PhoneIndex::is_text_key(&a.bytes()));
         // 16 bytes that are a phone in the clear are not taken for an index.
         assert_eq!(PhoneIndex::from_key(b"+861381234567890"), None);
         assert!(is_plain_phone(b"+861381234567890"));

@@ -6,7 +6,7 @@
 //! | --- | --- | --- |
 //! | `meta` | name | `schema_version` u32 BE; `next_user_id`, `users_total` u64 BE; others the sled engine's own |
 //! | `userid_user` | user id u64 BE | codec user record, phone sealed ([`super::codec::encode_user`]) |
-//! | `phone_userid` | the phone's blind index, its 16 bytes ([`crate::privacy::PhoneIndex::as_bytes`]) | user id u64 BE |
+//! | `phone_userid` | the phone's blind index, its 16 bytes ([`crate::privacy::PhoneIndex::bytes`]) | user id u64 BE |
 //! | `useridmethod_login` | user id u64 BE, method byte | codec([`crate::model::LoginMethod`]) |
 //! | `wechat_userid` | WeChat id bytes | user id u64 BE (valid only while the user's `wechat` method names it) |
 //! | `kindkey_grant` | grant kind byte, SHA-256 of the grant's token | expiry unix secs i64 BE, then the grant's bytes |
@@ -91,7 +91,7 @@ pub fn purpose_byte(p: Purpose) -> u8 {
 }
 
 pub fn code_key(phone: &PhoneIndex, purpose: Purpose) -> Vec<u8> {
-    let phone = phone.as_bytes();
+    let phone = &phone.bytes();
     let mut k = Vec::with_capacity(phone.len() + 2);
     k.extend_from_slice(phone);
     k.push(0xff);
@@ -193,17 +193,17 @@ mod tests {
     #[test]
     fn keys_parse_back() {
         let index = crate::privacy::PhoneVault::random().index("+861");
-        let k = counter_key(Counter::PhoneFailuresPerHour, -3, index.as_bytes());
+        let k = counter_key(Counter::PhoneFailuresPerHour, -3, &index.bytes());
         assert_eq!(
             parse_counter_key(&k),
-            Some((Counter::PhoneFailuresPerHour, -3, &index.as_bytes()[..]))
+            Some((Counter::PhoneFailuresPerHour, -3, &index.bytes()[..]))
         );
         let k = code_key(&index, Purpose::ResetPassword);
         // Short enough for sled to keep inline in a node (22 bytes).
         assert_eq!(k.len(), 18);
         assert_eq!(
             parse_code_key(&k),
-            Some((&index.as_bytes()[..], Purpose::ResetPassword))
+            Some((&index.bytes()[..], Purpose::ResetPassword))
         );
         assert_eq!(method_key_user(&method_key(7, Method::Password)), Some(7));
         assert_eq!(

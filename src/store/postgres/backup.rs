@@ -70,7 +70,7 @@ impl PgStore {
                 .ok_or_else(|| StoreError::Corrupt("users.phone_index".into()))?;
             put(
                 layout::PHONES,
-                index.as_bytes().to_vec(),
+                index.bytes().to_vec(),
                 u64_key(bare.id).to_vec(),
             );
             put(
@@ -162,7 +162,7 @@ impl PgStore {
                 "" => Vec::new(),
                 index => PhoneIndex::parse(index)
                     .ok_or_else(|| StoreError::Corrupt("counters.subject".into()))?
-                    .as_bytes()
+                    .bytes()
                     .to_vec(),
             };
             let key = counter_key(counter_of(row.get(0))?, row.get(1), &subject);

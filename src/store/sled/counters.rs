@@ -155,7 +155,7 @@ impl Counters for SledStore {
         phone: &'a PhoneIndex,
         limit: u64,
     ) -> BoxFuture<'a, Result<std::result::Result<u64, u64>>> {
-        ready(self.count_up_now(counter, window, phone.as_bytes(), limit))
+        ready(self.count_up_now(counter, window, &phone.bytes(), limit))
     }
 
     fn count_down<'a>(
@@ -164,7 +164,7 @@ impl Counters for SledStore {
         window: i64,
         phone: &'a PhoneIndex,
     ) -> BoxFuture<'a, Result<()>> {
-        ready(self.count_down_now(counter, window, phone.as_bytes()))
+        ready(self.count_down_now(counter, window, &phone.bytes()))
     }
 
     fn count<'a>(
@@ -173,7 +173,7 @@ impl Counters for SledStore {
         window: i64,
         phone: &'a PhoneIndex,
     ) -> BoxFuture<'a, Result<u64>> {
-        ready(self.count_now(counter, window, phone.as_bytes()))
+        ready(self.count_now(counter, window, &phone.bytes()))
     }
 
     fn take_budget(&self, day: i64, limit: u64) -> BoxFuture<'_, Result<bool>> {

@@ -352,7 +352,7 @@ impl SledStore {
     fn is_indexed(&self, user: &User) -> Result<bool, StoreError> {
         let (index, other) = self.vault.indexes(&user.phone);
         for index in other.iter().chain([&index]) {
-            if self.phones.get(index.as_bytes())?.as_deref() == Some(&u64_key(user.id)[..]) {
+            if self.phones.get(index.bytes())?.as_deref() == Some(&u64_key(user.id)[..]) {
                 return Ok(true);
             }
         }

@@ -163,7 +163,7 @@ impl SledStore {
             if let Some(phone) = plain_phone(&k) {
                 // Written before the plain entry goes: a crash between leaves both, and
                 // the next run removes the plain one.
-                self.phones.insert(self.vault.index(phone).as_bytes(), id)?;
+                self.phones.insert(self.vault.index(phone).bytes(), id)?;
                 self.phones.remove(&k)?;
             }
             phones.step();
@@ -195,7 +195,7 @@ impl SledStore {
                 continue;
             };
             if let Some(phone) = plain_phone(subject) {
-                let new = counter_key(counter, window, self.vault.index(phone).as_bytes());
+                let new = counter_key(counter, window, &self.vault.index(phone).bytes());
                 let _ = self
                     .counters
                     .compare_and_swap(new, None as Option<&[u8]>, Some(v))?;
@@ -234,7 +234,7 @@ impl SledStore {
         for kv in self.phones.iter() {
             let (k, id) = kv?;
             if let Some(index) = as_bytes(&k) {
-                put_if_absent(&self.phones, &k, index.as_bytes().to_vec(), &id)?;
+                put_if_absent(&self.phones, &k, index.bytes().to_vec(), &id)?;
             }
         }
         for kv in self.codes.iter() {
@@ -253,7 +253,7 @@ impl SledStore {
                 put_if_absent(
                     &self.counters,
                     &k,
-                    counter_key(counter, window, index.as_bytes()),
+                    counter_key(counter, window, &index.bytes()),
                     &v,
                 )?;
             }

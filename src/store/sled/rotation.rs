@@ -72,10 +72,10 @@ impl SledStore {
             let Some(other) = other else { continue };
             // A record under neither index (an orphan of a create or deletion a crash cut
             // short, which the engine's recovery removes) is re-sealed but not indexed.
-            let under_other = self.phones.get(other.as_bytes())?.as_deref() == Some(&key[..]);
-            let under_current = self.phones.get(index.as_bytes())?.as_deref() == Some(&key[..]);
+            let under_other = self.phones.get(other.bytes())?.as_deref() == Some(&key[..]);
+            let under_current = self.phones.get(index.bytes())?.as_deref() == Some(&key[..]);
             if under_other && !under_current {
-                self.phones.insert(index.as_bytes(), &key[..])?;
+                self.phones.insert(index.bytes(), &key[..])?;
             }
             if sealed_key_id(sealed) != Some(current) {
                 let mut failure = None;
@@ -103,7 +103,7 @@ impl SledStore {
             }
             if under_other {
                 let _ = self.phones.compare_and_swap(
-                    other.as_bytes(),
+                    other.bytes(),
                     Some(&key[..]),
                     None as Option<&[u8]>,
                 )?;

@@ -318,7 +318,7 @@ fn a_sealing_cut_short_is_finished_by_the_next_open() {
             .unwrap();
         let phones = tree("phone_userid");
         phones
-            .insert(ix("+8613900000001").as_bytes(), &u64_key(1))
+            .insert(ix("+8613900000001").bytes(), &u64_key(1))
             .unwrap();
         phones.insert("+8613900000001", &u64_key(1)).unwrap();
         phones.insert("+8613900000002", &u64_key(2)).unwrap();
@@ -426,7 +426,7 @@ fn code_keys_round_trip_and_the_sweep_takes_only_expired_codes() {
     assert_eq!(count(&s), 1, "the expired one is swept");
     assert_eq!(
         parse_code_key(&s.codes.iter().keys().next().unwrap().unwrap()),
-        Some((&zero.as_bytes()[..], Purpose::ResetPassword))
+        Some((&zero.bytes()[..], Purpose::ResetPassword))
     );
     let check =
         |code: [u8; 32]| done(s.check_code(&zero, Purpose::ResetPassword, code, 3, 50)).unwrap();
@@ -778,9 +778,7 @@ fn a_move_to_a_new_phone_key_cut_short_is_finished_by_the_next_pass() {
     s.vault.set_arcs(std::sync::Arc::new(new), Some(old));
     // Cut short after its first step for user 1: the new index entry is written, the
     // record still sealed with the old key and the old entry still there.
-    s.phones
-        .insert(new_index.as_bytes(), &u64_key(1)[..])
-        .unwrap();
+    s.phones.insert(new_index.bytes(), &u64_key(1)[..]).unwrap();
     assert_eq!(s.first_unmoved_now().unwrap(), Some(1));
     // The pass, in two batches (the second past the last user).
     assert_eq!(s.move_users_now(0, 2).unwrap(), (Some(3), 2));

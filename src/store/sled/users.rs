@@ -31,7 +31,7 @@ impl SledStore {
     }
 
     fn user_by_phone_now(&self, phone: &PhoneIndex) -> Result<Option<User>> {
-        match self.phones.get(phone.as_bytes())? {
+        match self.phones.get(phone.bytes())? {
             Some(id) => self.user_now(read_u64(&id)?),
             None => Ok(None),
         }
@@ -97,7 +97,7 @@ impl SledStore {
                 .insert(method_key(id, m.method), encode_method(m))?;
         }
         // The commit point (see the module doc).
-        self.phones.insert(index.as_bytes(), &u64_key(id))?;
+        self.phones.insert(index.bytes(), &u64_key(id))?;
         self.users_total.fetch_add(1, Ordering::SeqCst);
         self.wrote();
         Ok((user, true))
@@ -186,11 +186,7 @@ impl SledStore {
         for index in other.iter().chain([&index]) {
             indexed |= self
                 .phones
-                .compare_and_swap(
-                    index.as_bytes(),
-                    Some(&u64_key(id)[..]),
-                    None as Option<&[u8]>,
-                )?
+                .compare_and_swap(index.bytes(), Some(&u64_key(id)[..]), None as Option<&[u8]>)?
                 .is_ok();
         }
         if indexed {
@@ -216,11 +212,7 @@ impl Users for SledStore {
     }
 
     fn has_user<'a>(&'a self, phone: &'a PhoneIndex) -> BoxFuture<'a, Result<bool>> {
-        ready(
-            self.phones
-                .contains_key(phone.as_bytes())
-                .map_err(Into::into),
-        )
+        ready(self.phones.contains_key(phone.bytes()).map_err(Into::into))
     }
 
     fn create_user_if_absent<'a>(
