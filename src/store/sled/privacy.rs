@@ -213,7 +213,7 @@ impl SledStore {
 
 impl SledStore {
     /// Schemas 5 and 6 to 7: records keyed by a blind index as text (43 characters in
-    /// schema 5, 22 in 6) re-keyed by the index's 16 bytes ([`PhoneIndex::as_bytes`]),
+    /// schema 5, 22 in 6) re-keyed by the index's 16 bytes ([`PhoneIndex::bytes`]),
     /// which needs no key. Each record is written under its new key before the old one
     /// goes, and only keys as text are touched, so a run cut short is finished by the
     /// next.
