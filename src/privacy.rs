@@ -114,17 +114,16 @@ impl PhoneIndex {
     /// An index as a sled key or a backup record holds it: its 16 bytes, or the text of
     /// schema 5 or 6. None for anything else, a phone in the clear (schema 4) included.
     pub fn from_key(key: &[u8]) -> Option<PhoneIndex> {
-        if key.len() == INDEX_BYTES && !is_plain_phone(key) {
+        if key.len() == INDEX_BYTES && plain_phone(key).is_none() {
             return Some(PhoneIndex::of_digest(key));
         }
-        PhoneIndex::parse(std::str::from_utf8(key).ok()?)
+        PhoneIndex::from_text_key(key)
     }
 
-    /// Whether `key` holds an index as text (schema 5 or 6), which schema 7 keys by its
-    /// bytes instead.
-    pub fn is_text_key(key: &[u8]) -> bool {
-        matches!(key.len(), INDEX_CHARS | LONG_INDEX_CHARS)
-            && std::str::from_utf8(key).is_ok_and(|k| PhoneIndex::parse(k).is_some())
+    /// An index as text in a key of schema 5 or 6 (which schema 7 keys by its bytes);
+    /// None for any other key, 16 bytes of an index included.
+    pub fn from_text_key(key: &[u8]) -> Option<PhoneIndex> {
+        PhoneIndex::parse(std::str::from_utf8(key).ok()?)
     }
 
     fn of_digest(digest: &[u8]) -> PhoneIndex {
@@ -137,11 +136,17 @@ impl PhoneIndex {
     }
 }
 
-/// A phone in the clear, as a store before schema 5 keyed records by: `+` and up to 15
-/// digits (E.164). 16 bytes of an index look like one by chance once in 10^23.
-pub fn is_plain_phone(key: &[u8]) -> bool {
-    matches!(key.split_first(), Some((b'+', digits))
-        if (1..=15).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit))
+/// A phone in the clear, as a store or backup before schema 5 keyed records by: `+` and
+/// up to 15 digits (E.164). 16 bytes of an index look like one by chance once in 10^23.
+pub fn plain_phone(key: &[u8]) -> Option<&str> {
+    match key.split_first() {
+        Some((b'+', digits))
+            if (1..=15).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) =>
+        {
+            std::str::from_utf8(key).ok()
+        }
+        _ => None,
+    }
 }
 
 /// An index is not a secret, but it is not for logs either: it names one person.
@@ -509,11 +514,11 @@ mod tests {
         assert_eq!(PhoneIndex::parse(a.as_str()), Some(a));
         assert_eq!(PhoneIndex::from_key(&a.bytes()), Some(a));
         assert_eq!(PhoneIndex::from_key(a.as_str().as_bytes()), Some(a));
-        assert!(PhoneIndex::is_text_key(a.as_str().as_bytes()));
-        assert!(!PhoneIndex::is_text_key(&a.bytes()));
+        assert_eq!(PhoneIndex::from_text_key(a.as_str().as_bytes()), Some(a));
+        assert_eq!(PhoneIndex::from_text_key(&a.bytes()), None);
         // 16 bytes that are a phone in the clear are not taken for an index.
         assert_eq!(PhoneIndex::from_key(b"+861381234567890"), None);
-        assert!(is_plain_phone(b"+861381234567890"));
+        assert_eq!(plain_phone(b"+861381234567890"), Some("+861381234567890"));
         // The long form of schema 5 (all 32 bytes) shortens to the same index.
         let mut mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(&{
             let kdf = hkdf::Hkdf::<Sha256>::new(Some(b"smsauth phone key"), &k);
@@ -525,7 +530,7 @@ mod tests {
         mac.update(b"+8613812345678");
         let long =
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-        assert!(PhoneIndex::is_text_key(long.as_bytes()));
+        assert_eq!(PhoneIndex::from_text_key(long.as_bytes()), Some(a));
         assert_eq!(PhoneIndex::parse(&long), Some(a));
         assert_eq!(PhoneIndex::from_key(long.as_bytes()), Some(a));
         assert_eq!(PhoneIndex::parse("+8613812345678"), None);

@@ -230,8 +230,7 @@ impl PgStore {
     /// The index a backup's phone key names: an index already (as bytes, or as text
     /// before schema 7), or a phone in the clear (a backup before schema 5).
     fn index_of(&self, key: &[u8]) -> Result<PhoneIndex> {
-        if crate::privacy::is_plain_phone(key) {
-            let phone = std::str::from_utf8(key).expect("a plain phone is ASCII");
+        if let Some(phone) = crate::privacy::plain_phone(key) {
             return Ok(self.vault.index(phone));
         }
         PhoneIndex::from_key(key).ok_or_else(|| StoreError::Corrupt("a phone index".into()))

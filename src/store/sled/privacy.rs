@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use super::SledStore;
 use crate::model::Method;
 use crate::privacy::{
-    DEFAULT_KEY_FILE, KeyId, PhoneKey, PhoneVault, create_key_file, read_key_file,
+    DEFAULT_KEY_FILE, KeyId, PhoneKey, PhoneVault, create_key_file, plain_phone, read_key_file,
 };
 use crate::store::StoreError;
 use crate::store::codec::{decode, decode_plain_user, encode, encode_user};
@@ -220,11 +220,6 @@ impl SledStore {
     pub(super) fn key_by_index_bytes(&self) -> Result<()> {
         let started = Instant::now();
         let mut moved = 0u64;
-        let as_bytes = |k: &[u8]| {
-            PhoneIndex::is_text_key(k)
-                .then(|| PhoneIndex::from_key(k))
-                .flatten()
-        };
         let mut put_if_absent = |tree: &sled::Tree, old: &[u8], new: Vec<u8>, v: &[u8]| {
             let _ = tree.compare_and_swap(new, None as Option<&[u8]>, Some(v))?;
             tree.remove(old)?;
@@ -233,14 +228,14 @@ impl SledStore {
         };
         for kv in self.phones.iter() {
             let (k, id) = kv?;
-            if let Some(index) = as_bytes(&k) {
+            if let Some(index) = PhoneIndex::from_text_key(&k) {
                 put_if_absent(&self.phones, &k, index.bytes().to_vec(), &id)?;
             }
         }
         for kv in self.codes.iter() {
             let (k, v) = kv?;
             if let Some((phone, purpose)) = parse_code_key(&k)
-                && let Some(index) = as_bytes(phone)
+                && let Some(index) = PhoneIndex::from_text_key(phone)
             {
                 put_if_absent(&self.codes, &k, code_key(&index, purpose), &v)?;
             }
@@ -248,7 +243,7 @@ impl SledStore {
         for kv in self.counters.iter() {
             let (k, v) = kv?;
             if let Some((counter, window, subject)) = parse_counter_key(&k)
-                && let Some(index) = as_bytes(subject)
+                && let Some(index) = PhoneIndex::from_text_key(subject)
             {
                 put_if_absent(
                     &self.counters,
@@ -265,13 +260,6 @@ impl SledStore {
         );
         Ok(())
     }
-}
-
-/// A phone in the clear, as an earlier release keyed records by.
-fn plain_phone(key: &[u8]) -> Option<&str> {
-    crate::privacy::is_plain_phone(key)
-        .then(|| std::str::from_utf8(key).ok())
-        .flatten()
 }
 
 /// Whether the store in `db` still has old bytes to shed (a copy is due).
